@@ -1,0 +1,126 @@
+"""Gateway, launcher and worker settings: `tessera.yaml` section `server`, `TESSERA_*` env.
+
+Precedence (highest first): explicit values (CLI flags), `TESSERA_<FIELD>` environment
+variables, the `server:` section of the YAML file named by `TESSERA_CONFIG` (default
+`./tessera.yaml` when it exists), then the defaults below, which serve the embedded
+SmolLM2 model on a small CPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from server.model_prep import SERVED_MODEL_NAME
+
+CONFIG_ENV = "TESSERA_CONFIG"
+DEFAULT_CONFIG_FILE = "tessera.yaml"
+
+
+def config_file() -> Path | None:
+    """The YAML config in force: `TESSERA_CONFIG`, else ./tessera.yaml if present."""
+    named = os.environ.get(CONFIG_ENV)
+    if named:
+        return Path(named)
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.exists() else None
+
+
+def yaml_section_source(
+    settings_cls: type[BaseSettings], section: str
+) -> PydanticBaseSettingsSource | None:
+    path = config_file()
+    if path is None:
+        return None
+    return YamlConfigSettingsSource(settings_cls, yaml_file=path, yaml_config_section=section)
+
+
+class ServerSettings(BaseSettings):
+    """Everything `tessera serve` needs: data, workers, gateway, limits."""
+
+    model_config = SettingsConfigDict(env_prefix="TESSERA_", extra="ignore")
+
+    # --- data and model
+    data_dir: Path = Field(Path("data"), description="Where prepared models, logs and state live.")
+    model_path: Path | None = Field(
+        None, description="A local model directory to serve instead of the embedded SmolLM2."
+    )
+    served_model_name: str = Field(SERVED_MODEL_NAME, description="Model id clients send.")
+
+    # --- workers (vLLM OpenAI servers launched by `tessera serve`)
+    workers: int = Field(1, ge=0, description="vLLM worker processes to launch.")
+    worker_host: str = Field("127.0.0.1", description="Interface the workers bind.")
+    worker_base_port: int = Field(8100, description="First worker port; worker i uses base + i.")
+    worker_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Already running workers to route to as well (comma separated in env).",
+    )
+    dtype: str = Field("float32", description="Worker dtype (float32 is fastest on AVX2 CPUs).")
+    max_model_len: int = Field(8192, description="Context length the workers accept.")
+    enforce_eager: bool = Field(True, description="Skip torch.compile at worker start.")
+    kv_cache_space_gib: int = Field(2, description="VLLM_CPU_KVCACHE_SPACE per CPU worker.")
+    worker_extra_args: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Extra vLLM CLI arguments for every worker."
+    )
+    worker_start_timeout_s: float = Field(600.0, description="Give up on a worker start after.")
+
+    # --- gateway
+    host: str = Field("127.0.0.1", description="Interface the gateway binds.")
+    port: int = Field(8000, description="Gateway port.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Accepted API keys; empty = no authentication."
+    )
+    max_body_bytes: int = Field(4 * 1024 * 1024, description="Largest request body accepted.")
+    max_messages: int = Field(512, description="Most chat messages in one request.")
+    max_tokens_ceiling: int | None = Field(
+        None, description="Largest max_tokens a client may ask for (None = the model's limit)."
+    )
+    max_concurrent_per_key: int = Field(
+        0, description="Concurrent requests per API key (0 = unlimited); excess gets 429."
+    )
+    upstream_connect_timeout_s: float = Field(5.0, description="Connect timeout to a worker.")
+    upstream_read_timeout_s: float = Field(
+        600.0, description="Longest wait for worker bytes before a 504."
+    )
+    health_interval_s: float = Field(2.0, description="Seconds between worker health checks.")
+    shutdown_grace_s: float = Field(30.0, description="In-flight requests get this long on stop.")
+    log_level: str = Field("info", description="Gateway log level.")
+
+    @field_validator("worker_urls", "api_keys", "worker_extra_args", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: object) -> object:
+        # Env vars carry lists as "a,b"; YAML and CLI give real lists.
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_source = yaml_section_source(settings_cls, "server")
+        sources = [init_settings, env_settings]
+        if yaml_source is not None:
+            sources.append(yaml_source)
+        return tuple(sources)
+
+    def local_worker_urls(self) -> list[str]:
+        return [
+            f"http://{self.worker_host}:{self.worker_base_port + index}"
+            for index in range(self.workers)
+        ]

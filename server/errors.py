@@ -1,0 +1,106 @@
+"""One error type and the handlers that turn every failure into OpenAI's error JSON.
+
+Clients written against OpenAI parse `{"error": {"message", "type", "param", "code"}}`; a
+bare 500 or an HTML traceback breaks them, so every path out of the gateway goes through
+here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("tessera.gateway")
+
+
+class OpenAIError(Exception):
+    """An error the client should see, with OpenAI's fields."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+
+
+def error_body(
+    message: str, type: str, param: str | None = None, code: str | None = None
+) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _validation_param(error: dict) -> str | None:
+    # FastAPI locations look like ("body", "messages", 0, "role"); OpenAI names the field path.
+    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    return ".".join(location) or None
+
+
+def _validation_message(errors: list[dict]) -> str:
+    first = errors[0]
+    param = _validation_param(first)
+    if first.get("type") == "json_invalid":
+        return "We could not parse the JSON body of your request."
+    where = f" at '{param}'" if param else ""
+    return f"Invalid request{where}: {first.get('msg', 'invalid value')}"
+
+
+async def _on_openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+    return exc.response()
+
+
+async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    first = errors[0] if errors else {}
+    code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_value"
+    return OpenAIError(
+        400,
+        _validation_message(errors) if errors else "Invalid request.",
+        param=_validation_param(first) if first.get("type") != "json_invalid" else None,
+        code=code,
+    ).response()
+
+
+async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return OpenAIError(exc.status_code, str(exc.detail), type=kind).response()
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # A bug of ours: log the traceback, give the client a shaped error and the request id.
+    request_id = getattr(request.state, "request_id", "-")
+    logger.exception("unhandled error request_id=%s", request_id)
+    return OpenAIError(
+        500,
+        f"The gateway failed while handling request {request_id}.",
+        type="server_error",
+        code="internal_error",
+    ).response()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(OpenAIError, _on_openai_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)
