@@ -1,0 +1,80 @@
+"""Attention settings for the workers: `tessera.yaml` section `attention`, `TESSERA_ATTENTION_*`.
+
+vLLM gives plugins no config argument, so every worker process reads these itself; the
+launcher passes `TESSERA_CONFIG` (and any overrides) through the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from server.config import yaml_section_source
+
+
+class AttentionSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TESSERA_ATTENTION_", extra="ignore")
+
+    method: Literal["dense", "trianglemix"] = Field(
+        "dense", description="Prefill attention: plain dense, or TriangleMix in the deep layers."
+    )
+    dense_first_layers: int = Field(
+        16, ge=0, description="TriangleMix: layers [0, N) stay dense (ignored if dense_layers)."
+    )
+    dense_layers: Annotated[list[int] | None, NoDecode] = Field(
+        None, description="TriangleMix: explicit dense layer indices (comma separated in env)."
+    )
+    sink_tokens: int = Field(8, ge=0, description="TriangleMix: leading tokens every query sees.")
+    window_tokens: int = Field(512, ge=1, description="TriangleMix: local window per query.")
+    last_q_tokens: int = Field(
+        128, ge=0, description="TriangleMix: final prompt rows that attend densely."
+    )
+    stats_dir: Path | None = Field(
+        None, description="If set, each worker writes per-layer attention path counts here."
+    )
+
+    @field_validator("dense_layers", mode="before")
+    @classmethod
+    def _split_indices(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [int(item) for item in value.split(",") if item.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_source = yaml_section_source(settings_cls, "attention")
+        sources = [init_settings, env_settings]
+        if yaml_source is not None:
+            sources.append(yaml_source)
+        return tuple(sources)
+
+    def layer_policy(self):  # -> LayerPatternPolicy (import kept lazy: torch is heavy)
+        from attention_backends.policy import LayerPatternPolicy
+
+        if self.method == "dense":
+            return LayerPatternPolicy.from_values(
+                "triangle", dense_layers=None, dense_first_layers=1 << 30
+            )
+        return LayerPatternPolicy.from_values(
+            "triangle",
+            dense_first_layers=self.dense_first_layers,
+            dense_layers=self.dense_layers,
+            sink_tokens=self.sink_tokens,
+            window_tokens=self.window_tokens,
+            last_q_tokens=self.last_q_tokens,
+        )

@@ -1,0 +1,170 @@
+"""tessera's attention backend on vLLM's CPU platform (thin glue; the algorithms live elsewhere).
+
+vLLM's CPU platform always selects `CPU_ATTN`, so the plugin points that member at this
+class. It keeps vLLM's paged KV layout and cache-write path, and adds one decision per layer:
+the layer's pattern from `LayerPatternPolicy`. Dense layers, and every decode step, run
+vLLM's own CPU kernel; sparse layers run `kernels.sparse_prefill` on the step's prefill
+sequences and vLLM's kernel on its decode sequences.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from vllm import _custom_ops as ops
+from vllm import envs
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+
+from attention_backends.config import AttentionSettings
+from attention_backends.dispatch import (
+    PrefillDecodeSplit,
+    layer_index_from_name,
+    split_prefill_decode,
+)
+from attention_backends.usage import AttentionUsage
+
+BACKEND_NAME = "tessera-cpu"
+
+
+@functools.cache
+def _settings() -> AttentionSettings:
+    return AttentionSettings()
+
+
+@functools.cache
+def _policy():
+    return _settings().layer_policy()
+
+
+@functools.cache
+def _usage() -> AttentionUsage:
+    return AttentionUsage(_settings().stats_dir, BACKEND_NAME)
+
+
+@dataclass
+class TesseraCPUAttentionMetadata(CPUAttentionMetadata):
+    """vLLM's CPU metadata plus the step's prefill/decode split (built once per step)."""
+
+    split: PrefillDecodeSplit | None = None
+    decode_scheduler_metadata: torch.Tensor | None = None
+
+
+class TesseraCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        base = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        metadata = TesseraCPUAttentionMetadata(**base.__dict__)
+        if _settings().method == "dense" or base.max_query_len <= 1:
+            return metadata  # nothing sparse can run this step
+        split = split_prefill_decode(base.query_start_loc, base.seq_lens, base.block_table)
+        metadata.split = split
+        if split.decode is not None:
+            metadata.decode_scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=split.decode.num_seqs,
+                num_heads=self.num_heads,
+                num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_dim,
+                seq_lens=split.decode.seq_lens,
+                dtype=self.dtype,
+                query_start_loc=split.decode.query_start_loc,
+                causal=True,
+                sliding_window_size=self.window_size,
+                isa=self.isa,
+                enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+                dynamic_causal=None,
+                kv_cache_dtype=self.kv_cache_dtype,
+            )
+        return metadata
+
+
+class TesseraCPUAttentionImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.layer_index: int | None = None
+        hf_config = get_current_vllm_config().model_config.hf_text_config
+        self.last_layer_index = int(hf_config.num_hidden_layers) - 1
+
+    def forward(
+        self,
+        layer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: TesseraCPUAttentionMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if attn_metadata is None or self.attn_type != AttentionType.DECODER:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        if self.layer_index is None:
+            self.layer_index = layer_index_from_name(layer.layer_name)
+        pattern = _policy().pattern_for_layer(self.layer_index)
+        split = getattr(attn_metadata, "split", None)
+        usage = _usage()
+        if pattern.is_dense or split is None or split.prefill is None:
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                            output_scale, output_block_scale)
+            usage.record(self.layer_index, "dense", attn_metadata.num_actual_tokens)
+        else:
+            self._forward_sparse(layer, query, kv_cache, attn_metadata, output, pattern)
+        if self.layer_index == self.last_layer_index:
+            usage.end_step()
+        return output
+
+    def _forward_sparse(self, layer, query, kv_cache, attn_metadata, output, pattern) -> None:
+        from attention_backends.kernels import sparse_prefill
+
+        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+        paged = kv_cache.view(num_blocks, num_kv_heads, block_size * 2, -1)
+        key_cache, value_cache = paged.chunk(2, dim=2)
+        heads_view = output.view(-1, self.num_heads, self.head_size)
+        split: PrefillDecodeSplit = attn_metadata.split
+        usage = _usage()
+
+        prefill = split.prefill
+        # Without the request's full prompt length here, each chunk's own end stands in for
+        # it: the last-q rows of every chunk run dense, a superset of the paper's rows.
+        heads_view[prefill.token_rows] = sparse_prefill(
+            query[prefill.token_rows], key_cache, value_cache, prefill.block_table,
+            prefill.query_start_loc, prefill.seq_lens, prefill.seq_lens, pattern, self.scale,
+        ).to(output.dtype)
+        usage.record(self.layer_index, pattern.name, int(prefill.token_rows.numel()))
+
+        decode = split.decode
+        if decode is not None:
+            decode_out = torch.empty_like(heads_view[decode.token_rows])
+            ops.cpu_attention_with_kv_cache(
+                query=query[decode.token_rows], key_cache=key_cache, value_cache=value_cache,
+                output=decode_out, query_start_loc=decode.query_start_loc,
+                seq_lens=decode.seq_lens, scale=self.scale, causal=True,
+                alibi_slopes=self.alibi_slopes, sliding_window=self.sliding_window,
+                block_table=decode.block_table, softcap=self.logits_soft_cap,
+                scheduler_metadata=attn_metadata.decode_scheduler_metadata, s_aux=self.sinks,
+                dynamic_causal=None, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+                kv_cache_dtype=self.kv_cache_dtype,
+            )
+            heads_view[decode.token_rows] = decode_out
+            usage.record(self.layer_index, "dense", int(decode.token_rows.numel()))
+
+
+class TesseraCPUBackend(CPUAttentionBackend):
+    """Registered over `CPU_ATTN`; `get_name()` stays "CPU_ATTN" as vLLM's enum requires."""
+
+    @staticmethod
+    def get_impl_cls() -> type[TesseraCPUAttentionImpl]:
+        return TesseraCPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[TesseraCPUMetadataBuilder]:
+        return TesseraCPUMetadataBuilder
