@@ -1,0 +1,168 @@
+"""`tessera serve`: start vLLM workers, wait for them, run the gateway, stop everything cleanly.
+
+Each worker runs in its own session (process group) so that Ctrl-C in the terminal reaches
+only the launcher: the gateway drains in-flight requests first, then the workers' groups
+(vLLM's API server plus its engine-core children) get SIGTERM, then SIGKILL after a grace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from server.config import ServerSettings
+from server.model_prep import prepare_model
+
+
+@dataclass
+class WorkerProcess:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+
+def _say(message: str) -> None:
+    print(f"[tessera] {message}", file=sys.stderr, flush=True)
+
+
+def resolve_model_path(settings: ServerSettings) -> Path:
+    if settings.model_path is not None:
+        return settings.model_path
+    return prepare_model(settings.data_dir)
+
+
+def worker_command(settings: ServerSettings, model_path: Path, host: str, port: int) -> list[str]:
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_path),
+        "--served-model-name", settings.served_model_name,
+        "--host", host,
+        "--port", str(port),
+        "--dtype", settings.dtype,
+        "--max-model-len", str(settings.max_model_len),
+        # Lets the gateway's x-request-id become vLLM's request id (one id across hops).
+        "--enable-request-id-headers",
+        "--disable-uvicorn-access-log",
+    ]
+    if settings.enforce_eager:
+        command.append("--enforce-eager")
+    return command + list(settings.worker_extra_args)
+
+
+def worker_env(settings: ServerSettings, worker_index: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_space_gib))
+    # Spread workers over the cores instead of stacking every worker on core 0.
+    cores = os.cpu_count() or 1
+    if settings.workers > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        per_worker = max(cores // settings.workers, 1)
+        first = (worker_index * per_worker) % cores
+        env["VLLM_CPU_OMP_THREADS_BIND"] = f"{first}-{first + per_worker - 1}"
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    env["HF_HUB_OFFLINE"] = "1"  # never download anything at serve time
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    return env
+
+
+def start_worker(settings: ServerSettings, model_path: Path, index: int) -> WorkerProcess:
+    port = settings.worker_base_port + index
+    log_dir = settings.data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"worker-{index}.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            worker_command(settings, model_path, settings.worker_host, port),
+            env=worker_env(settings, index), stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    return WorkerProcess(f"http://{settings.worker_host}:{port}", process, log_path)
+
+
+def wait_until_healthy(workers: list[WorkerProcess], timeout_s: float) -> None:
+    """Poll each worker's /health, printing progress; fail fast if one exits."""
+    deadline = time.monotonic() + timeout_s
+    pending = {worker.url: worker for worker in workers}
+    started = time.monotonic()
+    while pending:
+        for url, worker in list(pending.items()):
+            code = worker.process.poll()
+            if code is not None:
+                tail = worker.log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"worker {url} exited with {code} during start:\n{tail}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                    _say(f"worker {url} ready after {time.monotonic() - started:.0f} s")
+                    del pending[url]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"workers not healthy after {timeout_s:.0f} s: {sorted(pending)}")
+        _say(f"waiting for {len(pending)} worker(s) to load the model "
+             f"({time.monotonic() - started:.0f} s)...")
+        time.sleep(3.0)
+
+
+def stop_workers(workers: list[WorkerProcess], grace_s: float = 20.0) -> None:
+    for worker in workers:
+        if worker.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for worker in workers:
+        remaining = max(deadline - time.monotonic(), 0.1)
+        try:
+            worker.process.wait(timeout=remaining)
+        except subprocess.TimeoutExpired:
+            _say(f"worker {worker.url} did not stop in {grace_s:.0f} s; killing it")
+        # Kill the whole group even after a clean exit: engine-core children must not outlive it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.process.pid, signal.SIGKILL)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(settings: ServerSettings) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    workers: list[WorkerProcess] = []
+    # SIGTERM outside uvicorn's lifetime (while workers load) must still clean up.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if settings.workers:
+            model_path = resolve_model_path(settings)
+            _say(f"starting {settings.workers} vLLM worker(s) for {model_path}; logs in "
+                 f"{settings.data_dir / 'logs'}")
+            workers = [start_worker(settings, model_path, i) for i in range(settings.workers)]
+            wait_until_healthy(workers, settings.worker_start_timeout_s)
+        base = f"http://{settings.host}:{settings.port}"
+        _say(f"gateway on {base}  ->  OpenAI base_url={base}/v1  "
+             f"model={settings.served_model_name}")
+        _say("stop with Ctrl-C")
+        config = uvicorn.Config(
+            create_app(settings), host=settings.host, port=settings.port,
+            log_level=settings.log_level, timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+            access_log=False,
+        )
+        uvicorn.Server(config).run()  # returns after SIGINT/SIGTERM once in-flight work drained
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if workers:
+            _say("stopping workers")
+            stop_workers(workers)
+            _say("stopped")
