@@ -72,8 +72,10 @@ def worker_env(settings: ServerSettings, worker_index: int) -> dict[str, str]:
     return env
 
 
-def start_worker(settings: ServerSettings, model_path: Path, index: int) -> WorkerProcess:
-    port = settings.worker_base_port + index
+def start_worker(
+    settings: ServerSettings, model_path: Path, index: int, port: int | None = None
+) -> WorkerProcess:
+    port = port if port is not None else settings.worker_base_port + index
     log_dir = settings.data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"worker-{index}.log"

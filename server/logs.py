@@ -11,3 +11,5 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+    # httpx logs every health probe at INFO; the gateway logs what matters itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -1,0 +1,129 @@
+"""One real stack for the whole integration suite: two vLLM CPU workers serving SmolLM2,
+a gateway over them, and a second gateway that requires API keys. All real processes, real
+HTTP on 127.0.0.1. Start-up takes about a minute; every test shares it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.config import ServerSettings
+from server.launcher import (
+    WorkerProcess,
+    resolve_model_path,
+    start_worker,
+    stop_workers,
+    wait_until_healthy,
+)
+
+MODEL = "smollm2-135m-instruct"
+API_KEY = "sk-test-integration"
+# Short context so the too-long-prompt case costs only tokenisation.
+TEST_MAX_MODEL_LEN = 2048
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    gateway_url: str
+    keyed_gateway_url: str
+    workers: list[WorkerProcess]
+    stats_dir: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.gateway_url}/v1"
+
+
+def _start_gateway(worker_urls: list[str], port: int, log_path: Path,
+                   extra: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "server.cli", "gateway", "--port", str(port),
+               "--health-interval-s", "0.5", *extra]
+    for url in worker_urls:
+        command += ["--worker-url", url]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+
+
+def _wait_for(url: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not healthy after {timeout_s} s")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    run_dir = tmp_path_factory.mktemp("stack")
+    stats_dir = run_dir / "attention-stats"
+    os.environ["TESSERA_ATTENTION_STATS_DIR"] = str(stats_dir)
+    settings = ServerSettings(
+        data_dir=Path(os.environ.get("TESSERA_DATA_DIR", "data")).resolve(),
+        workers=2, kv_cache_space_gib=1,
+        max_model_len=TEST_MAX_MODEL_LEN,
+    )
+    model_path = resolve_model_path(settings)
+    workers: list[WorkerProcess] = []
+    gateways: list[subprocess.Popen] = []
+    try:
+        for index in range(2):
+            # Ports chosen free one by one (base + i may be taken on a shared machine).
+            workers.append(start_worker(settings, model_path, index, port=free_port()))
+        wait_until_healthy(workers, timeout_s=600)
+        urls = [worker.url for worker in workers]
+        port, keyed_port = free_port(), free_port()
+        gateways.append(_start_gateway(urls, port, run_dir / "gateway.log", []))
+        gateways.append(_start_gateway(urls, keyed_port, run_dir / "gateway-keyed.log",
+                                       ["--api-keys", API_KEY]))
+        stack = Stack(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{keyed_port}", workers,
+                      stats_dir)
+        _wait_for(stack.gateway_url, gateways[0])
+        _wait_for(stack.keyed_gateway_url, gateways[1])
+        yield stack
+    finally:
+        for gateway in gateways:
+            gateway.terminate()
+        for gateway in gateways:
+            try:
+                gateway.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+        stop_workers(workers)
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.gateway_url, timeout=120.0) as http:
+        yield http
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict:
+    """The response is an OpenAI-shaped error with this status; returns its `error` object."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    return error
