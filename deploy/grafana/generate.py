@@ -148,7 +148,8 @@ def gateway_rows() -> list[RowSpec]:
                     "errors, timeouts, 5xx), which the router retries on another worker.",
                     [
                         Query(
-                            f"sum by (worker, kind) (rate(tessera_upstream_errors_total{{{GATEWAY}}}"
+                            "sum by (worker, kind) (rate("
+                            f"tessera_upstream_errors_total{{{GATEWAY}}}"
                             f"[$__rate_interval]))",
                             "{{worker}} {{kind}}",
                         )
