@@ -50,6 +50,40 @@ def _usage() -> AttentionUsage:
     return AttentionUsage(_settings().stats_dir, BACKEND_NAME)
 
 
+@functools.cache
+def key_block_is_dim_major(isa: str, head_size: int, block_size: int, dtype: torch.dtype) -> bool:
+    """How vLLM's CPU cache write lays out K inside a block, for this ISA.
+
+    The "vec" kernels keep each head's K block as ``[head_size, block_size]`` (dimension
+    major) while V stays ``[block_size, head_size]``; other ISAs may differ. Rather than
+    hard-code a table that a vLLM upgrade can silently break, write one probe token with
+    vLLM's own op and see where its values land. An unknown layout stops the worker: the
+    sparse path must never read keys it misunderstands.
+    """
+    cache = torch.zeros(1, 1, 2 * block_size, head_size, dtype=dtype)
+    key_cache, value_cache = cache.chunk(2, dim=2)
+    probe = torch.arange(1, head_size + 1, dtype=dtype).view(1, 1, head_size)
+    token = 1  # not 0: row and column layouts differ only off the origin
+    ops.cpu_attn_reshape_and_cache(
+        probe, probe, key_cache, value_cache, torch.tensor([token]), isa,
+        k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto",
+    )
+    block = key_cache[0, 0].reshape(-1)
+    if torch.equal(block.view(block_size, head_size)[token], probe[0, 0]):
+        return False
+    if torch.equal(block.view(head_size, block_size)[:, token], probe[0, 0]):
+        return True
+    raise NotImplementedError(f"unknown CPU K cache layout for ISA {isa!r}")
+
+
+def logical_key_cache(key_cache: torch.Tensor, dim_major: bool) -> torch.Tensor:
+    """A ``[num_blocks, Hkv, block_size, D]`` view of K whatever the physical layout."""
+    if not dim_major:
+        return key_cache
+    num_blocks, num_kv_heads, block_size, head_size = key_cache.shape
+    return key_cache.reshape(num_blocks, num_kv_heads, head_size, block_size).transpose(2, 3)
+
+
 @dataclass
 class TesseraCPUAttentionMetadata(CPUAttentionMetadata):
     """vLLM's CPU metadata plus the step's prefill/decode split (built once per step)."""
@@ -128,6 +162,8 @@ class TesseraCPUAttentionImpl(CPUAttentionBackendImpl):
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         paged = kv_cache.view(num_blocks, num_kv_heads, block_size * 2, -1)
         key_cache, value_cache = paged.chunk(2, dim=2)
+        dim_major = key_block_is_dim_major(layer.isa, self.head_size, block_size, kv_cache.dtype)
+        key_cache_tokens = logical_key_cache(key_cache, dim_major)
         heads_view = output.view(-1, self.num_heads, self.head_size)
         split: PrefillDecodeSplit = attn_metadata.split
         usage = _usage()
@@ -136,7 +172,7 @@ class TesseraCPUAttentionImpl(CPUAttentionBackendImpl):
         # Without the request's full prompt length here, each chunk's own end stands in for
         # it: the last-q rows of every chunk run dense, a superset of the paper's rows.
         heads_view[prefill.token_rows] = sparse_prefill(
-            query[prefill.token_rows], key_cache, value_cache, prefill.block_table,
+            query[prefill.token_rows], key_cache_tokens, value_cache, prefill.block_table,
             prefill.query_start_loc, prefill.seq_lens, prefill.seq_lens, pattern, self.scale,
         ).to(output.dtype)
         usage.record(self.layer_index, pattern.name, int(prefill.token_rows.numel()))

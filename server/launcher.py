@@ -73,7 +73,11 @@ def worker_env(settings: ServerSettings, worker_index: int) -> dict[str, str]:
 
 
 def start_worker(
-    settings: ServerSettings, model_path: Path, index: int, port: int | None = None
+    settings: ServerSettings,
+    model_path: Path,
+    index: int,
+    port: int | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> WorkerProcess:
     port = port if port is not None else settings.worker_base_port + index
     log_dir = settings.data_dir / "logs"
@@ -82,8 +86,8 @@ def start_worker(
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             worker_command(settings, model_path, settings.worker_host, port),
-            env=worker_env(settings, index), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            env=worker_env(settings, index) | (extra_env or {}), stdout=log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
     return WorkerProcess(f"http://{settings.worker_host}:{port}", process, log_path)
 

@@ -1,0 +1,91 @@
+"""`tessera serve` with TriangleMix: answers through the gateway, and the sparse path ran.
+
+A worker of its own (the shared stack stays dense) with a small window so a ~900-token
+prompt is long enough for the triangle pattern to drop keys in layers 16-29.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from attention_backends.usage import read_usage
+from server.config import ServerSettings
+from server.launcher import resolve_model_path, start_worker, stop_workers, wait_until_healthy
+from tests.integration.conftest import MODEL, _start_gateway, _wait_for, free_port
+
+DENSE_FIRST_LAYERS = 16
+NUM_LAYERS = 30
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. " * 40
+
+
+@pytest.fixture(scope="module")
+def trianglemix_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    run_dir = tmp_path_factory.mktemp("trianglemix")
+    stats_dir = run_dir / "stats"
+    settings = ServerSettings(workers=1, kv_cache_space_gib=1, max_model_len=2048)
+    env = {
+        "TESSERA_ATTENTION_METHOD": "trianglemix",
+        "TESSERA_ATTENTION_DENSE_FIRST_LAYERS": str(DENSE_FIRST_LAYERS),
+        "TESSERA_ATTENTION_SINK_TOKENS": "4",
+        "TESSERA_ATTENTION_WINDOW_TOKENS": "64",
+        "TESSERA_ATTENTION_LAST_Q_TOKENS": "16",
+        "TESSERA_ATTENTION_STATS_DIR": str(stats_dir),
+    }
+    worker = start_worker(settings, resolve_model_path(settings), 0, port=free_port(),
+                          extra_env=env)
+    gateway: subprocess.Popen | None = None
+    try:
+        wait_until_healthy([worker], timeout_s=600)
+        port = free_port()
+        gateway = _start_gateway([worker.url], port, run_dir / "gateway.log", [])
+        url = f"http://127.0.0.1:{port}"
+        _wait_for(url, gateway)
+        yield url, stats_dir
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(timeout=15)
+        stop_workers([worker])
+
+
+def _usage_after(stats_dir: Path, min_steps: int) -> dict[int, dict[str, int]]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        snapshots = read_usage(stats_dir)
+        if snapshots and snapshots[0]["steps"] >= min_steps:
+            return {int(layer): paths for layer, paths in snapshots[0]["layers"].items()}
+        time.sleep(0.2)
+    raise AssertionError("worker wrote no attention usage")
+
+
+def test_short_prompt_is_answered_correctly(trianglemix_gateway: tuple[str, Path]) -> None:
+    url, _ = trianglemix_gateway
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4,
+            "temperature": 0}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200
+    assert "Paris" in response.json()["choices"][0]["text"]
+
+
+def test_long_prompt_runs_the_triangle_path_in_deep_layers(
+    trianglemix_gateway: tuple[str, Path],
+) -> None:
+    url, stats_dir = trianglemix_gateway
+    body = {"model": MODEL, "prompt": FILLER + "The pass key is 68341. The pass key is",
+            "max_tokens": 3, "temperature": 0}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    prompt_tokens = response.json()["usage"]["prompt_tokens"]
+    assert prompt_tokens > 600
+    usage = _usage_after(stats_dir, min_steps=3)
+    for layer in range(DENSE_FIRST_LAYERS):
+        assert "triangle" not in usage[layer], f"layer {layer} should stay dense"
+    for layer in range(DENSE_FIRST_LAYERS, NUM_LAYERS):
+        # The whole long prefill went through the sparse kernel, not vLLM's dense one.
+        assert usage[layer].get("triangle", 0) >= prompt_tokens, f"layer {layer}: {usage[layer]}"
