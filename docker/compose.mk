@@ -14,3 +14,8 @@ images: docker-engine
 
 test-compose: images
 	TESSERA_COMPOSE_TEST=1 $(COMPOSE_PYTHON) -m pytest tests/compose -v -rs -p no:cacheprovider
+
+# The Ray launcher on a local Ray cluster (127.0.0.1): two CPU workers as actors, gateway, kill.
+.PHONY: test-ray
+test-ray:
+	TESSERA_RAY_TEST=1 $(COMPOSE_PYTHON) -m pytest tests/ray -v -rs -p no:cacheprovider

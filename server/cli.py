@@ -15,6 +15,7 @@ from typing import Any, get_args, get_origin
 from pydantic.fields import FieldInfo
 
 from server.config import CONFIG_ENV, ServerSettings
+from server.ray_cluster import add_cluster_parser
 
 
 def _is_list(field: FieldInfo) -> bool:
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="convert the embedded model once")
     _add_settings_flags(prepare, {"data_dir"})
     prepare.set_defaults(func=_cmd_prepare_model)
+    add_cluster_parser(commands)
     return parser
 
 

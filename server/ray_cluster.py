@@ -33,7 +33,7 @@ from typing import Any
 
 NAMESPACE = "tessera"
 ACTOR_PREFIX = "tessera-worker-"
-LOCAL_NODE_IP = "127.0.0.1"
+LOCAL_NODE_IP = "127.0.0.1"  # a local cluster and its workers stay on loopback
 
 
 def _say(message: str) -> None:
@@ -54,13 +54,16 @@ class WorkerActor:
     Wrapped with `ray.remote` at run time so this module imports without Ray.
     """
 
-    def __init__(self, index: int, workers: int, settings: dict[str, Any]) -> None:
+    def __init__(
+        self, index: int, workers: int, settings: dict[str, Any], host: str | None = None
+    ) -> None:
         import ray
 
         from server.config import ServerSettings
 
         self.index = index
-        self.node_ip = ray.util.get_node_ip_address()
+        # A local cluster keeps everything on loopback; on a real cluster, the node's address.
+        self.node_ip = host or ray.util.get_node_ip_address()
         self.settings = ServerSettings(**settings).model_copy(
             update={"workers": workers, "worker_host": self.node_ip}
         )
@@ -126,14 +129,26 @@ class WorkerActor:
 # --------------------------------------------------------------------------- Ray plumbing
 
 
+def _import_ray(local: bool) -> Any:
+    """Import Ray; for a local cluster, keep all of Ray's own traffic on 127.0.0.1.
+
+    Ray resolves 127.0.0.1 to the host's routable address unless cluster mode is off (the
+    variable must be set before Ray is imported; processes Ray starts inherit it).
+    """
+    if local:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    return ray
+
+
 def connect(address: str | None, num_cpus: int | None) -> bool:
     """Join the cluster at `address` (or RAY_ADDRESS); else start a local one on loopback.
 
     Returns True when this process started the cluster (it ends when this process does).
     """
-    import ray
-
     address = address or os.environ.get("RAY_ADDRESS")
+    ray = _import_ray(local=not address)
     if address:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         return False
@@ -141,11 +156,18 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
         namespace=NAMESPACE,
         num_cpus=num_cpus,
         include_dashboard=False,
-        _node_ip_address=LOCAL_NODE_IP,
         object_store_memory=256 * 1024**2,
         log_to_driver=False,
     )
     return True
+
+
+def join(address: str | None) -> Any:
+    """Join a running cluster: `address`, RAY_ADDRESS, else the local one `cluster up` made."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray = _import_ray(local=not address)
+    ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False)
+    return ray
 
 
 def worker_actors() -> dict[str, Any]:
@@ -175,7 +197,9 @@ def actor_infos(timeout_s: float = 10.0) -> list[dict[str, Any]]:
     return infos
 
 
-def start_workers(args: argparse.Namespace, settings: dict[str, Any]) -> list[Any]:
+def start_workers(
+    args: argparse.Namespace, settings: dict[str, Any], host: str | None
+) -> list[Any]:
     import ray
 
     remote_cls = ray.remote(WorkerActor)
@@ -196,7 +220,7 @@ def start_workers(args: argparse.Namespace, settings: dict[str, Any]) -> list[An
                 num_gpus=args.gpus_per_worker,
                 resources=resources or None,
                 max_restarts=0,
-            ).remote(index, first + args.workers, settings)
+            ).remote(index, first + args.workers, settings, host)
         )
     # Sequential prepare: workers sharing a node (and its data dir) convert the model once.
     for handle in handles:
@@ -301,7 +325,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     started_here = connect(args.address, args.num_cpus)
     try:
-        handles = start_workers(args, _worker_settings(args))
+        host = LOCAL_NODE_IP if started_here else None
+        handles = start_workers(args, _worker_settings(args), host)
         import ray
 
         wait_healthy(ray.get([h.url.remote() for h in handles]), args.start_timeout_s)
@@ -330,26 +355,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import ray
-
-    ray.init(
-        address=args.address or os.environ.get("RAY_ADDRESS") or "auto",
-        namespace=NAMESPACE,
-        log_to_driver=False,
-    )
+    ray = join(args.address)
     print(json.dumps(actor_infos(), indent=2))
     ray.shutdown()
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    import ray
-
-    ray.init(
-        address=args.address or os.environ.get("RAY_ADDRESS") or "auto",
-        namespace=NAMESPACE,
-        log_to_driver=False,
-    )
+    ray = join(args.address)
     _say(f"stopped {stop_all()} worker actor(s)")
     ray.shutdown()
     return 0

@@ -41,7 +41,8 @@ QUANTILES = (0.5, 0.95, 0.99)
 # Selectors, as in vLLM's dashboards (workers) and the gateway's equivalent.
 VLLM = 'job=~"$job", model_name=~"$model_name", instance=~"$instance"'
 GATEWAY = 'job=~"$gateway_job"'
-GATEWAY_ROUTE = 'job=~"$gateway_job", route=~"$route"'
+# Client traffic only: Prometheus' scrapes and health probes are counted by the gateway too.
+GATEWAY_ROUTE = 'job=~"$gateway_job", route=~"$route", route!~"health|metrics"'
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,41 @@ def ask(client: Any, text: str, max_tokens: int = 12) -> str:
     return answer.choices[0].message.content or ""
 
 
+LONG_PROMPT = "Summarise this log line by line. " + " ".join(
+    f"Line {i}: worker answered request {i} in {i % 7 + 1} ms." for i in range(40)
+)
+
+
+def steady_load(client: Any, seconds: float, threads: int = 2, cap: int = 200) -> dict[str, Any]:
+    """Bounded load (time and count) mixing streamed and plain chats, for the dashboards."""
+    deadline = time.monotonic() + seconds
+    counts = {"ok": 0, "failed": 0}
+
+    def loop(offset: int) -> None:
+        i = offset
+        while time.monotonic() < deadline and counts["ok"] + counts["failed"] < cap:
+            try:
+                if i % 2:
+                    stream = client.chat.completions.create(
+                        model=MODEL,
+                        messages=[{"role": "user", "content": LONG_PROMPT}],
+                        max_tokens=24,
+                        stream=True,
+                    )
+                    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+                else:
+                    assert ask(client, f"Give one word for the number {i}.", 8).strip()
+                counts["ok"] += 1
+            except Exception:  # noqa: BLE001 - counted and asserted by the caller
+                counts["failed"] += 1
+            i += threads
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(loop, range(threads)))
+    return {**counts, "seconds": round(time.monotonic() - started, 1)}
+
+
 def test_every_service_is_up_and_healthy(stack: Stack) -> None:
     services = stack.services()
     for name in ("gateway", "worker-1", "worker-2", "prometheus"):
@@ -239,6 +274,12 @@ def test_concurrent_traffic_reaches_both_workers(stack: Stack, client: Any) -> N
     assert all(count > 0 for count in served.values()), served
 
 
+def test_steady_load_is_answered_by_both_workers(client: Any) -> None:
+    load = steady_load(client, seconds=40)
+    TIMINGS["steady_load_two_workers"] = load
+    assert load["failed"] == 0 and load["ok"] > 10, load
+
+
 def test_traffic_continues_after_a_worker_is_killed(stack: Stack, client: Any) -> None:
     stack.compose("kill", "worker-2")
     killed_at = time.monotonic()
@@ -258,15 +299,9 @@ def test_traffic_continues_after_a_worker_is_killed(stack: Stack, client: Any) -
     # `docker kill` is a manual stop: `restart: unless-stopped` leaves the worker down.
     assert stack.services()["worker-2"]["State"] == "exited"
     assert stack.services()["worker-1"]["State"] == "running"
-    # Streams keep working on the surviving worker too (feeds the TTFT panels).
-    for _ in range(3):
-        stream = client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": "Say yes."}],
-            max_tokens=4,
-            stream=True,
-        )
-        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    load = steady_load(client, seconds=20)
+    TIMINGS["steady_load_one_worker"] = load
+    assert load["failed"] == 0 and load["ok"] > 5, load
 
 
 def test_every_dashboard_panel_returns_series_from_prometheus(stack: Stack) -> None:
