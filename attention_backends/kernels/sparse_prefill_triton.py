@@ -77,6 +77,8 @@ def _attend_key_tiles(
     qk_scale,
     sink_tokens,
     window_tokens,
+    edge_begin,
+    edge_end,
     MASK_MODE: tl.constexpr,
     KV_BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -84,32 +86,43 @@ def _attend_key_tiles(
     HEAD_DIM_PAD: tl.constexpr,
 ):
     """Online-softmax update of (acc, row_sum, row_max) over ``num_tiles`` key tiles of
-    BLOCK_N keys starting at ``first_key``. Keys are gathered through the block table."""
+    BLOCK_N keys starting at ``first_key`` (a multiple of BLOCK_N). Keys are gathered
+    through the block table: per key when cache blocks are smaller than a tile, else one
+    lookup per tile."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < HEAD_DIM
     for tile in range(0, num_tiles):
-        keys = first_key + tile * BLOCK_N + offs_n
+        tile_start = first_key + tile * BLOCK_N
+        keys = tile_start + offs_n
         if MASK_MODE == 0:
             load_ok = d_ok[None, :]
-            physical_block = tl.load(block_table_row_ptr + keys // KV_BLOCK_SIZE)
         else:
             key_ok = keys < key_limit
             load_ok = key_ok[:, None] & d_ok[None, :]
-            physical_block = tl.load(
-                block_table_row_ptr + keys // KV_BLOCK_SIZE, mask=key_ok, other=0
+        if KV_BLOCK_SIZE % BLOCK_N == 0:
+            # tiles are BLOCK_N-aligned, so a tile lies inside one cache block: one lookup
+            physical_block = tl.load(block_table_row_ptr + tile_start // KV_BLOCK_SIZE).to(tl.int64)
+            row_offsets = (tile_start % KV_BLOCK_SIZE + offs_n) * stride_kt
+            k_rows = key_cache_head_ptr + physical_block * stride_kb + row_offsets
+            v_rows = (
+                value_cache_head_ptr
+                + physical_block * stride_vb
+                + (tile_start % KV_BLOCK_SIZE + offs_n) * stride_vt
             )
-        physical_block = physical_block.to(tl.int64)
-        slot = keys % KV_BLOCK_SIZE
-        k = tl.load(
-            key_cache_head_ptr
-            + physical_block[:, None] * stride_kb
-            + slot[:, None] * stride_kt
-            + offs_d[None, :],
-            mask=load_ok,
-            other=0.0,
-        )
-        scores = tl.dot(q, tl.trans(k)) * qk_scale
+        else:
+            if MASK_MODE == 0:
+                physical_blocks = tl.load(block_table_row_ptr + keys // KV_BLOCK_SIZE)
+            else:
+                physical_blocks = tl.load(
+                    block_table_row_ptr + keys // KV_BLOCK_SIZE, mask=key_ok, other=0
+                )
+            physical_blocks = physical_blocks.to(tl.int64)
+            slot = keys % KV_BLOCK_SIZE
+            k_rows = key_cache_head_ptr + physical_blocks * stride_kb + slot * stride_kt
+            v_rows = value_cache_head_ptr + physical_blocks * stride_vb + slot * stride_vt
+        k = tl.load(k_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
+        scores = tl.dot(q, tl.trans(k))  # raw q.k; the scale is fused into exp2's argument
         if MASK_MODE == 1:
             distance = query_pos[:, None] - keys[None, :]
             keep = (distance >= 0) & ((keys[None, :] < sink_tokens) | (distance < window_tokens))
@@ -119,18 +132,22 @@ def _attend_key_tiles(
             scores = tl.where(keep, scores, float("-inf"))
         elif MASK_MODE == 3:
             scores = tl.where((keys < key_limit)[None, :], scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        elif MASK_MODE == 4:  # one loop: streaming mask only outside [edge_begin, edge_end)
+            if (tile < edge_begin) | (tile >= edge_end):
+                distance = query_pos[:, None] - keys[None, :]
+                keep = (distance >= 0) & (
+                    (keys[None, :] < sink_tokens) | (distance < window_tokens)
+                )
+                scores = tl.where(keep, scores, float("-inf"))
+        elif MASK_MODE == 5:  # one loop: causal mask only from tile edge_begin on
+            if tile >= edge_begin:
+                keep = query_pos[:, None] >= keys[None, :]
+                scores = tl.where(keep, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)
         rescale = tl.math.exp2(row_max - new_max)
-        probs = tl.math.exp2(scores - new_max[:, None])
+        probs = tl.math.exp2(scores * qk_scale - new_max[:, None])
         row_sum = row_sum * rescale + tl.sum(probs, 1)
-        v = tl.load(
-            value_cache_head_ptr
-            + physical_block[:, None] * stride_vb
-            + slot[:, None] * stride_vt
-            + offs_d[None, :],
-            mask=load_ok,
-            other=0.0,
-        )
+        v = tl.load(v_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
         acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
         row_max = new_max
     return acc, row_sum, row_max
@@ -154,7 +171,7 @@ def _find_sequence(query_start_loc_ptr, tile_id, num_seqs, ROWS: tl.constexpr):
     return low
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "sink_tokens", "window_tokens", "last_q_tokens"])
 def _streaming_rows_kernel(
     query_ptr,
     key_cache_ptr,
@@ -181,6 +198,7 @@ def _streaming_rows_kernel(
     window_tokens,
     last_q_tokens,
     HAS_LAST_ROWS: tl.constexpr,
+    SINGLE_LOOP: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     ROWS: tl.constexpr,
@@ -233,7 +251,9 @@ def _streaming_rows_kernel(
 
     # Window tiles cover keys [window_start, max_row_pos]; sinks before window_start go
     # in their own small tiles (no row's window reaches them, so nothing is counted twice).
-    window_start = tl.maximum(tile_first_pos - window_tokens + 1, 0)
+    # (window start rounded down to a tile boundary: tiles then never straddle a cache
+    # block when the block size is a multiple of BLOCK_N; the mask drops the extra keys)
+    window_start = tl.maximum(tile_first_pos - window_tokens + 1, 0) // BLOCK_N * BLOCK_N
     sink_end = tl.minimum(sink_tokens, window_start)
     if sink_end > 0:
         acc, row_sum, row_max = _attend_key_tiles(
@@ -241,7 +261,7 @@ def _streaming_rows_kernel(
             key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
             stride_kb, stride_kt, stride_vb, stride_vt,
             0, tl.cdiv(sink_end, SINK_BLOCK_N), sink_end,
-            qk_scale, sink_tokens, window_tokens,
+            qk_scale, sink_tokens, window_tokens, 0, 0,
             3, KV_BLOCK_SIZE, SINK_BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
     key_limit = max_row_pos + 1
@@ -252,30 +272,40 @@ def _streaming_rows_kernel(
     full_end = tl.minimum(
         tl.maximum((tile_first_pos + 1 - window_start) // BLOCK_N, full_begin), num_tiles
     )
-    acc, row_sum, row_max = _attend_key_tiles(
-        acc, row_sum, row_max, q, query_pos,
-        key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
-        stride_kb, stride_kt, stride_vb, stride_vt,
-        window_start, full_begin, key_limit,
-        qk_scale, sink_tokens, window_tokens,
-        1, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
-    )  # fmt: skip
-    acc, row_sum, row_max = _attend_key_tiles(
-        acc, row_sum, row_max, q, query_pos,
-        key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
-        stride_kb, stride_kt, stride_vb, stride_vt,
-        window_start + full_begin * BLOCK_N, full_end - full_begin, key_limit,
-        qk_scale, sink_tokens, window_tokens,
-        0, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
-    )  # fmt: skip
-    acc, row_sum, row_max = _attend_key_tiles(
-        acc, row_sum, row_max, q, query_pos,
-        key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
-        stride_kb, stride_kt, stride_vb, stride_vt,
-        window_start + full_end * BLOCK_N, num_tiles - full_end, key_limit,
-        qk_scale, sink_tokens, window_tokens,
-        1, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
-    )  # fmt: skip
+    if SINGLE_LOOP:
+        acc, row_sum, row_max = _attend_key_tiles(
+            acc, row_sum, row_max, q, query_pos,
+            key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
+            stride_kb, stride_kt, stride_vb, stride_vt,
+            window_start, num_tiles, key_limit,
+            qk_scale, sink_tokens, window_tokens, full_begin, full_end,
+            4, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+        )  # fmt: skip
+    else:
+        acc, row_sum, row_max = _attend_key_tiles(
+            acc, row_sum, row_max, q, query_pos,
+            key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
+            stride_kb, stride_kt, stride_vb, stride_vt,
+            window_start, full_begin, key_limit,
+            qk_scale, sink_tokens, window_tokens, 0, 0,
+            1, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+        )  # fmt: skip
+        acc, row_sum, row_max = _attend_key_tiles(
+            acc, row_sum, row_max, q, query_pos,
+            key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
+            stride_kb, stride_kt, stride_vb, stride_vt,
+            window_start + full_begin * BLOCK_N, full_end - full_begin, key_limit,
+            qk_scale, sink_tokens, window_tokens, 0, 0,
+            0, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+        )  # fmt: skip
+        acc, row_sum, row_max = _attend_key_tiles(
+            acc, row_sum, row_max, q, query_pos,
+            key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
+            stride_kb, stride_kt, stride_vb, stride_vt,
+            window_start + full_end * BLOCK_N, num_tiles - full_end, key_limit,
+            qk_scale, sink_tokens, window_tokens, 0, 0,
+            1, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+        )  # fmt: skip
 
     row_sum = tl.where(row_ok, row_sum, 1.0)
     attended = acc / row_sum[:, None]
@@ -303,7 +333,9 @@ def _last_rows_extent(
     return query_begin, first_pos, tile_first_pos, tile_end_pos
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["num_kv_heads", "num_row_tiles", "num_splits", "split_keys", "last_q_tokens"]
+)
 def _last_rows_kernel(
     query_ptr,
     key_cache_ptr,
@@ -333,6 +365,7 @@ def _last_rows_kernel(
     qk_scale,
     last_q_tokens,
     DIRECT: tl.constexpr,
+    SINGLE_LOOP: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     ROWS: tl.constexpr,
@@ -381,22 +414,32 @@ def _last_rows_kernel(
     key_cache_head_ptr = key_cache_ptr + kv_head * stride_kh
     value_cache_head_ptr = value_cache_ptr + kv_head * stride_vh
     block_table_row_ptr = block_table_ptr + seq * stride_bt
-    acc, row_sum, row_max = _attend_key_tiles(
-        acc, row_sum, row_max, q, query_pos,
-        key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
-        stride_kb, stride_kt, stride_vb, stride_vt,
-        key_begin, full_tiles, key_limit,
-        qk_scale, 0, 0,
-        0, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
-    )  # fmt: skip
-    acc, row_sum, row_max = _attend_key_tiles(
-        acc, row_sum, row_max, q, query_pos,
-        key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
-        stride_kb, stride_kt, stride_vb, stride_vt,
-        key_begin + full_tiles * BLOCK_N, num_tiles - full_tiles, key_limit,
-        qk_scale, 0, 0,
-        2, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
-    )  # fmt: skip
+    if SINGLE_LOOP:
+        acc, row_sum, row_max = _attend_key_tiles(
+            acc, row_sum, row_max, q, query_pos,
+            key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
+            stride_kb, stride_kt, stride_vb, stride_vt,
+            key_begin, num_tiles, key_limit,
+            qk_scale, 0, 0, full_tiles, num_tiles,
+            5, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+        )  # fmt: skip
+    else:
+        acc, row_sum, row_max = _attend_key_tiles(
+            acc, row_sum, row_max, q, query_pos,
+            key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
+            stride_kb, stride_kt, stride_vb, stride_vt,
+            key_begin, full_tiles, key_limit,
+            qk_scale, 0, 0, 0, 0,
+            0, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+        )  # fmt: skip
+        acc, row_sum, row_max = _attend_key_tiles(
+            acc, row_sum, row_max, q, query_pos,
+            key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
+            stride_kb, stride_kt, stride_vb, stride_vt,
+            key_begin + full_tiles * BLOCK_N, num_tiles - full_tiles, key_limit,
+            qk_scale, 0, 0, 0, 0,
+            2, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+        )  # fmt: skip
 
     if DIRECT:
         attended = acc / tl.where(row_ok, row_sum, 1.0)[:, None]
@@ -419,7 +462,7 @@ def _last_rows_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_kv_heads", "num_row_tiles", "num_splits", "last_q_tokens"])
 def _combine_splits_kernel(
     out_ptr,
     partial_out_ptr,
@@ -438,9 +481,12 @@ def _combine_splits_kernel(
     ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    CHUNK_M: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = ROWS * GROUP_PAD
-    row_tile = tl.program_id(0)
+    # one program merges CHUNK_M of the tile's BLOCK_M rows (more programs, short loops)
+    row_tile = tl.program_id(0) // (BLOCK_M // CHUNK_M)
+    row_chunk = tl.program_id(0) % (BLOCK_M // CHUNK_M)
     seq_head = tl.program_id(1)
     seq = seq_head // num_kv_heads
     kv_head = seq_head % num_kv_heads
@@ -449,7 +495,7 @@ def _combine_splits_kernel(
     )
     if tile_end_pos <= tile_first_pos:
         return
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = row_chunk * CHUNK_M + tl.arange(0, CHUNK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     row_in_tile = offs_m // GROUP_PAD
     head_in_group = offs_m % GROUP_PAD
@@ -458,9 +504,9 @@ def _combine_splits_kernel(
     token = (query_begin + (query_pos - first_pos)).to(tl.int64)
     q_head = kv_head * GROUP + head_in_group
 
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    weight_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    running_max = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    acc = tl.zeros([CHUNK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    weight_sum = tl.zeros([CHUNK_M], dtype=tl.float32)
+    running_max = tl.full([CHUNK_M], -1.0e30, dtype=tl.float32)
     first_slot = (seq_head * num_row_tiles + row_tile) * num_splits
     for split in range(0, num_splits):
         slot = (first_slot + split).to(tl.int64)
@@ -490,19 +536,23 @@ class LaunchConfig:
     block_m: rows of the streaming tile (query tokens x padded GQA group); block_n: keys
     per tile. last_*: the same for the last-rows kernel. target_programs: how many
     last-rows programs to aim for when choosing the number of KV splits; min_split_keys:
-    never split below this many keys per split.
+    never split below this many keys per split. single_loop: one pipelined loop over all
+    key tiles with the mask applied only on edge tiles (a runtime branch), instead of
+    separate masked / unmasked loops (each loop refills the software pipeline).
     """
 
-    block_m: int = 128
+    block_m: int = 256
     block_n: int = 64
-    num_warps: int = 8
-    num_stages: int = 3
+    num_warps: int = 16
+    num_stages: int = 2
     last_block_m: int = 128
     last_block_n: int = 64
-    last_num_warps: int = 8
+    last_num_warps: int = 4
     last_num_stages: int = 3
-    target_programs: int = 1024
+    target_programs: int = 256
     min_split_keys: int = 1024
+    single_loop: bool = True
+    last_single_loop: bool = True
 
 
 DEFAULT_CONFIG = LaunchConfig()
@@ -573,7 +623,7 @@ def sparse_prefill_triton(
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         *kv_strides, block_table.stride(0),
         num_seqs, qk_scale, sink_tokens, window_tokens, last_q_tokens,
-        HAS_LAST_ROWS=last_q_tokens > 0,
+        HAS_LAST_ROWS=last_q_tokens > 0, SINGLE_LOOP=config.single_loop,
         GROUP=group, GROUP_PAD=group_pad, ROWS=rows,
         BLOCK_N=config.block_n, SINK_BLOCK_N=sink_block_n,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, KV_BLOCK_SIZE=kv_block_size,
@@ -610,18 +660,20 @@ def sparse_prefill_triton(
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         *kv_strides, block_table.stride(0),
         num_kv_heads, num_row_tiles, num_splits, split_keys, qk_scale, last_q_tokens,
-        DIRECT=direct, GROUP=group, GROUP_PAD=group_pad, ROWS=last_rows,
+        DIRECT=direct, SINGLE_LOOP=config.last_single_loop,
+        GROUP=group, GROUP_PAD=group_pad, ROWS=last_rows,
         BLOCK_N=config.last_block_n, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         KV_BLOCK_SIZE=kv_block_size,
         num_warps=config.last_num_warps, num_stages=config.last_num_stages,
     )  # fmt: skip
     if not direct:
-        _combine_splits_kernel[(num_row_tiles, num_seqs * num_kv_heads)](
+        chunk_m = min(32, block_m)
+        _combine_splits_kernel[(num_row_tiles * (block_m // chunk_m), num_seqs * num_kv_heads)](
             out, partial_out, partial_lse, query_start_loc, seq_lens, prompt_lens,
             out.stride(0), out.stride(1),
             num_kv_heads, num_row_tiles, num_splits, last_q_tokens,
             GROUP=group, GROUP_PAD=group_pad, ROWS=last_rows,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CHUNK_M=chunk_m,
             num_warps=4,
         )  # fmt: skip
     return out
