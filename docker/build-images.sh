@@ -24,6 +24,13 @@ if [[ -z "${TESSERA_EXTRA_CA:-}" && -s /etc/ssl/certs/ca-certificates.crt ]]; th
 fi
 
 declare -A seconds
+tag="${TESSERA_TAG:-latest}"
+# A rebuild over existing images and build cache takes seconds: say which kind this was.
+if docker image inspect "tessera-serve/worker-cpu:$tag" >/dev/null 2>&1; then
+    kind="rebuild (worker image existed; build cache may be warm)"
+else
+    kind="first build on this engine (no worker image before)"
+fi
 start=$(date +%s)
 t0=$(date +%s)
 "$here/build-base.sh" "$TESSERA_BASE_IMAGE"
@@ -45,13 +52,13 @@ done
 total=$(( $(date +%s) - start ))
 
 size() { docker image inspect -f '{{.Size}}' "$1"; }
-tag="${TESSERA_TAG:-latest}"
 mkdir -p "$(dirname "$report")"
 cat >"$report" <<JSON
 {
   "what": "make images: local build of the CPU stack, nothing pulled",
   "date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
   "machine": "$(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB",
+  "kind": "$kind",
   "total_build_s": $total,
   "build_s": {
     "base": ${seconds[base]},

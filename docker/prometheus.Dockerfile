@@ -6,7 +6,8 @@ FROM ${BASE_IMAGE}
 
 RUN apt-get update -q \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
-    && rm -rf /var/lib/apt/lists/* /usr/share/prometheus/consoles* \
+    # The web UI uses moment-timezone's bundled builds; its raw tz data (~210 MB) is unused.
+    && rm -rf /var/lib/apt/lists/* /usr/share/javascript/moment-timezone/data \
     && mkdir -p /prometheus && chown prometheus:prometheus /prometheus
 
 COPY deploy/prometheus/prometheus.yml /etc/prometheus/prometheus.yml
