@@ -39,23 +39,19 @@ from attention_backends.patterns import TrianglePattern, kept_block_fraction  # 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 CACHE_BLOCK_SIZE = 16
 
-STREAMING_SWEEP = [  # (block_m, block_n, num_warps, num_stages, single_loop)
-    (256, 64, 16, 2, True),
-    (256, 64, 16, 2, False),
-    (256, 64, 16, 3, True),
-    (256, 64, 8, 2, True),
-    (256, 64, 8, 3, True),
-    (256, 32, 16, 3, True),
-    (128, 64, 4, 3, True),
-    (128, 64, 8, 3, True),
+STREAMING_SWEEP = [  # (block_m, block_n, num_warps, num_stages, single_loop, lazy_rescale)
+    (256, 64, 16, 2, True, True),
+    (256, 64, 16, 2, True, False),
+    (256, 64, 16, 2, False, True),
+    (256, 64, 16, 3, True, True),
+    (256, 64, 8, 2, True, True),
 ]
-LAST_ROWS_SWEEP = [  # (last_block_m, last_block_n, num_warps, num_stages, target_programs, single_loop)
-    (128, 64, 4, 3, 256, True),
-    (128, 64, 4, 3, 256, False),
-    (128, 64, 4, 3, 512, True),
-    (128, 64, 8, 3, 256, True),
-    (256, 64, 8, 2, 256, True),
-    (64, 64, 4, 3, 256, True),
+LAST_ROWS_SWEEP = [  # (block_m, block_n, warps, stages, target_programs, single_loop, lazy)
+    (128, 64, 4, 3, 256, False, True),
+    (128, 64, 4, 3, 256, False, False),
+    (128, 64, 4, 3, 256, True, True),
+    (256, 64, 8, 2, 256, True, True),
+    (128, 64, 4, 3, 384, False, True),
 ]
 
 
@@ -113,12 +109,15 @@ def sweep_configs(call, base: LaunchConfig) -> tuple[LaunchConfig, dict]:
     """Best streaming config (timed with no last rows) then best last-rows config."""
     timings = {}
     best_streaming, best_ms = base, float("inf")
-    for block_m, block_n, warps, stages, single_loop in STREAMING_SWEEP:
+    for block_m, block_n, warps, stages, single_loop, lazy in STREAMING_SWEEP:
         config = dataclasses.replace(
             base, block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages,
-            single_loop=single_loop,
+            single_loop=single_loop, lazy_rescale=lazy,
         )  # fmt: skip
-        label = f"streaming {block_m}x{block_n} w{warps} s{stages} {'one-loop' if single_loop else '3-loops'}"
+        label = (
+            f"streaming {block_m}x{block_n} w{warps} s{stages}"
+            f" {'one-loop' if single_loop else '3-loops'} {'lazy' if lazy else 'eager'}"
+        )
         try:
             timings[label] = bench_ms(lambda config=config: call(config, streaming_only=True))
         except Exception as error:  # noqa: BLE001 - a config may not fit (registers, smem)
@@ -127,12 +126,16 @@ def sweep_configs(call, base: LaunchConfig) -> tuple[LaunchConfig, dict]:
         if timings[label] < best_ms:
             best_streaming, best_ms = config, timings[label]
     best, best_ms = best_streaming, float("inf")
-    for block_m, block_n, warps, stages, target, single_loop in LAST_ROWS_SWEEP:
+    for block_m, block_n, warps, stages, target, single_loop, lazy in LAST_ROWS_SWEEP:
         config = dataclasses.replace(
             best_streaming, last_block_m=block_m, last_block_n=block_n, last_num_warps=warps,
             last_num_stages=stages, target_programs=target, last_single_loop=single_loop,
+            last_lazy_rescale=lazy,
         )  # fmt: skip
-        label = f"full, last {block_m}x{block_n} w{warps} s{stages} t{target} {'one-loop' if single_loop else '2-loops'}"
+        label = (
+            f"full, last {block_m}x{block_n} w{warps} s{stages} t{target}"
+            f" {'one-loop' if single_loop else '2-loops'} {'lazy' if lazy else 'eager'}"
+        )
         try:
             timings[label] = bench_ms(lambda config=config: call(config))
         except Exception as error:  # noqa: BLE001

@@ -80,6 +80,7 @@ def _attend_key_tiles(
     edge_begin,
     edge_end,
     MASK_MODE: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
     KV_BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -143,13 +144,30 @@ def _attend_key_tiles(
             if tile >= edge_begin:
                 keep = query_pos[:, None] >= keys[None, :]
                 scores = tl.where(keep, scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)
-        rescale = tl.math.exp2(row_max - new_max)
-        probs = tl.math.exp2(scores * qk_scale - new_max[:, None])
-        row_sum = row_sum * rescale + tl.sum(probs, 1)
-        v = tl.load(v_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
-        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
-        row_max = new_max
+        tile_max = tl.max(scores, 1) * qk_scale
+        if LAZY_RESCALE:
+            # Keep the running max stale unless some row's max grew by more than 2^8:
+            # numerator and denominator share the stale max, so the result is exact, the
+            # probabilities stay <= 256 (safe in fp32 and bf16), and the O(BLOCK_M x D)
+            # rescale of acc is skipped on most tiles (FlashAttention-4's trick).
+            if tl.max(tile_max - row_max) > 8.0:
+                new_max = tl.maximum(row_max, tile_max)
+                rescale = tl.math.exp2(row_max - new_max)
+                acc = acc * rescale[:, None]
+                row_sum = row_sum * rescale
+                row_max = new_max
+            probs = tl.math.exp2(scores * qk_scale - row_max[:, None])
+            row_sum = row_sum + tl.sum(probs, 1)
+            v = tl.load(v_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
+            acc = acc + tl.dot(probs.to(v.dtype), v)
+        else:
+            new_max = tl.maximum(row_max, tile_max)
+            rescale = tl.math.exp2(row_max - new_max)
+            probs = tl.math.exp2(scores * qk_scale - new_max[:, None])
+            row_sum = row_sum * rescale + tl.sum(probs, 1)
+            v = tl.load(v_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
+            acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
+            row_max = new_max
     return acc, row_sum, row_max
 
 
@@ -199,6 +217,7 @@ def _streaming_rows_kernel(
     last_q_tokens,
     HAS_LAST_ROWS: tl.constexpr,
     SINGLE_LOOP: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     ROWS: tl.constexpr,
@@ -262,7 +281,7 @@ def _streaming_rows_kernel(
             stride_kb, stride_kt, stride_vb, stride_vt,
             0, tl.cdiv(sink_end, SINK_BLOCK_N), sink_end,
             qk_scale, sink_tokens, window_tokens, 0, 0,
-            3, KV_BLOCK_SIZE, SINK_BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+            3, LAZY_RESCALE, KV_BLOCK_SIZE, SINK_BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
     key_limit = max_row_pos + 1
     num_tiles = tl.cdiv(key_limit - window_start, BLOCK_N)
@@ -279,7 +298,7 @@ def _streaming_rows_kernel(
             stride_kb, stride_kt, stride_vb, stride_vt,
             window_start, num_tiles, key_limit,
             qk_scale, sink_tokens, window_tokens, full_begin, full_end,
-            4, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+            4, LAZY_RESCALE, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
     else:
         acc, row_sum, row_max = _attend_key_tiles(
@@ -288,7 +307,7 @@ def _streaming_rows_kernel(
             stride_kb, stride_kt, stride_vb, stride_vt,
             window_start, full_begin, key_limit,
             qk_scale, sink_tokens, window_tokens, 0, 0,
-            1, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+            1, LAZY_RESCALE, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
         acc, row_sum, row_max = _attend_key_tiles(
             acc, row_sum, row_max, q, query_pos,
@@ -296,7 +315,7 @@ def _streaming_rows_kernel(
             stride_kb, stride_kt, stride_vb, stride_vt,
             window_start + full_begin * BLOCK_N, full_end - full_begin, key_limit,
             qk_scale, sink_tokens, window_tokens, 0, 0,
-            0, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+            0, LAZY_RESCALE, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
         acc, row_sum, row_max = _attend_key_tiles(
             acc, row_sum, row_max, q, query_pos,
@@ -304,7 +323,7 @@ def _streaming_rows_kernel(
             stride_kb, stride_kt, stride_vb, stride_vt,
             window_start + full_end * BLOCK_N, num_tiles - full_end, key_limit,
             qk_scale, sink_tokens, window_tokens, 0, 0,
-            1, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+            1, LAZY_RESCALE, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
 
     row_sum = tl.where(row_ok, row_sum, 1.0)
@@ -366,6 +385,7 @@ def _last_rows_kernel(
     last_q_tokens,
     DIRECT: tl.constexpr,
     SINGLE_LOOP: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     ROWS: tl.constexpr,
@@ -421,7 +441,7 @@ def _last_rows_kernel(
             stride_kb, stride_kt, stride_vb, stride_vt,
             key_begin, num_tiles, key_limit,
             qk_scale, 0, 0, full_tiles, num_tiles,
-            5, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+            5, LAZY_RESCALE, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
     else:
         acc, row_sum, row_max = _attend_key_tiles(
@@ -430,7 +450,7 @@ def _last_rows_kernel(
             stride_kb, stride_kt, stride_vb, stride_vt,
             key_begin, full_tiles, key_limit,
             qk_scale, 0, 0, 0, 0,
-            0, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+            0, LAZY_RESCALE, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
         acc, row_sum, row_max = _attend_key_tiles(
             acc, row_sum, row_max, q, query_pos,
@@ -438,7 +458,7 @@ def _last_rows_kernel(
             stride_kb, stride_kt, stride_vb, stride_vt,
             key_begin + full_tiles * BLOCK_N, num_tiles - full_tiles, key_limit,
             qk_scale, 0, 0, 0, 0,
-            2, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+            2, LAZY_RESCALE, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
 
     if DIRECT:
@@ -539,6 +559,7 @@ class LaunchConfig:
     never split below this many keys per split. single_loop: one pipelined loop over all
     key tiles with the mask applied only on edge tiles (a runtime branch), instead of
     separate masked / unmasked loops (each loop refills the software pipeline).
+    lazy_rescale: rescale the accumulator only when a row max grows by more than 2^8.
     """
 
     block_m: int = 256
@@ -552,7 +573,9 @@ class LaunchConfig:
     target_programs: int = 256
     min_split_keys: int = 1024
     single_loop: bool = True
-    last_single_loop: bool = True
+    last_single_loop: bool = False
+    lazy_rescale: bool = True
+    last_lazy_rescale: bool = True
 
 
 DEFAULT_CONFIG = LaunchConfig()
@@ -624,6 +647,7 @@ def sparse_prefill_triton(
         *kv_strides, block_table.stride(0),
         num_seqs, qk_scale, sink_tokens, window_tokens, last_q_tokens,
         HAS_LAST_ROWS=last_q_tokens > 0, SINGLE_LOOP=config.single_loop,
+        LAZY_RESCALE=config.lazy_rescale,
         GROUP=group, GROUP_PAD=group_pad, ROWS=rows,
         BLOCK_N=config.block_n, SINK_BLOCK_N=sink_block_n,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, KV_BLOCK_SIZE=kv_block_size,
@@ -661,6 +685,7 @@ def sparse_prefill_triton(
         *kv_strides, block_table.stride(0),
         num_kv_heads, num_row_tiles, num_splits, split_keys, qk_scale, last_q_tokens,
         DIRECT=direct, SINGLE_LOOP=config.last_single_loop,
+        LAZY_RESCALE=config.last_lazy_rescale,
         GROUP=group, GROUP_PAD=group_pad, ROWS=last_rows,
         BLOCK_N=config.last_block_n, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         KV_BLOCK_SIZE=kv_block_size,

@@ -26,13 +26,14 @@ TOLERANCE = 1e-2  # relative L2 error; bf16/fp16 operands land in 1e-3..1e-2
 
 def check_against_reference(seq_lens, dtype, *, query_lens=None, prompt_lens=None, q_heads=8,
                             kv_heads=2, head_dim=128, block_size=16, pattern=SMALL_TRIANGLE,
-                            config=None):  # fmt: skip
+                            config=None, query_scale=1.0):  # fmt: skip
     seed = torch.seed() % 2**31
     generator = torch.Generator().manual_seed(seed)
     batch = make_paged_prefill_batch(
         seq_lens, query_lens, prompt_lens, q_heads, kv_heads, head_dim, block_size,
         dtype=dtype, device="cuda", generator=generator,
     )  # fmt: skip
+    batch.query.mul_(query_scale)
     args = (batch.query, batch.key_cache, batch.value_cache, batch.block_table,
             batch.query_start_loc, batch.seq_lens, batch.prompt_lens, pattern,
             1 / math.sqrt(head_dim))  # fmt: skip
@@ -112,3 +113,10 @@ def test_separate_masked_and_unmasked_loops(dtype):
         [3000, 700], dtype, q_heads=32, kv_heads=8, pattern=PAPER_TRIANGLE,
         config=LaunchConfig(single_loop=False, last_single_loop=False),
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pattern", [PAPER_TRIANGLE, DensePattern()], ids=["triangle", "dense"])
+def test_peaked_scores_exercise_the_lazy_rescale(dtype, pattern):
+    # large logits: row maxima jump by far more than 2^8 between tiles
+    check_against_reference([2100], dtype, q_heads=32, kv_heads=8, pattern=pattern, query_scale=8.0)
