@@ -245,15 +245,20 @@ def wait_healthy(urls: list[str], timeout_s: float) -> None:
         raise SystemExit(f"workers not healthy after {timeout_s:.0f} s: {sorted(pending)}")
 
 
-def stop_all(grace_s: float = 20.0) -> int:
+def stop_handles(handles: list[Any], grace_s: float = 20.0) -> int:
     import ray
 
-    handles = worker_actors()
-    for handle in handles.values():
+    for handle in handles:
         with contextlib.suppress(Exception):
             ray.get(handle.stop.remote(grace_s), timeout=grace_s + 10)
-        ray.kill(handle)
+        with contextlib.suppress(Exception):
+            ray.kill(handle)
     return len(handles)
+
+
+def stop_all(grace_s: float = 20.0) -> int:
+    """Stop every tessera worker actor in the cluster (their vLLM processes first)."""
+    return stop_handles(list(worker_actors().values()), grace_s)
 
 
 def _parse_resource(text: str) -> tuple[str, float]:
@@ -323,15 +328,23 @@ def _worker_settings(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_up(args: argparse.Namespace) -> int:
     from server.config import ServerSettings
 
-    started_here = connect(args.address, args.num_cpus)
+    remote = args.address or os.environ.get("RAY_ADDRESS")
+    if (args.add or args.no_gateway) and not remote:
+        join(None)  # add to the local cluster a running `cluster up` made
+        started_here = False
+    else:
+        started_here = connect(args.address, args.num_cpus)
+    host = None if remote else LOCAL_NODE_IP
+    # The process running the gateway owns the workers' lifetime; --no-gateway only adds.
+    owner = not args.no_gateway
+    handles: list[Any] = []
     try:
-        host = LOCAL_NODE_IP if started_here else None
         handles = start_workers(args, _worker_settings(args), host)
         import ray
 
         wait_healthy(ray.get([h.url.remote() for h in handles]), args.start_timeout_s)
         if args.no_gateway:
-            _say("workers up; no gateway (--no-gateway)")
+            _say(f"{len(handles)} worker(s) up; running gateways discover them")
             return 0
         settings = ServerSettings(
             host=args.host,
@@ -346,8 +359,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(run_gateway(settings, args.discover_interval_s))
         return 0
+    except BaseException:
+        if not owner:
+            stop_handles(handles)  # a failed --no-gateway start leaves nothing half-started
+        raise
     finally:
-        if started_here or not args.keep_workers:
+        if owner and (started_here or not args.keep_workers):
             _say(f"stopped {stop_all()} worker actor(s)")
         import ray
 

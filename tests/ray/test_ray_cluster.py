@@ -7,7 +7,8 @@ the workers and the gateway all listen on 127.0.0.1; traffic goes only there.
 2. `tessera cluster status` lists both actors, placed by Ray, with their URLs;
 3. concurrent traffic reaches both workers (vLLM's own counters);
 4. one worker's vLLM process is killed and traffic continues on the other;
-5. stopping `cluster up` stops every worker process.
+5. a worker added later (`cluster up --add --no-gateway`) is discovered and gets traffic;
+6. stopping `cluster up` stops every worker process.
 """
 
 from __future__ import annotations
@@ -74,8 +75,11 @@ def tessera(*args: str, timeout: float = 120) -> str:
 
 
 class Cluster:
-    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    def __init__(
+        self, process: subprocess.Popen[bytes], port: int, log: Path, data_dir: str
+    ) -> None:
         self.process = process
+        self.data_dir = data_dir
         self.gateway = f"http://127.0.0.1:{port}"
         self.log = log
 
@@ -93,7 +97,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     log = tmp_path_factory.mktemp("ray") / "cluster-up.log"
     command = [
         sys.executable, "-m", "server.cli", "cluster", "up", "--workers", "2",
-        "--num-cpus", "2", "--cpus-per-worker", "1", "--kv-cache-gib", "1",
+        "--num-cpus", "4", "--cpus-per-worker", "1", "--kv-cache-gib", "1",
         "--port", str(port), "--data-dir", data_dir,
     ]  # fmt: skip
     started = time.monotonic()
@@ -101,7 +105,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         process = subprocess.Popen(
             command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    cluster = Cluster(process, port, log)
+    cluster = Cluster(process, port, log, data_dir)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -207,3 +211,25 @@ def test_traffic_continues_after_a_worker_is_killed(cluster: Cluster, client: An
     assert not failures, failures
     assert all(a.strip() for a in answers)
     assert cluster.healthy_workers() == 1
+
+
+def test_a_worker_added_later_is_discovered_and_used(cluster: Cluster, client: Any) -> None:
+    started = time.monotonic()
+    tessera(
+        "cluster", "up", "--add", "--no-gateway", "--workers", "1", "--kv-cache-gib", "1",
+        "--data-dir", cluster.data_dir, timeout=START_TIMEOUT_S,
+    )  # fmt: skip
+    added = cluster.status()[-1]
+    assert added["name"] == "tessera-worker-2" and added["running"], added
+    assert added["url"].startswith("http://127.0.0.1:")
+    deadline = time.monotonic() + 60
+    while cluster.healthy_workers() < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    TIMINGS["added_worker_in_rotation_s"] = round(time.monotonic() - started, 1)
+    assert cluster.healthy_workers() == 2
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(lambda i: ask(client, f"One word for {i}."), range(8)))
+    assert all(a.strip() for a in answers)
+    served = metric_sum(http_text(added["url"] + "/metrics"), "vllm:request_success_total")
+    TIMINGS["added_worker_requests"] = served
+    assert served > 0
