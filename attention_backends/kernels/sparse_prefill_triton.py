@@ -574,8 +574,8 @@ class LaunchConfig:
     min_split_keys: int = 1024
     single_loop: bool = True
     last_single_loop: bool = False
-    lazy_rescale: bool = True
-    last_lazy_rescale: bool = True
+    lazy_rescale: bool = False
+    last_lazy_rescale: bool = False
 
 
 DEFAULT_CONFIG = LaunchConfig()
