@@ -9,12 +9,12 @@ import logging
 import time
 import uuid
 from collections import Counter as Tally
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -143,18 +143,27 @@ class Gateway:
             raise OpenAIError(404, f"The model `{parsed.model}` does not exist.", param="model",
                               code="model_not_found")
 
-    @contextlib.contextmanager
-    def concurrency_slot(self, api_key: str | None):
+    def acquire_slot(self, api_key: str | None) -> Callable[[], None]:
+        """Take one of the key's concurrent-request slots; returns an idempotent release.
+
+        A streamed response outlives the route handler, so the slot is released by whoever
+        finishes last: the handler for plain responses, the stream relay for streams.
+        """
         limit = self.settings.max_concurrent_per_key
         key = api_key or "-"
         if limit and self.in_flight_per_key[key] >= limit:
             raise OpenAIError(429, f"Too many concurrent requests for this key (limit {limit}).",
                               type="rate_limit_error", code="concurrency_limit_exceeded")
         self.in_flight_per_key[key] += 1
-        try:
-            yield
-        finally:
-            self.in_flight_per_key[key] -= 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight_per_key[key] -= 1
+
+        return release
 
     # --- the two generation routes share this
     async def generate(
@@ -165,13 +174,20 @@ class Gateway:
         api_key = self.authenticate(request)
         parsed = self.parse(await self.read_json_body(request), model_cls)
         context = RequestContext(request_id=request_id, route=route, api_key=api_key)
-        with self.concurrency_slot(api_key):
+        release_slot = self.acquire_slot(api_key)
+        try:
             parsed = await self.pipeline.run(parsed, context)
             assert self.forwarder is not None, "lifespan not started"
-            return await self.forwarder.forward(ForwardRequest(
+            response = await self.forwarder.forward(ForwardRequest(
                 route=route, path=path, body=parsed.upstream_body(), stream=parsed.stream,
-                request_id=request_id, started=started,
+                request_id=request_id, started=started, on_stream_end=release_slot,
             ))
+        except BaseException:
+            release_slot()
+            raise
+        if not isinstance(response, StreamingResponse):
+            release_slot()
+        return response
 
 
 def create_app(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -36,6 +36,7 @@ class ForwardRequest:
     stream: bool
     request_id: str
     started: float  # perf_counter at arrival, for end-to-end and TTFT metrics
+    on_stream_end: Callable[[], None] | None = None  # called once a relayed stream ends
 
 
 def normalise_upstream_error(status_code: int, payload: bytes) -> OpenAIError:
@@ -150,4 +151,6 @@ class Forwarder:
             # cancelled): closing the upstream connection makes vLLM abort the request.
             await response.aclose()
             self._pool.track_end(worker)
+            if request.on_stream_end is not None:
+                request.on_stream_end()
 

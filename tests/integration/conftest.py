@@ -28,6 +28,7 @@ from server.launcher import (
 
 MODEL = "smollm2-135m-instruct"
 API_KEY = "sk-test-integration"
+LIMITS_READ_TIMEOUT_S = 2.0
 # Short context so the too-long-prompt case costs only tokenisation.
 TEST_MAX_MODEL_LEN = 2048
 
@@ -42,6 +43,7 @@ def free_port() -> int:
 class Stack:
     gateway_url: str
     keyed_gateway_url: str
+    limits_gateway_url: str  # short upstream read timeout, one request per key at a time
     workers: list[WorkerProcess]
     stats_dir: Path
 
@@ -94,14 +96,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             workers.append(start_worker(settings, model_path, index, port=free_port()))
         wait_until_healthy(workers, timeout_s=600)
         urls = [worker.url for worker in workers]
-        port, keyed_port = free_port(), free_port()
+        port, keyed_port, limits_port = free_port(), free_port(), free_port()
         gateways.append(_start_gateway(urls, port, run_dir / "gateway.log", []))
         gateways.append(_start_gateway(urls, keyed_port, run_dir / "gateway-keyed.log",
                                        ["--api-keys", API_KEY]))
-        stack = Stack(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{keyed_port}", workers,
-                      stats_dir)
-        _wait_for(stack.gateway_url, gateways[0])
-        _wait_for(stack.keyed_gateway_url, gateways[1])
+        gateways.append(_start_gateway(
+            urls, limits_port, run_dir / "gateway-limits.log",
+            ["--upstream-read-timeout-s", str(LIMITS_READ_TIMEOUT_S),
+             "--max-concurrent-per-key", "1"]))
+        stack = Stack(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{keyed_port}",
+                      f"http://127.0.0.1:{limits_port}", workers, stats_dir)
+        for url, gateway in zip((stack.gateway_url, stack.keyed_gateway_url,
+                                 stack.limits_gateway_url), gateways, strict=True):
+            _wait_for(url, gateway)
         yield stack
     finally:
         for gateway in gateways:
