@@ -29,7 +29,10 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.router import WorkerPool
 
 NAMESPACE = "tessera"
 ACTOR_PREFIX = "tessera-worker-"
@@ -269,21 +272,17 @@ def _parse_resource(text: str) -> tuple[str, float]:
 # --------------------------------------------------------------------------- gateway
 
 
-async def discover_workers(pool: Any, interval_s: float) -> None:
+async def discover_workers(pool: WorkerPool, interval_s: float) -> None:
     """Add every worker URL Ray knows of to the gateway's pool, now and every interval."""
-    from server.router import Worker
-
     while True:
         try:
             infos = await asyncio.to_thread(actor_infos)
         except Exception as exc:  # noqa: BLE001 - discovery retries; routing goes on
             _say(f"discovery failed: {exc!r}")
             infos = []
-        known = {worker.url for worker in pool.workers}
         for info in infos:
             url = info.get("url")
-            if url and info.get("running") and url not in known:
-                pool.workers.append(Worker(url))
+            if url and info.get("running") and pool.add(url):
                 _say(f"discovered worker {url}")
         await asyncio.sleep(interval_s)
 

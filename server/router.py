@@ -34,6 +34,19 @@ class WorkerPool:
             metrics.worker_healthy.labels(worker.url).set(0)
             metrics.worker_outstanding.labels(worker.url).set(0)
 
+    def add(self, url: str) -> bool:
+        """Add a worker discovered at run time (e.g. a Ray actor); False if already known.
+
+        It joins unhealthy and enters rotation after its first passing health check.
+        """
+        url = url.rstrip("/")
+        if any(worker.url == url for worker in self.workers):
+            return False
+        self.workers.append(Worker(url))
+        self._metrics.worker_healthy.labels(url).set(0)
+        self._metrics.worker_outstanding.labels(url).set(0)
+        return True
+
     # --- selection
     def healthy(self) -> list[Worker]:
         return [worker for worker in self.workers if worker.healthy]
