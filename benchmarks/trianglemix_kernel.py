@@ -59,7 +59,7 @@ def run_gpu_tests(repo: Path) -> dict:
     """Run tests/gpu with pytest; return the counts and the summary line."""
     started = time.time()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider", "--noconftest"],
+        [sys.executable, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider", "--noconftest"],  # noqa: E501
         cwd=repo, capture_output=True, text=True,
     )  # fmt: skip
     lines = proc.stdout.strip().splitlines()
@@ -377,7 +377,7 @@ def main() -> None:
             "dtype": "bf16",
         },
         "pattern": dataclasses.asdict(TrianglePattern()),
-        "kv_cache": f"paged, block {CACHE_BLOCK_SIZE} (headline) and {args.alt_cache_blocks}, shuffled physical blocks",
+        "kv_cache": f"paged, block {CACHE_BLOCK_SIZE} (headline) and {args.alt_cache_blocks}, shuffled physical blocks",  # noqa: E501
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if not args.no_tests:
@@ -408,19 +408,19 @@ def main() -> None:
     (out_dir / "trianglemix_kernel.json").write_text(json.dumps(results, indent=1))
     plot(results, out_dir / "trianglemix_kernel.png")
     print(
-        "\nlen   cudnn_ms  flex_ms  ours_ms  ideal_ms  %ideal(el)  %ideal(blk128)  x_cudnn  x_flex  TFLOP/s"
+        "\nlen   cudnn_ms  flex_ms  ours_ms  ideal_ms  %ideal(el)  %ideal(blk128)  x_cudnn  x_flex  TFLOP/s"  # noqa: E501
     )
     for row in results["lengths"]:
         print(
-            f"{row['num_tokens'] // 1024:>3}K  {row['cudnn_dense_ms']:8.2f}  {row.get('flex_ms', float('nan')):7.2f}"
-            f"  {row['ours_ms']:7.3f}  {row['ideal_ms_elements']:8.3f}  {row['pct_of_ideal_elements']:10.1f}"
+            f"{row['num_tokens'] // 1024:>3}K  {row['cudnn_dense_ms']:8.2f}  {row.get('flex_ms', float('nan')):7.2f}"  # noqa: E501
+            f"  {row['ours_ms']:7.3f}  {row['ideal_ms_elements']:8.3f}  {row['pct_of_ideal_elements']:10.1f}"  # noqa: E501
             f"  {row['pct_of_ideal_blocks_128']:14.1f}  {row['speedup_vs_cudnn']:7.1f}"
-            f"  {row.get('speedup_vs_flex', float('nan')):6.2f}  {row['ours_tflops_kept_elements']:7.0f}"
+            f"  {row.get('speedup_vs_flex', float('nan')):6.2f}  {row['ours_tflops_kept_elements']:7.0f}"  # noqa: E501
         )
     for block in args.alt_cache_blocks:
         for row in results["lengths"]:
             print(
-                f"cache block {block}: {row['num_tokens'] // 1024}K ours {row[f'ours_ms_block{block}']:.3f} ms"
+                f"cache block {block}: {row['num_tokens'] // 1024}K ours {row[f'ours_ms_block{block}']:.3f} ms"  # noqa: E501
                 f" ({row[f'pct_of_ideal_elements_block{block}']:.1f}% of ideal,"
                 f" x{row.get(f'speedup_vs_flex_block{block}', float('nan')):.2f} vs Flex)"
             )
