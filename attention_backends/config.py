@@ -7,21 +7,17 @@ launcher passes `TESSERA_CONFIG` (and any overrides) through the environment.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    NoDecode,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-)
+from pydantic_settings import NoDecode, SettingsConfigDict
 
-from server.config import yaml_section_source
+from server.config import TesseraSettings
 
 
-class AttentionSettings(BaseSettings):
+class AttentionSettings(TesseraSettings):
     model_config = SettingsConfigDict(env_prefix="TESSERA_ATTENTION_", extra="ignore")
+    yaml_section: ClassVar[str] = "attention"
 
     method: Literal["dense", "trianglemix"] = Field(
         "dense", description="Prefill attention: plain dense, or TriangleMix in the deep layers."
@@ -47,21 +43,6 @@ class AttentionSettings(BaseSettings):
         if isinstance(value, str):
             return [int(item) for item in value.split(",") if item.strip()]
         return value
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        yaml_source = yaml_section_source(settings_cls, "attention")
-        sources = [init_settings, env_settings]
-        if yaml_source is not None:
-            sources.append(yaml_source)
-        return tuple(sources)
 
     def layer_policy(self):  # -> LayerPatternPolicy (import kept lazy: torch is heavy)
         from attention_backends.policy import LayerPatternPolicy

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.config import ServerSettings  # noqa: E402
 from server.launcher import (  # noqa: E402
+    free_port,
     resolve_model_path,
     start_worker,
     stop_workers,
@@ -38,11 +38,6 @@ from server.launcher import (  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 BODY = {"model": "smollm2-135m-instruct", "prompt": "Hi", "max_tokens": 1, "temperature": 0}
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from longctx_suite import build_cases  # noqa: E402
 
 from server.config import ServerSettings  # noqa: E402
 from server.launcher import (  # noqa: E402
+    free_port,
     resolve_model_path,
     start_worker,
     stop_workers,
@@ -53,11 +53,6 @@ BUCKET_TOKENS = 1024
 TEXT_DOC = "/usr/share/common-licenses/GPL-3"
 REPEAT_DOC = "/usr/share/common-licenses/GFDL-1.3"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def log(message: str) -> None:

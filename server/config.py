@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -36,19 +36,38 @@ def config_file() -> Path | None:
     return default if default.exists() else None
 
 
-def yaml_section_source(
-    settings_cls: type[BaseSettings], section: str
-) -> PydanticBaseSettingsSource | None:
-    path = config_file()
-    if path is None:
-        return None
-    return YamlConfigSettingsSource(settings_cls, yaml_file=path, yaml_config_section=section)
+class TesseraSettings(BaseSettings):
+    """Base of each package's settings: its own section of tessera.yaml under env vars.
+
+    Subclasses set `yaml_section` and an `env_prefix`; explicit values beat env vars, which
+    beat the YAML file, which beats the field defaults.
+    """
+
+    yaml_section: ClassVar[str]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = config_file()
+        if path is None:
+            return init_settings, env_settings
+        yaml_source = YamlConfigSettingsSource(
+            settings_cls, yaml_file=path, yaml_config_section=cls.yaml_section
+        )
+        return init_settings, env_settings, yaml_source
 
 
-class ServerSettings(BaseSettings):
+class ServerSettings(TesseraSettings):
     """Everything `tessera serve` needs: data, workers, gateway, limits."""
 
     model_config = SettingsConfigDict(env_prefix="TESSERA_", extra="ignore")
+    yaml_section: ClassVar[str] = "server"
 
     # --- data and model
     data_dir: Path = Field(Path("data"), description="Where prepared models, logs and state live.")
@@ -103,21 +122,6 @@ class ServerSettings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        yaml_source = yaml_section_source(settings_cls, "server")
-        sources = [init_settings, env_settings]
-        if yaml_source is not None:
-            sources.append(yaml_source)
-        return tuple(sources)
 
     def local_worker_urls(self) -> list[str]:
         return [

@@ -6,7 +6,6 @@ HTTP on 127.0.0.1. Start-up takes about a minute; every test shares it.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 from server.config import ServerSettings
 from server.launcher import (
     WorkerProcess,
+    free_port,
     resolve_model_path,
     start_worker,
     stop_workers,
@@ -32,11 +32,6 @@ LIMITS_READ_TIMEOUT_S = 2.0
 # Short context so the too-long-prompt case costs only tokenisation.
 TEST_MAX_MODEL_LEN = 2048
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
