@@ -187,7 +187,8 @@ def gateway_rows() -> list[RowSpec]:
             [
                 PanelSpec(
                     "Pipeline stage latency (p95)",
-                    "Time in each request pipeline stage (SecurityLingua, SeCom retrieval, ...).",
+                    "Time in each request pipeline stage (SecurityLingua, SeCom retrieval, ...); "
+                    "`total` is the whole pipeline.",
                     [
                         Query(
                             "histogram_quantile(0.95, sum by (le, stage) (rate("

@@ -56,7 +56,14 @@ async def test_pipeline_runs_stages_in_order_and_times_them() -> None:
                         on_stage_done=lambda name, seconds: timings.append(name))
     out = await pipeline.run({}, RequestContext(request_id="r1", route="chat"))
     assert out["stages"] == ["r1", "r1"]
-    assert timings == ["append-system", "append-system"]
+    assert timings == ["append-system", "append-system", "total"]
+
+
+async def test_empty_pipeline_still_reports_its_total_time() -> None:
+    timings: list[str] = []
+    pipeline = Pipeline([], on_stage_done=lambda name, seconds: timings.append(name))
+    assert await pipeline.run({"x": 1}, RequestContext(request_id="r", route="chat")) == {"x": 1}
+    assert timings == ["total"]
 
 
 @pytest.fixture
