@@ -32,6 +32,7 @@ from server.launcher import (  # noqa: E402
     resolve_model_path,
     start_worker,
     stop_workers,
+    wait_for_health,
     wait_until_healthy,
 )
 
@@ -137,13 +138,7 @@ def main() -> None:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         gateway_url = f"http://127.0.0.1:{gateway_port}"
-        for _ in range(100):
-            try:
-                if httpx.get(f"{gateway_url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_for_health(gateway_url, gateway, timeout_s=20)
         print("measuring latency...", file=sys.stderr)
         latency = asyncio.run(measure_latency(worker.url, gateway_url, args.requests))
         throughput = []

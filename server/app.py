@@ -21,7 +21,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prompt_pipeline.stage import Pipeline, RequestContext, Stage
 from server.config import ServerSettings
-from server.errors import OpenAIError, install_error_handlers
+from server.errors import (
+    OpenAIError,
+    install_error_handlers,
+    no_healthy_worker_error,
+    validation_error,
+)
 from server.metrics import GatewayMetrics
 from server.proxy import Forwarder, ForwardRequest
 from server.router import WorkerPool
@@ -116,10 +121,7 @@ class Gateway:
         try:
             parsed = model_cls.model_validate(payload)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(part) for part in first["loc"]) or None
-            raise OpenAIError(400, f"Invalid request at '{param}': {first['msg']}", param=param,
-                              code="invalid_value") from exc
+            raise validation_error(list(exc.errors())) from exc
         self._check_limits(parsed)
         return parsed
 
@@ -137,8 +139,7 @@ class Gateway:
             raise OpenAIError(400, f"max_tokens {asked} exceeds this server's limit of {ceiling}.",
                               param="max_tokens", code="max_tokens_exceeded")
         if not self.pool.healthy():
-            raise OpenAIError(503, "No healthy worker is available; try again shortly.",
-                              type="server_error", code="no_healthy_worker")
+            raise no_healthy_worker_error()
         if parsed.model not in self.pool.served_models():
             raise OpenAIError(404, f"The model `{parsed.model}` does not exist.", param="model",
                               code="model_not_found")

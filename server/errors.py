@@ -51,19 +51,22 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def _validation_param(error: dict) -> str | None:
-    # FastAPI locations look like ("body", "messages", 0, "role"); OpenAI names the field path.
-    location = [str(part) for part in error.get("loc", ()) if part != "body"]
-    return ".".join(location) or None
-
-
-def _validation_message(errors: list[dict]) -> str:
-    first = errors[0]
-    param = _validation_param(first)
+def validation_error(errors: list[dict]) -> OpenAIError:
+    """The 400 for a failed pydantic validation, naming the first bad field as `param`."""
+    first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
-        return "We could not parse the JSON body of your request."
+        return OpenAIError(400, "We could not parse the JSON body of your request.",
+                           code="invalid_json")
+    # FastAPI locations look like ("body", "messages", 0, "role"); OpenAI names the field path.
+    param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
     where = f" at '{param}'" if param else ""
-    return f"Invalid request{where}: {first.get('msg', 'invalid value')}"
+    return OpenAIError(400, f"Invalid request{where}: {first.get('msg', 'invalid value')}",
+                       param=param, code="invalid_value")
+
+
+def no_healthy_worker_error() -> OpenAIError:
+    return OpenAIError(503, "No healthy worker is available to serve this request; try again "
+                       "shortly.", type="server_error", code="no_healthy_worker")
 
 
 async def _on_openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
@@ -71,15 +74,7 @@ async def _on_openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
 
 
 async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = list(exc.errors())
-    first = errors[0] if errors else {}
-    code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_value"
-    return OpenAIError(
-        400,
-        _validation_message(errors) if errors else "Invalid request.",
-        param=_validation_param(first) if first.get("type") != "json_invalid" else None,
-        code=code,
-    ).response()
+    return validation_error(list(exc.errors())).response()
 
 
 async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -100,6 +100,19 @@ def start_worker(
     return WorkerProcess(f"http://{settings.worker_host}:{port}", process, log_path)
 
 
+def wait_for_health(url: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Poll one server's /health until 200; fail at once if its process exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not healthy after {timeout_s:.0f} s")
+
+
 def wait_until_healthy(workers: list[WorkerProcess], timeout_s: float) -> None:
     """Poll each worker's /health, printing progress; fail fast if one exits."""
     deadline = time.monotonic() + timeout_s

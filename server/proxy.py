@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import httpx
 from fastapi.responses import Response, StreamingResponse
 
-from server.errors import OpenAIError, error_body
+from server.errors import OpenAIError, error_body, no_healthy_worker_error
 from server.metrics import GatewayMetrics
 from server.router import Worker, WorkerPool
 
@@ -73,12 +73,6 @@ class Forwarder:
         self._pool = pool
         self._metrics = metrics
 
-    def _no_worker_error(self) -> OpenAIError:
-        return OpenAIError(
-            503, "No healthy worker is available to serve this request; try again shortly.",
-            type="server_error", code="no_healthy_worker",
-        )
-
     async def forward(self, request: ForwardRequest) -> Response:
         tried: set[str] = set()
         for _attempt in range(MAX_ATTEMPTS):
@@ -89,7 +83,7 @@ class Forwarder:
             outcome = await self._try_worker(worker, request)
             if outcome is not None:
                 return outcome
-        raise self._no_worker_error()
+        raise no_healthy_worker_error()
 
     async def _try_worker(self, worker: Worker, request: ForwardRequest) -> Response | None:
         """The response from this worker, or None when it is gone and another may be tried."""

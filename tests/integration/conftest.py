@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from server.launcher import (
     resolve_model_path,
     start_worker,
     stop_workers,
+    wait_for_health,
     wait_until_healthy,
 )
 
@@ -58,20 +58,6 @@ def _start_gateway(worker_urls: list[str], port: int, log_path: Path,
                                 stdin=subprocess.DEVNULL)
 
 
-def _wait_for(url: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gateway exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} not healthy after {timeout_s} s")
-
-
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     run_dir = tmp_path_factory.mktemp("stack")
@@ -103,7 +89,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                       f"http://127.0.0.1:{limits_port}", workers, stats_dir)
         for url, gateway in zip((stack.gateway_url, stack.keyed_gateway_url,
                                  stack.limits_gateway_url), gateways, strict=True):
-            _wait_for(url, gateway)
+            wait_for_health(url, gateway)
         yield stack
     finally:
         for gateway in gateways:

@@ -16,8 +16,15 @@ import pytest
 
 from attention_backends.usage import read_usage
 from server.config import ServerSettings
-from server.launcher import resolve_model_path, start_worker, stop_workers, wait_until_healthy
-from tests.integration.conftest import MODEL, _start_gateway, _wait_for, free_port
+from server.launcher import (
+    free_port,
+    resolve_model_path,
+    start_worker,
+    stop_workers,
+    wait_for_health,
+    wait_until_healthy,
+)
+from tests.integration.conftest import MODEL, _start_gateway
 
 DENSE_FIRST_LAYERS = 16
 NUM_LAYERS = 30
@@ -45,7 +52,7 @@ def trianglemix_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tu
         port = free_port()
         gateway = _start_gateway([worker.url], port, run_dir / "gateway.log", [])
         url = f"http://127.0.0.1:{port}"
-        _wait_for(url, gateway)
+        wait_for_health(url, gateway)
         yield url, stats_dir
     finally:
         if gateway is not None:
