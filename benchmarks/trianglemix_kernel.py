@@ -30,29 +30,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_backends.kernels import sparse_prefill_ref  # noqa: E402
 from attention_backends.kernels.sparse_prefill_triton import (  # noqa: E402
-    DEFAULT_CONFIG,
     LaunchConfig,
+    default_config,
     sparse_prefill_triton,
 )
 from attention_backends.patterns import TrianglePattern, kept_block_fraction  # noqa: E402
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
-CACHE_BLOCK_SIZE = 16
 
-STREAMING_SWEEP = [  # (block_m, block_n, num_warps, num_stages, single_loop, lazy_rescale)
-    (256, 64, 16, 2, True, True),
-    (256, 64, 16, 2, True, False),
-    (256, 64, 16, 2, False, True),
-    (256, 64, 16, 3, True, True),
-    (256, 64, 8, 2, True, True),
-]
-LAST_ROWS_SWEEP = [  # (block_m, block_n, warps, stages, target_programs, single_loop, lazy)
-    (128, 64, 4, 3, 256, False, True),
-    (128, 64, 4, 3, 256, False, False),
-    (128, 64, 4, 3, 256, True, True),
-    (256, 64, 8, 2, 256, True, True),
-    (128, 64, 4, 3, 384, False, True),
-]
+# Launch-config variants (overrides of the cache's default config), by cache block size.
+# "tma": K/V tiles as copy-engine boxes (cache block % block_n == 0); "gather": per-key or
+# per-tile pointer loads.
+_TMA_TILE = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3, "kv_tma": True}
+_GATHER_TILE = {"block_m": 256, "block_n": 64, "num_warps": 16, "num_stages": 2, "kv_tma": False}
+STREAMING_SWEEP: dict[str, dict] = {
+    "128x64 w4 s3 tma": _TMA_TILE,
+    "128x32 w4 s3 tma": {**_TMA_TILE, "block_n": 32},
+    "128x32 w4 s4 tma": {**_TMA_TILE, "block_n": 32, "num_stages": 4},
+    "256x64 w16 s2 gather": _GATHER_TILE,
+    "256x64 w8 s2 gather": {**_GATHER_TILE, "num_warps": 8},
+}
+STREAMING_SWEEP_BY_BLOCK = {
+    16: ["256x64 w16 s2 gather"],
+    64: ["128x64 w4 s3 tma", "128x32 w4 s3 tma", "256x64 w16 s2 gather"],
+    128: ["128x64 w4 s3 tma", "128x32 w4 s3 tma"],
+}
+LAST_ROWS_SWEEP: dict[str, dict] = {
+    "last 128x64 w4 s3 overlapped": {"last_block_m": 128, "last_num_warps": 4,
+                                     "last_num_stages": 3, "overlap_last_rows": True},
+    "last 128x64 w4 s3 serial": {"last_block_m": 128, "last_num_warps": 4,
+                                 "last_num_stages": 3, "overlap_last_rows": False},
+}  # fmt: skip
 
 
 def run_gpu_tests(repo: Path) -> dict:
@@ -105,45 +113,47 @@ def bench_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=150, return_mode="median")
 
 
-def sweep_configs(call, base: LaunchConfig) -> tuple[LaunchConfig, dict]:
-    """Best streaming config (timed with no last rows) then best last-rows config."""
-    timings = {}
-    best_streaming, best_ms = base, float("inf")
-    for block_m, block_n, warps, stages, single_loop, lazy in STREAMING_SWEEP:
-        config = dataclasses.replace(
-            base, block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages,
-            single_loop=single_loop, lazy_rescale=lazy,
-        )  # fmt: skip
-        label = (
-            f"streaming {block_m}x{block_n} w{warps} s{stages}"
-            f" {'one-loop' if single_loop else '3-loops'} {'lazy' if lazy else 'eager'}"
-        )
-        try:
-            timings[label] = bench_ms(lambda config=config: call(config, streaming_only=True))
-        except Exception as error:  # noqa: BLE001 - a config may not fit (registers, smem)
-            timings[label] = f"failed: {str(error)[:120]}"
-            continue
-        if timings[label] < best_ms:
-            best_streaming, best_ms = config, timings[label]
-    best, best_ms = best_streaming, float("inf")
-    for block_m, block_n, warps, stages, target, single_loop, lazy in LAST_ROWS_SWEEP:
-        config = dataclasses.replace(
-            best_streaming, last_block_m=block_m, last_block_n=block_n, last_num_warps=warps,
-            last_num_stages=stages, target_programs=target, last_single_loop=single_loop,
-            last_lazy_rescale=lazy,
-        )  # fmt: skip
-        label = (
-            f"full, last {block_m}x{block_n} w{warps} s{stages} t{target}"
-            f" {'one-loop' if single_loop else '2-loops'} {'lazy' if lazy else 'eager'}"
-        )
-        try:
-            timings[label] = bench_ms(lambda config=config: call(config))
-        except Exception as error:  # noqa: BLE001
-            timings[label] = f"failed: {str(error)[:120]}"
-            continue
-        if timings[label] < best_ms:
-            best, best_ms = config, timings[label]
-    return best, timings
+def sweep_configs(call, base: LaunchConfig, cache_block: int) -> tuple[LaunchConfig, dict]:
+    """Best streaming config (timed with no last rows), then the best last-rows config on
+    top of it. A variant that fails to compile or launch is recorded, not fatal."""
+    timings: dict = {}
+
+    def best_of(variants: dict[str, dict], start: LaunchConfig, streaming_only: bool):
+        """Fastest variant whose output matches the first variant's (a wrong kernel must
+        not win the sweep); each result is printed as it comes (a hang loses nothing)."""
+        best, best_ms, first_output = start, float("inf"), None
+        for label, overrides in variants.items():
+            config = dataclasses.replace(start, **overrides)
+            try:
+                output = call(config, streaming_only=streaming_only).clone()
+                torch.cuda.synchronize()
+                if first_output is None:
+                    first_output = output
+                error = relative_error(output, first_output)
+                timings[f"{label} | rel_err_vs_first"] = error
+                if not error < 2e-2:
+                    timings[label] = f"wrong: relative error {error:.2e} vs the first variant"
+                    continue
+                timings[label] = bench_ms(
+                    lambda config=config: call(config, streaming_only=streaming_only)
+                )
+            except Exception as error:  # noqa: BLE001 - a config may not fit (regs, smem)
+                timings[label] = f"failed: {type(error).__name__}: {str(error)[:160]}"
+                continue
+            finally:
+                print(f"  sweep {label}: {timings.get(label)}", flush=True)
+            if timings[label] < best_ms:
+                best, best_ms = config, timings[label]
+        return best
+
+    streaming = {name: STREAMING_SWEEP[name] for name in STREAMING_SWEEP_BY_BLOCK[cache_block]}
+    best_streaming = best_of(streaming, base, streaming_only=True)
+    last_rows = {
+        name: overrides
+        for name, overrides in LAST_ROWS_SWEEP.items()
+        if cache_block % overrides.get("last_block_n", base.last_block_n) == 0 or cache_block < 64
+    }
+    return best_of(last_rows, best_streaming, streaming_only=False), timings
 
 
 def bench_length(
@@ -151,6 +161,7 @@ def bench_length(
     sweep: bool,
     with_flex: bool,
     check_reference: bool,
+    headline_block: int,
     alt_cache_blocks: list[int],
 ) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -163,14 +174,14 @@ def bench_length(
     query = torch.randn(shape_q, generator=generator).to("cuda", torch.bfloat16)
     keys = torch.randn(shape_kv, generator=generator).to("cuda", torch.bfloat16)
     values = torch.randn(shape_kv, generator=generator).to("cuda", torch.bfloat16)
-    key_cache, value_cache, block_table = make_paged_kv(keys, values, generator, CACHE_BLOCK_SIZE)
+    key_cache, value_cache, block_table = make_paged_kv(keys, values, generator, headline_block)
     meta = dict(
         query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device="cuda"),
         seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device="cuda"),
         prompt_lens=torch.tensor([num_tokens], dtype=torch.int32, device="cuda"),
     )
     scale = 1 / math.sqrt(HEAD_DIM)
-    out = torch.empty_like(query)
+    out = torch.zeros_like(query)  # finite: streaming-only sweep runs leave last rows as is
 
     def ours(config: LaunchConfig, streaming_only: bool = False, cache=None):
         k_cache, v_cache, table = cache or (key_cache, value_cache, block_table)
@@ -191,43 +202,44 @@ def bench_length(
             )
         )
 
-    config = DEFAULT_CONFIG
-    if sweep:
-        config, row["sweep_ms"] = sweep_configs(ours, DEFAULT_CONFIG)
-    row["config"] = dataclasses.asdict(config)
-    row["ours_ms"] = bench_ms(lambda: ours(config))
-    row["ours_streaming_part_ms"] = bench_ms(lambda: ours(config, streaming_only=True))
-    row["ours_last_rows_part_ms"] = row["ours_ms"] - row["ours_streaming_part_ms"]
-    row["ours_ms_repeat"] = bench_ms(lambda: ours(config))  # spread of the timing itself
-    for block in alt_cache_blocks:  # the same kernel on caches with larger blocks
-        cache = make_paged_kv(keys, values, generator, block)
-        alt_config = config
+    outputs: dict[str, torch.Tensor] = {}  # suffix -> output, checked below
+
+    def time_cache(block: int, suffix: str, cache=None) -> LaunchConfig:
+        """Sweep (optionally) and time the kernel on one paged cache; keep its output."""
+
+        def run(c, streaming_only=False):
+            return ours(c, streaming_only, cache)
+
+        config = default_config(*(cache or (key_cache, value_cache))[:2])
         if sweep:
-            alt_config, row[f"sweep_ms_block{block}"] = sweep_configs(
-                lambda c, streaming_only=False, cache=cache: ours(c, streaming_only, cache), config
-            )
-        row[f"config_block{block}"] = dataclasses.asdict(alt_config)
-        row[f"ours_ms_block{block}"] = bench_ms(
-            lambda c=alt_config, cache=cache: ours(c, cache=cache)
+            config, row[f"sweep_ms{suffix}"] = sweep_configs(run, config, block)
+        row[f"config{suffix}"] = dataclasses.asdict(config)
+        row[f"ours_ms{suffix}"] = bench_ms(lambda: run(config))
+        row[f"ours_streaming_part_ms{suffix}"] = bench_ms(lambda: run(config, True))
+        row[f"ours_last_rows_part_ms{suffix}"] = (
+            row[f"ours_ms{suffix}"] - row[f"ours_streaming_part_ms{suffix}"]
         )
-        row[f"ours_streaming_part_ms_block{block}"] = bench_ms(
-            lambda c=alt_config, cache=cache: ours(c, True, cache)
-        )
+        row[f"ours_ms_repeat{suffix}"] = bench_ms(lambda: run(config))  # timing spread
         out.fill_(float("nan"))
-        ours(alt_config, cache=cache)
-        row[f"ours_all_rows_written_block{block}"] = not torch.isnan(out).any().item()
+        run(config)
+        row[f"ours_all_rows_written{suffix}"] = not torch.isnan(out).any().item()
+        outputs[suffix] = out.clone()
+        out.zero_()
+        return config
+
+    time_cache(headline_block, "")
+    for block in alt_cache_blocks:  # the same kernel on caches with other block sizes
+        cache = make_paged_kv(keys, values, generator, block)
+        time_cache(block, f"_block{block}", cache)
         del cache
 
-    out.fill_(float("nan"))
-    ours(config)
-    ours_out = out.clone()
-    row["ours_all_rows_written"] = not torch.isnan(ours_out).any().item()
     if check_reference:
         reference = sparse_prefill_ref(
             query, key_cache, value_cache, block_table, meta["query_start_loc"], meta["seq_lens"],
             meta["prompt_lens"], pattern, scale, query_block_tokens=512,
         )  # fmt: skip
-        row["rel_err_vs_reference_fp32"] = relative_error(ours_out, reference)
+        for suffix, output in outputs.items():
+            row[f"rel_err_vs_reference_fp32{suffix}"] = relative_error(output, reference)
         del reference
 
     if with_flex:
@@ -259,7 +271,10 @@ def bench_length(
                     q_bhsd, k_bhsd, v_bhsd, block_mask=block_mask, enable_gqa=True, scale=scale
                 )
             )
-            row["rel_err_vs_flex"] = relative_error(ours_out, flex_out[0].transpose(0, 1))
+            for suffix, output in outputs.items():
+                row[f"rel_err_vs_flex{suffix}"] = relative_error(
+                    output, flex_out[0].transpose(0, 1)
+                )
             del flex_out, block_mask
         except Exception as error:  # noqa: BLE001 - report, keep the other numbers
             row["flex_error"] = f"{type(error).__name__}: {str(error)[:200]}"
@@ -292,6 +307,7 @@ def bench_length(
     for block in alt_cache_blocks:
         ms = row[f"ours_ms_block{block}"]
         row[f"pct_of_ideal_elements_block{block}"] = 100 * row["ideal_ms_elements"] / ms
+        row[f"pct_of_ideal_blocks_128_block{block}"] = 100 * row["ideal_ms_blocks_128"] / ms
         row[f"speedup_vs_cudnn_block{block}"] = row["cudnn_dense_ms"] / ms
         if "flex_ms" in row:
             row[f"speedup_vs_flex_block{block}"] = row["flex_ms"] / ms
@@ -359,9 +375,12 @@ def main() -> None:
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--no-tests", action="store_true")
     parser.add_argument(
-        "--alt-cache-blocks", type=int, nargs="*", default=[64],
+        "--alt-cache-blocks", type=int, nargs="*", default=[64, 128],
         help="also time the kernel on paged caches with these block sizes",
     )  # fmt: skip
+    parser.add_argument(
+        "--headline-block", type=int, default=16, help="cache block size of the headline"
+    )
     args = parser.parse_args()
     import triton
 
@@ -377,7 +396,7 @@ def main() -> None:
             "dtype": "bf16",
         },
         "pattern": dataclasses.asdict(TrianglePattern()),
-        "kv_cache": f"paged, block {CACHE_BLOCK_SIZE} (headline) and {args.alt_cache_blocks}, shuffled physical blocks",  # noqa: E501
+        "kv_cache": f"paged, block {args.headline_block} (headline) and {args.alt_cache_blocks}, shuffled physical blocks",  # noqa: E501
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if not args.no_tests:
@@ -385,7 +404,12 @@ def main() -> None:
     results["lengths"] = []
     for num_tokens in args.lengths:
         row = bench_length(
-            num_tokens, args.sweep, not args.no_flex, num_tokens <= 65536, args.alt_cache_blocks
+            num_tokens,
+            args.sweep,
+            not args.no_flex,
+            num_tokens <= 65536,
+            args.headline_block,
+            args.alt_cache_blocks,
         )
         results["lengths"].append(row)
         torch.cuda.empty_cache()
@@ -422,6 +446,7 @@ def main() -> None:
             print(
                 f"cache block {block}: {row['num_tokens'] // 1024}K ours {row[f'ours_ms_block{block}']:.3f} ms"  # noqa: E501
                 f" ({row[f'pct_of_ideal_elements_block{block}']:.1f}% of ideal,"
+                f" {row[f'pct_of_ideal_blocks_128_block{block}']:.1f}% of 128-block ideal,"
                 f" x{row.get(f'speedup_vs_flex_block{block}', float('nan')):.2f} vs Flex)"
             )
     if "gpu_tests" in results:

@@ -67,6 +67,9 @@ def _attend_key_tiles(
     key_cache_head_ptr,
     value_cache_head_ptr,
     block_table_row_ptr,
+    key_desc,
+    value_desc,
+    kv_head,
     stride_kb,
     stride_kt,
     stride_vb,
@@ -81,6 +84,7 @@ def _attend_key_tiles(
     edge_end,
     MASK_MODE: tl.constexpr,
     LAZY_RESCALE: tl.constexpr,
+    KV_TMA: tl.constexpr,
     KV_BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -89,7 +93,7 @@ def _attend_key_tiles(
     """Online-softmax update of (acc, row_sum, row_max) over ``num_tiles`` key tiles of
     BLOCK_N keys starting at ``first_key`` (a multiple of BLOCK_N). Keys are gathered
     through the block table: per key when cache blocks are smaller than a tile, else one
-    lookup per tile."""
+    lookup per tile, and then (KV_TMA) by the copy engine through tensor descriptors."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < HEAD_DIM
@@ -101,7 +105,14 @@ def _attend_key_tiles(
         else:
             key_ok = keys < key_limit
             load_ok = key_ok[:, None] & d_ok[None, :]
-        if KV_BLOCK_SIZE % BLOCK_N == 0:
+        if KV_TMA:
+            # A tile lies inside one cache block (KV_BLOCK_SIZE % BLOCK_N == 0): one TMA box.
+            # Slots past the sequence hold stale but finite cache values (vLLM zero-fills
+            # its cache); their scores are masked, so P is 0 there.
+            tma_block = tl.load(block_table_row_ptr + tile_start // KV_BLOCK_SIZE)
+            tma_slot = tile_start % KV_BLOCK_SIZE
+            k = key_desc.load([tma_block, kv_head, tma_slot, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
+        elif KV_BLOCK_SIZE % BLOCK_N == 0:
             # tiles are BLOCK_N-aligned, so a tile lies inside one cache block: one lookup
             physical_block = tl.load(block_table_row_ptr + tile_start // KV_BLOCK_SIZE).to(tl.int64)
             row_offsets = (tile_start % KV_BLOCK_SIZE + offs_n) * stride_kt
@@ -122,7 +133,8 @@ def _attend_key_tiles(
             slot = keys % KV_BLOCK_SIZE
             k_rows = key_cache_head_ptr + physical_blocks * stride_kb + slot * stride_kt
             v_rows = value_cache_head_ptr + physical_blocks * stride_vb + slot * stride_vt
-        k = tl.load(k_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
+        if not KV_TMA:
+            k = tl.load(k_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
         scores = tl.dot(q, tl.trans(k))  # raw q.k; the scale is fused into exp2's argument
         if MASK_MODE == 1:
             distance = query_pos[:, None] - keys[None, :]
@@ -158,14 +170,24 @@ def _attend_key_tiles(
                 row_max = new_max
             probs = tl.math.exp2(scores * qk_scale - row_max[:, None])
             row_sum = row_sum + tl.sum(probs, 1)
-            v = tl.load(v_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
+            if KV_TMA:
+                v = value_desc.load([tma_block, kv_head, tma_slot, 0]).reshape(
+                    BLOCK_N, HEAD_DIM_PAD
+                )
+            else:
+                v = tl.load(v_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
             acc = acc + tl.dot(probs.to(v.dtype), v)
         else:
             new_max = tl.maximum(row_max, tile_max)
             rescale = tl.math.exp2(row_max - new_max)
             probs = tl.math.exp2(scores * qk_scale - new_max[:, None])
             row_sum = row_sum * rescale + tl.sum(probs, 1)
-            v = tl.load(v_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
+            if KV_TMA:
+                v = value_desc.load([tma_block, kv_head, tma_slot, 0]).reshape(
+                    BLOCK_N, HEAD_DIM_PAD
+                )
+            else:
+                v = tl.load(v_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
             acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
             row_max = new_max
     return acc, row_sum, row_max
@@ -194,6 +216,8 @@ def _streaming_rows_kernel(
     query_ptr,
     key_cache_ptr,
     value_cache_ptr,
+    key_desc,
+    value_desc,
     out_ptr,
     block_table_ptr,
     query_start_loc_ptr,
@@ -218,6 +242,7 @@ def _streaming_rows_kernel(
     HAS_LAST_ROWS: tl.constexpr,
     SINGLE_LOOP: tl.constexpr,
     LAZY_RESCALE: tl.constexpr,
+    KV_TMA: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     ROWS: tl.constexpr,
@@ -278,10 +303,12 @@ def _streaming_rows_kernel(
         acc, row_sum, row_max = _attend_key_tiles(
             acc, row_sum, row_max, q, query_pos,
             key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
+            key_desc, value_desc, kv_head,
             stride_kb, stride_kt, stride_vb, stride_vt,
             0, tl.cdiv(sink_end, SINK_BLOCK_N), sink_end,
             qk_scale, sink_tokens, window_tokens, 0, 0,
-            3, LAZY_RESCALE, KV_BLOCK_SIZE, SINK_BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+            3, LAZY_RESCALE, False,
+            KV_BLOCK_SIZE, SINK_BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
     key_limit = max_row_pos + 1
     num_tiles = tl.cdiv(key_limit - window_start, BLOCK_N)
@@ -295,35 +322,43 @@ def _streaming_rows_kernel(
         acc, row_sum, row_max = _attend_key_tiles(
             acc, row_sum, row_max, q, query_pos,
             key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
+            key_desc, value_desc, kv_head,
             stride_kb, stride_kt, stride_vb, stride_vt,
             window_start, num_tiles, key_limit,
             qk_scale, sink_tokens, window_tokens, full_begin, full_end,
-            4, LAZY_RESCALE, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+            4, LAZY_RESCALE, KV_TMA,
+            KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
     else:
         acc, row_sum, row_max = _attend_key_tiles(
             acc, row_sum, row_max, q, query_pos,
             key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
+            key_desc, value_desc, kv_head,
             stride_kb, stride_kt, stride_vb, stride_vt,
             window_start, full_begin, key_limit,
             qk_scale, sink_tokens, window_tokens, 0, 0,
-            1, LAZY_RESCALE, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+            1, LAZY_RESCALE, KV_TMA,
+            KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
         acc, row_sum, row_max = _attend_key_tiles(
             acc, row_sum, row_max, q, query_pos,
             key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
+            key_desc, value_desc, kv_head,
             stride_kb, stride_kt, stride_vb, stride_vt,
             window_start + full_begin * BLOCK_N, full_end - full_begin, key_limit,
             qk_scale, sink_tokens, window_tokens, 0, 0,
-            0, LAZY_RESCALE, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+            0, LAZY_RESCALE, KV_TMA,
+            KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
         acc, row_sum, row_max = _attend_key_tiles(
             acc, row_sum, row_max, q, query_pos,
             key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
+            key_desc, value_desc, kv_head,
             stride_kb, stride_kt, stride_vb, stride_vt,
             window_start + full_end * BLOCK_N, num_tiles - full_end, key_limit,
             qk_scale, sink_tokens, window_tokens, 0, 0,
-            1, LAZY_RESCALE, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+            1, LAZY_RESCALE, KV_TMA,
+            KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
 
     row_sum = tl.where(row_ok, row_sum, 1.0)
@@ -359,6 +394,8 @@ def _last_rows_kernel(
     query_ptr,
     key_cache_ptr,
     value_cache_ptr,
+    key_desc,
+    value_desc,
     out_ptr,
     partial_out_ptr,
     partial_lse_ptr,
@@ -386,6 +423,7 @@ def _last_rows_kernel(
     DIRECT: tl.constexpr,
     SINGLE_LOOP: tl.constexpr,
     LAZY_RESCALE: tl.constexpr,
+    KV_TMA: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     ROWS: tl.constexpr,
@@ -438,27 +476,33 @@ def _last_rows_kernel(
         acc, row_sum, row_max = _attend_key_tiles(
             acc, row_sum, row_max, q, query_pos,
             key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
+            key_desc, value_desc, kv_head,
             stride_kb, stride_kt, stride_vb, stride_vt,
             key_begin, num_tiles, key_limit,
             qk_scale, 0, 0, full_tiles, num_tiles,
-            5, LAZY_RESCALE, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+            5, LAZY_RESCALE, KV_TMA,
+            KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
     else:
         acc, row_sum, row_max = _attend_key_tiles(
             acc, row_sum, row_max, q, query_pos,
             key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
+            key_desc, value_desc, kv_head,
             stride_kb, stride_kt, stride_vb, stride_vt,
             key_begin, full_tiles, key_limit,
             qk_scale, 0, 0, 0, 0,
-            0, LAZY_RESCALE, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+            0, LAZY_RESCALE, KV_TMA,
+            KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
         acc, row_sum, row_max = _attend_key_tiles(
             acc, row_sum, row_max, q, query_pos,
             key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
+            key_desc, value_desc, kv_head,
             stride_kb, stride_kt, stride_vb, stride_vt,
             key_begin + full_tiles * BLOCK_N, num_tiles - full_tiles, key_limit,
             qk_scale, 0, 0, 0, 0,
-            2, LAZY_RESCALE, KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+            2, LAZY_RESCALE, KV_TMA,
+            KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
 
     if DIRECT:
@@ -560,12 +604,16 @@ class LaunchConfig:
     key tiles with the mask applied only on edge tiles (a runtime branch), instead of
     separate masked / unmasked loops (each loop refills the software pipeline).
     lazy_rescale: rescale the accumulator only when a row max grows by more than 2^8.
+    kv_tma: load K/V tiles with the copy engine (TMA tensor descriptors) where a tile lies
+    inside one cache block (cache block a multiple of the tile, power-of-two head dim,
+    Hopper or newer); else the per-key gather. overlap_last_rows: run the last-rows
+    kernels on a side stream, concurrently with the streaming-rows kernel.
     """
 
-    block_m: int = 256
+    block_m: int = 128
     block_n: int = 64
-    num_warps: int = 16
-    num_stages: int = 2
+    num_warps: int = 4
+    num_stages: int = 3
     last_block_m: int = 128
     last_block_n: int = 64
     last_num_warps: int = 4
@@ -576,13 +624,89 @@ class LaunchConfig:
     last_single_loop: bool = False
     lazy_rescale: bool = False
     last_lazy_rescale: bool = False
+    kv_tma: bool = True
+    overlap_last_rows: bool = True
 
 
-DEFAULT_CONFIG = LaunchConfig()
+# Measured on the H200 (benchmarks/trianglemix_NOTES.md): with TMA boxes, one warpgroup
+# on 128-row tiles is fastest; with the per-key gather (cache blocks smaller than a key
+# tile, vLLM's default 16) it needs 16 warps on 256-row tiles to hide the address work.
+TMA_CONFIG = LaunchConfig()
+GATHER_CONFIG = LaunchConfig(block_m=256, num_warps=16, num_stages=2, kv_tma=False)
 
 
 def _next_power_of_2(value: int) -> int:
     return 1 << max(value - 1, 0).bit_length()
+
+
+def _kv_descriptors(key_cache: torch.Tensor, value_cache: torch.Tensor, block_n: int):
+    """TMA descriptors over the 4-D caches, one box = one key tile of one KV head; or
+    (key_cache, value_cache) placeholders when a tile cannot be one box."""
+    num_blocks, num_kv_heads, kv_block_size, head_dim = key_cache.shape
+    usable = (
+        key_cache.is_cuda
+        and torch.cuda.get_device_capability(key_cache.device)[0] >= 9
+        and kv_block_size % block_n == 0
+        and head_dim == _next_power_of_2(head_dim)
+        and all(
+            cache.data_ptr() % 16 == 0
+            and all(stride * cache.element_size() % 16 == 0 for stride in cache.stride()[:-1])
+            for cache in (key_cache, value_cache)
+        )
+    )
+    if not usable:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    box = [1, 1, block_n, head_dim]
+    return tuple(
+        TensorDescriptor(cache, list(cache.shape), list(cache.stride()), box)
+        for cache in (key_cache, value_cache)
+    )
+
+
+def _last_rows_plan(
+    config: LaunchConfig, last_q_tokens: int, num_tokens: int, group_pad: int,
+    num_seq_heads: int, max_kv_len: int,
+) -> tuple[int, int, int, int, int]:  # fmt: skip
+    """(rows per tile, tile height, row tiles, KV splits, keys per split) of the last-rows
+    kernel: enough splits for about ``target_programs`` programs, none under
+    ``min_split_keys`` keys, each split a whole number of key tiles."""
+    last_rows = max(config.last_block_m // group_pad, 1)
+    num_row_tiles = math.ceil(min(last_q_tokens, num_tokens) / last_rows)
+    base_programs = num_row_tiles * num_seq_heads
+    num_splits = max(
+        1,
+        min(math.ceil(max_kv_len / config.min_split_keys), config.target_programs // base_programs),
+    )
+    split_keys = config.last_block_n * math.ceil(
+        math.ceil(max_kv_len / num_splits) / config.last_block_n
+    )
+    num_splits = math.ceil(max_kv_len / split_keys)
+    return last_rows, last_rows * group_pad, num_row_tiles, num_splits, split_keys
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One high-priority side stream per device, for the last-rows kernels."""
+    index = torch.device(device).index
+    if index is None:
+        index = torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index, priority=-1)
+    return _SIDE_STREAMS[index]
+
+
+def default_config(key_cache: torch.Tensor, value_cache: torch.Tensor) -> LaunchConfig:
+    """The measured-best launch config for these caches: TMA when every key tile of both
+    kernels is one copy-engine box, else the gather config."""
+    tma_usable = all(
+        _kv_descriptors(key_cache, value_cache, block_n) is not None
+        for block_n in {TMA_CONFIG.block_n, TMA_CONFIG.last_block_n}
+    )
+    return TMA_CONFIG if tma_usable else GATHER_CONFIG
 
 
 def sparse_prefill_triton(
@@ -606,7 +730,7 @@ def sparse_prefill_triton(
     """
     if not HAS_TRITON:
         raise RuntimeError("sparse_prefill_triton needs triton; use sparse_prefill_ref on CPU")
-    config = config or DEFAULT_CONFIG
+    config = config or default_config(key_cache, value_cache)
     num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads, kv_block_size = key_cache.shape[1], key_cache.shape[2]
     if out is None:
@@ -640,65 +764,80 @@ def sparse_prefill_triton(
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
     )  # fmt: skip
-    _streaming_rows_kernel[(num_tokens // rows + num_seqs, num_kv_heads)](
-        query, key_cache, value_cache, out,
-        block_table, query_start_loc, seq_lens, prompt_lens,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        *kv_strides, block_table.stride(0),
-        num_seqs, qk_scale, sink_tokens, window_tokens, last_q_tokens,
-        HAS_LAST_ROWS=last_q_tokens > 0, SINGLE_LOOP=config.single_loop,
-        LAZY_RESCALE=config.lazy_rescale,
-        GROUP=group, GROUP_PAD=group_pad, ROWS=rows,
-        BLOCK_N=config.block_n, SINK_BLOCK_N=sink_block_n,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, KV_BLOCK_SIZE=kv_block_size,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
-    if last_q_tokens == 0:
-        return out
+    descriptors = _kv_descriptors(key_cache, value_cache, config.block_n) if config.kv_tma else None
 
-    last_rows = max(config.last_block_m // group_pad, 1)
-    block_m = last_rows * group_pad
-    num_row_tiles = math.ceil(min(last_q_tokens, num_tokens) / last_rows)
-    max_kv_len = block_table.shape[1] * kv_block_size
-    base_programs = num_row_tiles * num_seqs * num_kv_heads
-    num_splits = max(
-        1,
-        min(math.ceil(max_kv_len / config.min_split_keys), config.target_programs // base_programs),
-    )
-    split_keys = (
-        math.ceil(math.ceil(max_kv_len / num_splits) / config.last_block_n) * config.last_block_n
-    )
-    num_splits = math.ceil(max_kv_len / split_keys)
-    direct = num_splits == 1
-    if direct:
-        partial_out = partial_lse = out  # unused
-    else:
-        num_slots = base_programs * num_splits
-        partial_out = torch.empty(
-            num_slots * block_m * head_dim_pad, dtype=torch.float32, device=query.device
-        )
-        partial_lse = torch.empty(num_slots * block_m, dtype=torch.float32, device=query.device)
-    _last_rows_kernel[(num_row_tiles, num_splits, num_seqs * num_kv_heads)](
-        query, key_cache, value_cache, out, partial_out, partial_lse,
-        block_table, query_start_loc, seq_lens, prompt_lens,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        *kv_strides, block_table.stride(0),
-        num_kv_heads, num_row_tiles, num_splits, split_keys, qk_scale, last_q_tokens,
-        DIRECT=direct, SINGLE_LOOP=config.last_single_loop,
-        LAZY_RESCALE=config.last_lazy_rescale,
-        GROUP=group, GROUP_PAD=group_pad, ROWS=last_rows,
-        BLOCK_N=config.last_block_n, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        KV_BLOCK_SIZE=kv_block_size,
-        num_warps=config.last_num_warps, num_stages=config.last_num_stages,
-    )  # fmt: skip
-    if not direct:
-        chunk_m = min(32, block_m)
-        _combine_splits_kernel[(num_row_tiles * (block_m // chunk_m), num_seqs * num_kv_heads)](
-            out, partial_out, partial_lse, query_start_loc, seq_lens, prompt_lens,
-            out.stride(0), out.stride(1),
-            num_kv_heads, num_row_tiles, num_splits, last_q_tokens,
-            GROUP=group, GROUP_PAD=group_pad, ROWS=last_rows,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CHUNK_M=chunk_m,
-            num_warps=4,
+    def launch_streaming_rows() -> None:
+        _streaming_rows_kernel[(num_tokens // rows + num_seqs, num_kv_heads)](
+            query, key_cache, value_cache, *(descriptors or (key_cache, value_cache)), out,
+            block_table, query_start_loc, seq_lens, prompt_lens,
+            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+            *kv_strides, block_table.stride(0),
+            num_seqs, qk_scale, sink_tokens, window_tokens, last_q_tokens,
+            HAS_LAST_ROWS=last_q_tokens > 0, SINGLE_LOOP=config.single_loop,
+            LAZY_RESCALE=config.lazy_rescale, KV_TMA=descriptors is not None,
+            GROUP=group, GROUP_PAD=group_pad, ROWS=rows,
+            BLOCK_N=config.block_n, SINK_BLOCK_N=sink_block_n,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, KV_BLOCK_SIZE=kv_block_size,
+            num_warps=config.num_warps, num_stages=config.num_stages,
         )  # fmt: skip
+
+    def launch_last_rows() -> None:
+        last_rows, block_m, num_row_tiles, num_splits, split_keys = _last_rows_plan(
+            config, last_q_tokens, num_tokens, group_pad, num_seqs * num_kv_heads,
+            block_table.shape[1] * kv_block_size,
+        )  # fmt: skip
+        direct = num_splits == 1
+        if direct:
+            partial_out = partial_lse = out  # unused
+        else:
+            num_slots = num_row_tiles * num_seqs * num_kv_heads * num_splits
+            partial_out = torch.empty(
+                num_slots * block_m * head_dim_pad, dtype=torch.float32, device=query.device
+            )
+            partial_lse = torch.empty(num_slots * block_m, dtype=torch.float32, device=query.device)
+        if config.kv_tma and config.last_block_n != config.block_n:
+            last_descriptors = _kv_descriptors(key_cache, value_cache, config.last_block_n)
+        else:
+            last_descriptors = descriptors
+        _last_rows_kernel[(num_row_tiles, num_splits, num_seqs * num_kv_heads)](
+            query, key_cache, value_cache, *(last_descriptors or (key_cache, value_cache)),
+            out, partial_out, partial_lse,
+            block_table, query_start_loc, seq_lens, prompt_lens,
+            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+            *kv_strides, block_table.stride(0),
+            num_kv_heads, num_row_tiles, num_splits, split_keys, qk_scale, last_q_tokens,
+            DIRECT=direct, SINGLE_LOOP=config.last_single_loop,
+            LAZY_RESCALE=config.last_lazy_rescale, KV_TMA=last_descriptors is not None,
+            GROUP=group, GROUP_PAD=group_pad, ROWS=last_rows,
+            BLOCK_N=config.last_block_n, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+            KV_BLOCK_SIZE=kv_block_size,
+            num_warps=config.last_num_warps, num_stages=config.last_num_stages,
+        )  # fmt: skip
+        if not direct:
+            chunk_m = min(32, block_m)
+            _combine_splits_kernel[(num_row_tiles * (block_m // chunk_m), num_seqs * num_kv_heads)](
+                out, partial_out, partial_lse, query_start_loc, seq_lens, prompt_lens,
+                out.stride(0), out.stride(1),
+                num_kv_heads, num_row_tiles, num_splits, last_q_tokens,
+                GROUP=group, GROUP_PAD=group_pad, ROWS=last_rows,
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CHUNK_M=chunk_m,
+                num_warps=4,
+            )  # fmt: skip
+
+    if last_q_tokens == 0:
+        launch_streaming_rows()
+    elif config.overlap_last_rows and query.is_cuda:
+        # The few long last-row programs go on a high-priority side stream, enqueued first,
+        # so the GPU dispatches them first and fills the SMs around them with the many
+        # short streaming programs: no tail of either kernel, no serial gap between them.
+        main_stream = torch.cuda.current_stream(query.device)
+        side_stream = _side_stream(query.device)
+        side_stream.wait_stream(main_stream)
+        with torch.cuda.stream(side_stream):
+            launch_last_rows()
+        launch_streaming_rows()
+        main_stream.wait_stream(side_stream)  # every input and `out` outlive the side work
+    else:
+        launch_streaming_rows()
+        launch_last_rows()
     return out

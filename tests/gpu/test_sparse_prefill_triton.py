@@ -4,6 +4,7 @@ Fresh random inputs per test (the seed is printed on failure); the output is poi
 NaN first, so a row the kernel forgets to write fails the test.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -120,3 +121,44 @@ def test_separate_masked_and_unmasked_loops(dtype):
 def test_peaked_scores_exercise_the_lazy_rescale(dtype, pattern):
     # large logits: row maxima jump by far more than 2^8 between tiles
     check_against_reference([2100], dtype, q_heads=32, kv_heads=8, pattern=pattern, query_scale=8.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [64, 128])
+@pytest.mark.parametrize("kv_tma", [True, False], ids=["tma", "gather"])
+def test_tma_and_gathered_key_tiles(dtype, block_size, kv_tma):
+    # cache blocks a multiple of the key tile: TMA boxes (or the one-lookup gather), with
+    # a non-final chunk and a cached prefix so tiles start mid-block
+    from attention_backends.kernels.sparse_prefill_triton import LaunchConfig
+
+    check_against_reference(
+        [3000, 700, 1300], dtype, query_lens=[3000, 700, 500], prompt_lens=[3000, 900, 1300],
+        q_heads=32, kv_heads=8, pattern=PAPER_TRIANGLE, block_size=block_size,
+        config=LaunchConfig(kv_tma=kv_tma),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_tma_tiles_narrower_than_the_cache_block(dtype, block_n):
+    # 32-key TMA boxes in 64-key cache blocks (two boxes per block), chunked prefill
+    from attention_backends.kernels.sparse_prefill_triton import TMA_CONFIG
+
+    check_against_reference(
+        [2500, 700], dtype, query_lens=[2500, 300], prompt_lens=[2500, 1000], q_heads=32,
+        kv_heads=8, pattern=PAPER_TRIANGLE, block_size=64,
+        config=dataclasses.replace(TMA_CONFIG, block_n=block_n),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("overlap", [True, False], ids=["side-stream", "serial"])
+def test_last_rows_on_a_side_stream_or_serial(dtype, overlap):
+    # the last rows overlapped with the streaming rows (side stream) or after them
+    from attention_backends.kernels.sparse_prefill_triton import TMA_CONFIG
+
+    check_against_reference(
+        [4000, 900], dtype, query_lens=[4000, 500], prompt_lens=[4000, 1200], q_heads=32,
+        kv_heads=8, pattern=PAPER_TRIANGLE, block_size=64,
+        config=dataclasses.replace(TMA_CONFIG, overlap_last_rows=overlap),
+    )  # fmt: skip
