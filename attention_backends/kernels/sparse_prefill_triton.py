@@ -107,8 +107,9 @@ def _attend_key_tiles(
             load_ok = key_ok[:, None] & d_ok[None, :]
         if KV_TMA:
             # A tile lies inside one cache block (KV_BLOCK_SIZE % BLOCK_N == 0): one TMA box.
-            # Slots past the sequence hold stale but finite cache values (vLLM zero-fills
-            # its cache); their scores are masked, so P is 0 there.
+            # Slots past the sequence are loaded too (a box has no row mask): they hold finite
+            # values of a zero-initialised or earlier-written cache, and their scores are
+            # masked, so P is 0 there.
             tma_block = tl.load(block_table_row_ptr + tile_start // KV_BLOCK_SIZE)
             tma_slot = tile_start % KV_BLOCK_SIZE
             k = key_desc.load([tma_block, kv_head, tma_slot, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
@@ -630,7 +631,8 @@ class LaunchConfig:
 
 # Measured on the H200 (benchmarks/trianglemix_NOTES.md): with TMA boxes, one warpgroup
 # on 128-row tiles is fastest; with the per-key gather (cache blocks smaller than a key
-# tile, vLLM's default 16) it needs 16 warps on 256-row tiles to hide the address work.
+# tile, vLLM's default 16) the loads go through registers and 16 warps on 256-row tiles
+# hide their latency best.
 TMA_CONFIG = LaunchConfig()
 GATHER_CONFIG = LaunchConfig(block_m=256, num_warps=16, num_stages=2, kv_tma=False)
 
@@ -640,8 +642,9 @@ def _next_power_of_2(value: int) -> int:
 
 
 def _kv_descriptors(key_cache: torch.Tensor, value_cache: torch.Tensor, block_n: int):
-    """TMA descriptors over the 4-D caches, one box = one key tile of one KV head; or
-    (key_cache, value_cache) placeholders when a tile cannot be one box."""
+    """TMA descriptors over the 4-D caches (one box = one key tile of one KV head), or None
+    when a tile cannot be one box (cache block not a multiple of the tile, head dim not a
+    power of two, unaligned strides, pre-Hopper GPU, CPU tensors)."""
     num_blocks, num_kv_heads, kv_block_size, head_dim = key_cache.shape
     usable = (
         key_cache.is_cuda
@@ -686,7 +689,7 @@ def _last_rows_plan(
     return last_rows, last_rows * group_pad, num_row_tiles, num_splits, split_keys
 
 
-_SIDE_STREAMS: dict = {}
+_SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":
