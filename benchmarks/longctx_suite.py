@@ -19,6 +19,7 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
 # question on lines of their own. Without it SmolLM2 fails even dense at depths 0% and 100%.
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
                  "memorize it. I will quiz you about the important information there.\n\n")
+VAR_DISTRACTORS = 6  # 10 scored 7/10 dense at 7K in probes; 6 scores 8/10
 PROSE_SOURCES = ("/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/GFDL-1.3",
                  "/usr/share/common-licenses/LGPL-2.1")
 
@@ -70,16 +71,33 @@ def _name(rng: random.Random) -> str:
     return "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
 
 
+def _among_filler(lines: list[str]) -> list[str]:
+    """Haystack units: `lines` spread evenly through 40 filler sentences.
+
+    _fill_to cycles these units up to the length, so each line recurs about every 1K tokens.
+    """
+    units = [FILLER] * 40
+    for position, line in enumerate(lines):
+        units.insert((position + 1) * len(units) // (len(lines) + 1), line)
+    return units
+
+
 def variable_lookup(target_tokens: int, index: int, depth: float, count: TokenCounter) -> Case:
+    """One-hop lookup: "VAR ABCDE = 12345." among VAR_DISTRACTORS other assignments.
+
+    Chosen by dense probes (NOTES, "Fidelity"): a haystack of nothing but assignments scored
+    1/5 at 4K, and distinct distractors spread once over the prompt 5/10; SmolLM2 returns a
+    neighbour's value or a round number. Assignments on lines of their own among filler,
+    recurring as in multi_key, score 8-9/10 at 2K-7K with 6 distractors (7/10 at 7K with 10).
+    """
     rng = random.Random(f"var-{target_tokens}-{index}")
     target, value = _name(rng), str(rng.randint(10000, 99999))
-    distractors = []
-    for _ in range(400):
-        name = _name(rng)
-        if name != target:
-            distractors.append(f"VAR {name} = {rng.randint(10000, 99999)}.\n")
-    needle = f"VAR {target} = {value}.\n"
-    prompt = _fill_to(distractors, needle, depth, f"VAR {target} =", target_tokens, count)
+    names = [name for name in dict.fromkeys(_name(rng) for _ in range(VAR_DISTRACTORS + 1))
+             if name != target][:VAR_DISTRACTORS]
+    lines = [f"\nVAR {name} = {rng.randint(10000, 99999)}.\n" for name in names]
+    needle = f"\nVAR {target} = {value}.\n"
+    prompt = _fill_to(_among_filler(lines), needle, depth, f"\nVAR {target} =", target_tokens,
+                      count)
     return Case("variable_lookup", target_tokens, index, depth, prompt, value)
 
 
@@ -94,9 +112,7 @@ def multi_key(target_tokens: int, index: int, depth: float, count: TokenCounter)
     # The asked line sits at `depth`; the other keys are spread evenly through the filler.
     lines = [f"\nThe special magic number for {key} is: {numbers[key]}.\n" for key in keys
              if key != asked]
-    units = [FILLER] * 40
-    for position, line in enumerate(lines):
-        units.insert((position + 1) * len(units) // (len(lines) + 1), line)
+    units = _among_filler(lines)
     needle = f"\nThe special magic number for {asked} is: {numbers[asked]}.\n"
     tail = f"\nThe special magic number for {asked} is:"
     prompt = _fill_to(units, needle, depth, tail, target_tokens, count)

@@ -15,6 +15,14 @@
 Writes benchmarks/results/trianglemix_fidelity.json (after every step) and .png.
 
     .venv/bin/python benchmarks/trianglemix_fidelity.py [--lengths 2048 4096 7168] [--cases 10]
+
+Merge mode adds to the existing JSON instead of starting over (nothing else is re-run):
+--add-tasks runs dense and the stored chosen split on those tasks only, --add-splits extends
+the split search (dense logprobs are recomputed: they are not stored). Tables and the plot
+are rebuilt from all rows; each merge run is recorded under "runs".
+
+    .venv/bin/python benchmarks/trianglemix_fidelity.py --add-tasks variable_lookup multi_key \
+        --add-splits 24 26
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from longctx_suite import build_cases  # noqa: E402
+from longctx_suite import TokenCounter, build_cases  # noqa: E402
 
 from server.config import ServerSettings  # noqa: E402
 from server.launcher import (  # noqa: E402
@@ -52,7 +60,7 @@ TOP_LOGPROBS = 20
 BUCKET_TOKENS = 1024
 TEXT_DOC = "/usr/share/common-licenses/GPL-3"
 REPEAT_DOC = "/usr/share/common-licenses/GFDL-1.3"
-
+CASE_KEY = ("task", "target_tokens", "index")
 
 
 def log(message: str) -> None:
@@ -74,6 +82,14 @@ def trianglemix_env(dense_first_layers: int, **overrides: int) -> dict[str, str]
            "TESSERA_ATTENTION_DENSE_FIRST_LAYERS": str(dense_first_layers)}
     env.update({f"TESSERA_ATTENTION_{k.upper()}": str(v) for k, v in overrides.items()})
     return env
+
+
+def token_counter(url: str) -> TokenCounter:
+    def count_tokens(text: str) -> int:
+        return len(httpx.post(f"{url}/tokenize",
+                              json={"model": MODEL, "prompt": text}).json()["tokens"])
+
+    return count_tokens
 
 
 # --- logit fidelity
@@ -134,6 +150,11 @@ def load_documents(url: str, doc_tokens: int) -> dict[str, str]:
     return {"text": text, "repeat": half + "\n\n" + half}
 
 
+def meets_split_rule(entry: dict) -> bool:
+    return (entry["text"]["top1_agreement"] >= 0.95
+            and entry["repeat"]["ppl_method"] <= 1.10 * entry["repeat"]["ppl_dense"])
+
+
 # --- tasks
 def run_tasks(url: str, cases: list) -> list[dict]:
     rows = []
@@ -164,12 +185,16 @@ def accuracy_table(rows: list[dict]) -> dict[str, dict[str, float]]:
             for task, cells in table.items()}
 
 
+def case_key(row: dict) -> tuple:
+    return tuple(row[k] for k in CASE_KEY)
+
+
 def lost_cases(dense_rows: list[dict], method_rows: list[dict]) -> list[dict]:
-    """Cases dense gets right that the method gets wrong."""
+    """Cases dense gets right that the method gets wrong (paired by task, length, index)."""
+    dense = {case_key(row): row for row in dense_rows}
     return [{k: m[k] for k in ("task", "target_tokens", "index", "depth", "answer",
                                "completion")}
-            for d, m in zip(dense_rows, method_rows, strict=True)
-            if d["passed"] and not m["passed"]]
+            for m in method_rows if dense[case_key(m)]["passed"] and not m["passed"]]
 
 
 def save(result: dict) -> None:
@@ -183,14 +208,16 @@ def plot(result: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    splits = result["split_search"]
+    # The bar chart gets the most room: one pair of bars per task and length.
+    fig, axes = plt.subplots(1, 3, figsize=(20, 5), width_ratios=[1, 1, 2])
+    splits = sorted(result["split_search"], key=lambda s: s["dense_first_layers"])
     names = [str(s["dense_first_layers"]) for s in splits]
     axes[0].plot(names, [s["text"]["top1_agreement"] for s in splits], "o-", label="top-1, text")
     axes[0].plot(names, [s["repeat"]["top1_agreement"] for s in splits], "o-",
                  label="top-1, repeat doc")
     axes[0].plot(names, [s["text"]["kl_mean"] for s in splits], "s--", label="KL, text")
     axes[0].plot(names, [s["repeat"]["kl_mean"] for s in splits], "s--", label="KL, repeat")
+    axes[0].axhline(0.95, color="grey", linewidth=0.8, linestyle=":", label="rule: text top-1")
     axes[0].set(xlabel="dense_first_layers (of 30)", title="logit fidelity vs dense")
     axes[0].legend()
     chosen = result.get("chosen_split")
@@ -208,18 +235,118 @@ def plot(result: dict) -> None:
     if accuracy:
         labels, dense_values, method_values = [], [], []
         for task, cells in accuracy["dense"].items():
-            for length, value in cells.items():
-                labels.append(f"{task}\n{length}")
+            name = task.replace("_", "\n")  # long task names on two lines, so they do not overlap
+            for length, value in sorted(cells.items(), key=lambda cell: int(cell[0])):
+                labels.append(f"{name}\n{length}")
                 dense_values.append(value)
                 method_values.append(accuracy["trianglemix"].get(task, {}).get(length, 0))
         positions = range(len(labels))
-        axes[2].bar([p - 0.2 for p in positions], dense_values, 0.4, label="dense")
-        axes[2].bar([p + 0.2 for p in positions], method_values, 0.4, label="TriangleMix")
+        # Hatched: dense below 80%, a cell that does not count (DESIGN.md, "Fidelity").
+        hatches = ["" if value >= 0.8 else "//" for value in dense_values]
+        axes[2].bar([p - 0.2 for p in positions], dense_values, 0.4, label="dense",
+                    hatch=hatches)
+        axes[2].bar([p + 0.2 for p in positions], method_values, 0.4,
+                    label=f"TriangleMix (split {chosen})", hatch=hatches)
         axes[2].set_xticks(list(positions), labels, fontsize=7)
-        axes[2].set(ylabel="accuracy", ylim=(0, 1.05), title="completion-style retrieval")
-        axes[2].legend()
+        axes[2].set(ylabel="accuracy", ylim=(0, 1.05),
+                    title="completion-style retrieval (hatched: dense < 80%, not counted)")
+        axes[2].legend(loc="lower left")
     fig.tight_layout()
     fig.savefig(RESULTS / "trianglemix_fidelity.png", dpi=120)
+
+
+# --- merge mode
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` plus `new`; a re-run case (same task, length, index) replaces its old row."""
+    replaced = {case_key(row) for row in new}
+    return [row for row in old if case_key(row) not in replaced] + new
+
+
+def refresh_tables(result: dict) -> None:
+    """Accuracy, lost cases and the splits meeting the rule, from every stored row."""
+    result["accuracy"] = {"dense": accuracy_table(result["dense_rows"]),
+                          "trianglemix": accuracy_table(result["trianglemix_rows"])}
+    result["lost_cases"] = lost_cases(result["dense_rows"], result["trianglemix_rows"])
+    result["split_search"].sort(key=lambda entry: entry["dense_first_layers"])
+    result["splits_meeting_rule"] = [entry["dense_first_layers"]
+                                     for entry in result["split_search"]
+                                     if meets_split_rule(entry)]
+
+
+def merge(args: argparse.Namespace, settings: ServerSettings, model_path: Path) -> None:
+    result = json.loads(OUT_JSON.read_text())
+    chosen = result["chosen_split"]
+    split = chosen if args.split is None else args.split
+    if args.add_tasks and split != chosen:
+        # trianglemix_rows and the accuracy table hold one split; mixing two would mislead.
+        raise SystemExit(f"stored rows are for split {chosen}; rerun the full benchmark "
+                         f"for split {split}")
+    # The first (full) run is recorded from its top-level keys, so "runs" lists every run.
+    runs = result.setdefault("runs", [{"mode": "full", "started_at": result["started_at"],
+                                       "finished_at": result.get("finished_at"),
+                                       "args": result["args"]}])
+    # Only the arguments merge mode reads (--tasks and --splits belong to the full run).
+    used = ("add_tasks", "add_splits", "split", "lengths", "cases", "doc_tokens")
+    run: dict = {"mode": "merge", "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                 "args": {key: vars(args)[key] for key in used}}
+    runs.append(run)
+
+    with served(settings, model_path, {"TESSERA_ATTENTION_METHOD": "dense"}) as url:
+        count_tokens = token_counter(url)
+        cases = [case for task in args.add_tasks or [] for length in args.lengths
+                 for case in build_cases(task, length, args.cases, count_tokens)]
+        if args.add_splits:
+            docs = load_documents(url, args.doc_tokens)
+            targets = {name: actual_token_ids(url, doc) for name, doc in docs.items()}
+            log("dense: logprobs on the documents")
+            dense_logprobs = {name: prompt_logprobs(url, doc) for name, doc in docs.items()}
+        log(f"dense: {len(cases)} task cases")
+        dense_rows = run_tasks(url, cases)
+
+    if cases:
+        log(f"split {split}: {len(cases)} task cases")
+        with served(settings, model_path, trianglemix_env(split)) as url:
+            method_rows = run_tasks(url, cases)
+        for row in method_rows:
+            row["dense_first_layers"] = split
+        result["dense_rows"] = merge_rows(result["dense_rows"], dense_rows)
+        result["trianglemix_rows"] = merge_rows(result["trianglemix_rows"], method_rows)
+        run["tasks"] = {"split": split, "cases": len(cases),
+                        "cpu_seconds": {"dense": sum(r["seconds"] for r in dense_rows),
+                                        "trianglemix": sum(r["seconds"] for r in method_rows)}}
+        refresh_tables(result)
+        save(result)
+
+    stored = {entry["dense_first_layers"]: entry for entry in result["split_search"]}
+    for split in args.add_splits or []:
+        log(f"split {split}: logprobs")
+        with served(settings, model_path, trianglemix_env(split)) as url:
+            entry = {"dense_first_layers": split}
+            for name, doc in docs.items():
+                entry[name] = compare_logprobs(dense_logprobs[name], prompt_logprobs(url, doc),
+                                               targets[name])
+        # Dense is recomputed here; it must match the stored runs' dense on the same documents.
+        reference = stored.get(chosen)
+        if reference is not None:
+            run.setdefault("dense_ppl_check", {name: {
+                "this_run": entry[name]["ppl_dense"], "stored": reference[name]["ppl_dense"]}
+                for name in docs})
+        stored[split] = entry
+        result["split_search"] = list(stored.values())
+        refresh_tables(result)
+        log(f"split {split}: text top1 {entry['text']['top1_agreement']:.3f} "
+            f"KL {entry['text']['kl_mean']:.4f}; repeat ppl {entry['repeat']['ppl_method']:.2f}"
+            f" (dense {entry['repeat']['ppl_dense']:.2f}); meets rule: {meets_split_rule(entry)}")
+        save(result)
+
+    run["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    refresh_tables(result)
+    save(result)
+    plot(result)
+    log(f"accuracy dense {result['accuracy']['dense']}")
+    log(f"accuracy trianglemix {result['accuracy']['trianglemix']}")
+    log(f"lost cases: {len(result['lost_cases'])}; splits meeting the rule: "
+        f"{result['splits_meeting_rule']} (chosen split stays {chosen})")
 
 
 def main() -> None:
@@ -229,25 +356,29 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["passkey", "variable_lookup", "multi_key"])
     parser.add_argument("--splits", type=int, nargs="+", default=[8, 15, 22])
     parser.add_argument("--doc-tokens", type=int, default=6144)
+    parser.add_argument("--add-tasks", nargs="+", metavar="TASK",
+                        help="merge mode: task accuracy for these tasks only, dense vs --split")
+    parser.add_argument("--add-splits", type=int, nargs="+", metavar="N",
+                        help="merge mode: extend the split search with these splits")
+    parser.add_argument("--split", type=int,
+                        help="split for --add-tasks (default: the stored chosen split)")
     args = parser.parse_args()
 
     settings = ServerSettings(workers=1, kv_cache_space_gib=2, max_model_len=8192)
     model_path = resolve_model_path(settings)
+    if args.add_tasks or args.add_splits:
+        merge(args, settings, model_path)
+        return
     result: dict = {"benchmark": "trianglemix_fidelity", "model": MODEL,
                     "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "pattern": {"sink_tokens": 8, "window_tokens": 512, "last_q_tokens": 128},
                     "args": vars(args)}
-    count_url: str
     with served(settings, model_path, {"TESSERA_ATTENTION_METHOD": "dense"}) as url:
-        count_url = url
+        count_tokens = token_counter(url)
         docs = load_documents(url, args.doc_tokens)
         targets = {name: actual_token_ids(url, doc) for name, doc in docs.items()}
         log("dense: logprobs on the documents")
         dense_logprobs = {name: prompt_logprobs(url, doc) for name, doc in docs.items()}
-
-        def count_tokens(text: str) -> int:
-            return len(httpx.post(f"{count_url}/tokenize",
-                                  json={"model": MODEL, "prompt": text}).json()["tokens"])
 
         cases = [case for task in args.tasks for length in args.lengths
                  for case in build_cases(task, length, args.cases, count_tokens)]
@@ -271,9 +402,7 @@ def main() -> None:
             f" (dense {entry['repeat']['ppl_dense']:.2f})")
         save(result)
 
-    acceptable = [s for s in result["split_search"]
-                  if s["text"]["top1_agreement"] >= 0.95
-                  and s["repeat"]["ppl_method"] <= 1.10 * s["repeat"]["ppl_dense"]]
+    acceptable = [s for s in result["split_search"] if meets_split_rule(s)]
     chosen = min((s["dense_first_layers"] for s in acceptable), default=max(args.splits))
     result["chosen_split"] = chosen
     result["split_rule"] = ("smallest dense_first_layers with text top-1 agreement >= 0.95 and "
