@@ -150,6 +150,17 @@ def load_documents(url: str, doc_tokens: int) -> dict[str, str]:
     return {"text": text, "repeat": half + "\n\n" + half}
 
 
+def split_fidelity(settings: ServerSettings, model_path: Path, split: int, docs: dict[str, str],
+                   dense_logprobs: dict[str, list], targets: dict[str, list[int]]) -> dict:
+    """Logit fidelity vs dense of one dense_first_layers split, on every document."""
+    with served(settings, model_path, trianglemix_env(split)) as url:
+        entry: dict = {"dense_first_layers": split}
+        for name, doc in docs.items():
+            entry[name] = compare_logprobs(dense_logprobs[name], prompt_logprobs(url, doc),
+                                           targets[name])
+    return entry
+
+
 def meets_split_rule(entry: dict) -> bool:
     return (entry["text"]["top1_agreement"] >= 0.95
             and entry["repeat"]["ppl_method"] <= 1.10 * entry["repeat"]["ppl_dense"])
@@ -320,11 +331,7 @@ def merge(args: argparse.Namespace, settings: ServerSettings, model_path: Path) 
     stored = {entry["dense_first_layers"]: entry for entry in result["split_search"]}
     for split in args.add_splits or []:
         log(f"split {split}: logprobs")
-        with served(settings, model_path, trianglemix_env(split)) as url:
-            entry = {"dense_first_layers": split}
-            for name, doc in docs.items():
-                entry[name] = compare_logprobs(dense_logprobs[name], prompt_logprobs(url, doc),
-                                               targets[name])
+        entry = split_fidelity(settings, model_path, split, docs, dense_logprobs, targets)
         # Dense is recomputed here; it must match the stored runs' dense on the same documents.
         reference = stored.get(chosen)
         if reference is not None:
@@ -391,11 +398,7 @@ def main() -> None:
     result["split_search"] = []
     for split in args.splits:
         log(f"split {split}: logprobs")
-        with served(settings, model_path, trianglemix_env(split)) as url:
-            entry = {"dense_first_layers": split}
-            for name, doc in docs.items():
-                entry[name] = compare_logprobs(dense_logprobs[name], prompt_logprobs(url, doc),
-                                               targets[name])
+        entry = split_fidelity(settings, model_path, split, docs, dense_logprobs, targets)
         result["split_search"].append(entry)
         log(f"split {split}: text top1 {entry['text']['top1_agreement']:.3f} "
             f"KL {entry['text']['kl_mean']:.4f}; repeat ppl {entry['repeat']['ppl_method']:.2f}"
