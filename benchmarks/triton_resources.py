@@ -30,7 +30,7 @@ from attention_backends.kernels import sparse_prefill_triton as kernels  # noqa:
 
 STREAMING_DEFAULTS = {  # Llama-3.1-8B shapes, the TMA launch config
     "kv_tma": True, "block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3,
-    "group": 4, "head_dim": 128, "cache_block": 64,
+    "group": 4, "head_dim": 128, "cache_block": 64, "half_edge_tiles": False, "single_loop": True,
 }  # fmt: skip
 TENSOR_POINTERS = {"query_ptr", "key_cache_ptr", "value_cache_ptr", "out_ptr"}  # the rest: int32
 SASS_OPS = ("HGMMA", "UTMALDG", "LDGSTS", "MUFU.EX2", "LDL", "STL", "BAR.SYNC")
@@ -41,9 +41,11 @@ def compile_streaming_kernel(variant: dict):
     fn = kernels._streaming_rows_kernel
     rows = variant["block_m"] // variant["group"]
     tile = f"[1, 1, {variant['block_n']}, {variant['head_dim']}]"
+    half_tile = f"[1, 1, {variant['block_n'] // 2}, {variant['head_dim']}]"
     constexprs = {
-        "HAS_LAST_ROWS": True, "SINGLE_LOOP": True, "LAZY_RESCALE": False,
-        "KV_TMA": variant["kv_tma"], "GROUP": variant["group"], "GROUP_PAD": variant["group"],
+        "HAS_LAST_ROWS": True, "SINGLE_LOOP": variant["single_loop"], "LAZY_RESCALE": False,
+        "KV_TMA": variant["kv_tma"], "HALF_EDGE_TILES": variant["half_edge_tiles"],
+        "GROUP": variant["group"], "GROUP_PAD": variant["group"],
         "ROWS": rows, "BLOCK_N": variant["block_n"], "SINK_BLOCK_N": 16,
         "HEAD_DIM": variant["head_dim"], "HEAD_DIM_PAD": variant["head_dim"],
         "KV_BLOCK_SIZE": variant["cache_block"],
@@ -54,14 +56,25 @@ def compile_streaming_kernel(variant: dict):
             signature[name] = "constexpr"
         elif name in ("key_desc", "value_desc"):
             signature[name] = f"tensordesc<bf16{tile}>" if variant["kv_tma"] else "*bf16"
+        elif name in ("key_half_desc", "value_half_desc"):
+            use_half = variant["kv_tma"] and variant["half_edge_tiles"]
+            signature[name] = f"tensordesc<bf16{half_tile}>" if use_half else "*bf16"
         elif name.endswith("_ptr"):
             signature[name] = "*bf16" if name in TENSOR_POINTERS else "*i32"
         elif name == "qk_scale":
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
+    # What the launcher specializes at run time: 16-byte aligned pointers and integer
+    # arguments divisible by 16 (the strides; the counts are do_not_specialize) carry
+    # tt.divisibility=16, which lets the compiler vectorize loads and stores.
+    aligned = {
+        (index,): [["tt.divisibility", 16]]
+        for index, name in enumerate(fn.arg_names)
+        if signature[name].startswith("*") or name.startswith("stride_")
+    }
     return triton.compile(
-        ASTSource(fn, signature, constexprs),
+        ASTSource(fn, signature, constexprs, aligned),
         target=GPUTarget("cuda", 90, 32),
         options={"num_warps": variant["num_warps"], "num_stages": variant["num_stages"]},
     )

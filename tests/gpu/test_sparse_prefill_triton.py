@@ -162,3 +162,63 @@ def test_last_rows_on_a_side_stream_or_serial(dtype, overlap):
         kv_heads=8, pattern=PAPER_TRIANGLE, block_size=64,
         config=dataclasses.replace(TMA_CONFIG, overlap_last_rows=overlap),
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_warps", [4, 8])
+@pytest.mark.parametrize("q_heads", [32, 64], ids=["gqa4", "gqa8"])
+@pytest.mark.parametrize("block_size,kv_tma", [(64, True), (128, True), (16, False)])
+def test_half_edge_tiles(dtype, num_warps, q_heads, block_size, kv_tma):
+    # key spans rounded to half tiles: a leading (window edge) or trailing (diagonal) half
+    # tile, at every alignment (a non-final chunk and a cached prefix shift the rows)
+    from attention_backends.kernels.sparse_prefill_triton import TMA_CONFIG
+
+    check_against_reference(
+        [2500, 700, 1333], dtype, query_lens=[2500, 300, 611], prompt_lens=[2500, 1000, 1333],
+        q_heads=q_heads, kv_heads=8, pattern=PAPER_TRIANGLE, block_size=block_size,
+        config=dataclasses.replace(
+            TMA_CONFIG, half_edge_tiles=True, num_warps=num_warps, kv_tma=kv_tma
+        ),
+    )  # fmt: skip
+
+
+GLUON_CONFIGS = {  # (block_m, num_warps, num_stages): 64 rows per warpgroup either way
+    "128x64-w8-s3": (128, 8, 3),
+    "128x64-w8-s2": (128, 8, 2),
+    "64x64-w4-s2": (64, 4, 2),
+    "64x64-w4-s3": (64, 4, 3),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GLUON_CONFIGS.values(), ids=GLUON_CONFIGS.keys())
+@pytest.mark.parametrize("q_heads,head_dim", [(32, 128), (64, 128), (32, 64)],
+                         ids=["gqa4", "gqa8", "d64"])  # fmt: skip
+def test_gluon_streaming_rows(dtype, shape, q_heads, head_dim):
+    # the Hopper Gluon kernel for the streaming rows: ragged, chunked and cached-prefix
+    # sequences, sinks present and absent (a sequence shorter than the window)
+    from attention_backends.kernels.sparse_prefill_triton import TMA_CONFIG
+
+    block_m, num_warps, num_stages = shape
+    config = dataclasses.replace(
+        TMA_CONFIG, streaming_kernel="gluon", block_m=block_m, num_warps=num_warps,
+        num_stages=num_stages,
+    )  # fmt: skip
+    check_against_reference(
+        [3000, 700, 1333, 300], dtype, query_lens=[3000, 300, 611, 300],
+        prompt_lens=[3000, 1000, 1333, 300], q_heads=q_heads, kv_heads=8, head_dim=head_dim,
+        pattern=PAPER_TRIANGLE, block_size=64, config=config,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gluon_streaming_rows_small_window_and_big_blocks(dtype):
+    # a window of a few tiles and 16 sinks in 128-token cache blocks
+    from attention_backends.kernels.sparse_prefill_triton import TMA_CONFIG
+
+    pattern = TrianglePattern(sink_tokens=16, window_tokens=100, last_q_tokens=24)
+    config = dataclasses.replace(TMA_CONFIG, streaming_kernel="gluon", num_warps=8)
+    check_against_reference(
+        [900, 257], dtype, query_lens=[900, 129], q_heads=32, kv_heads=8, pattern=pattern,
+        block_size=128, config=config,
+    )  # fmt: skip
