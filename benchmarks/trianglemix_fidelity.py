@@ -17,17 +17,24 @@ Writes benchmarks/results/trianglemix_fidelity.json (after every step) and .png.
     .venv/bin/python benchmarks/trianglemix_fidelity.py [--lengths 2048 4096 7168] [--cases 10]
 
 Merge mode adds to the existing JSON instead of starting over (nothing else is re-run):
---add-tasks runs dense and the stored chosen split on those tasks only, --add-splits extends
-the split search (dense logprobs are recomputed: they are not stored). Tables and the plot
+--add-tasks runs dense and --split (default: the chosen split) on those tasks only,
+--add-splits extends the split search (dense logprobs are recomputed: they are not stored),
+--tasks-at-split runs the whole stored task suite with TriangleMix at another split against
+the stored dense rows (dense is not re-run; the rebuilt prompts must match the stored cases).
+Task rows are kept per split (`task_rows_by_split`). The rule's split replaces the chosen one
+once it has run the whole suite and loses no case dense gets right (`chosen_split_reason`);
+`trianglemix_rows`, `accuracy` and `lost_cases` describe the chosen split. Tables and the plot
 are rebuilt from all rows; each merge run is recorded under "runs".
 
     .venv/bin/python benchmarks/trianglemix_fidelity.py --add-tasks variable_lookup multi_key \
         --add-splits 24 26
+    .venv/bin/python benchmarks/trianglemix_fidelity.py --tasks-at-split 24
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -167,6 +174,10 @@ def meets_split_rule(entry: dict) -> bool:
 
 
 # --- tasks
+def prompt_sha256(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()
+
+
 def run_tasks(url: str, cases: list) -> list[dict]:
     rows = []
     for number, case in enumerate(cases, 1):
@@ -180,6 +191,7 @@ def run_tasks(url: str, cases: list) -> list[dict]:
         rows.append({"task": case.task, "target_tokens": case.target_tokens,
                      "index": case.index, "depth": case.depth,
                      "prompt_tokens": reply["usage"]["prompt_tokens"], "answer": case.answer,
+                     "prompt_sha256": prompt_sha256(case.prompt),
                      "completion": text, "passed": case.passed(text),
                      "seconds": time.perf_counter() - started})
         if number % 10 == 0:
@@ -219,7 +231,7 @@ def plot(result: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # The bar chart gets the most room: one pair of bars per task and length.
+    # The bar chart gets the most room: one group of bars per task and length.
     fig, axes = plt.subplots(1, 3, figsize=(20, 5), width_ratios=[1, 1, 2])
     splits = sorted(result["split_search"], key=lambda s: s["dense_first_layers"])
     names = [str(s["dense_first_layers"]) for s in splits]
@@ -244,20 +256,27 @@ def plot(result: dict) -> None:
         axes[1].legend()
     accuracy = result.get("accuracy")
     if accuracy:
-        labels, dense_values, method_values = [], [], []
-        for task, cells in accuracy["dense"].items():
+        # One bar per series and cell: dense, then every split that ran the tasks.
+        by_split = result.get("accuracy_by_split") or {str(chosen): accuracy["trianglemix"]}
+        series = [("dense", accuracy["dense"])] + [
+            (f"TriangleMix, split {split}" + (" (chosen)" if int(split) == chosen else ""),
+             by_split[split]) for split in sorted(by_split, key=int)]
+        labels, cells = [], []
+        for task, task_cells in accuracy["dense"].items():
             name = task.replace("_", "\n")  # long task names on two lines, so they do not overlap
-            for length, value in sorted(cells.items(), key=lambda cell: int(cell[0])):
+            for length in sorted(task_cells, key=int):
                 labels.append(f"{name}\n{length}")
-                dense_values.append(value)
-                method_values.append(accuracy["trianglemix"].get(task, {}).get(length, 0))
+                cells.append((task, length))
         positions = range(len(labels))
         # Hatched: dense below 80%, a cell that does not count (DESIGN.md, "Fidelity").
-        hatches = ["" if value >= 0.8 else "//" for value in dense_values]
-        axes[2].bar([p - 0.2 for p in positions], dense_values, 0.4, label="dense",
-                    hatch=hatches)
-        axes[2].bar([p + 0.2 for p in positions], method_values, 0.4,
-                    label=f"TriangleMix (split {chosen})", hatch=hatches)
+        hatches = ["" if accuracy["dense"][task][length] >= 0.8 else "//"
+                   for task, length in cells]
+        width = 0.8 / len(series)
+        for number, (label, table) in enumerate(series):
+            offset = (number - (len(series) - 1) / 2) * width
+            axes[2].bar([p + offset for p in positions],
+                        [table.get(task, {}).get(length, 0) for task, length in cells], width,
+                        label=label, hatch=hatches)
         axes[2].set_xticks(list(positions), labels, fontsize=7)
         axes[2].set(ylabel="accuracy", ylim=(0, 1.05),
                     title="completion-style retrieval (hatched: dense < 80%, not counted)")
@@ -274,33 +293,133 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
 
 
 def refresh_tables(result: dict) -> None:
-    """Accuracy, lost cases and the splits meeting the rule, from every stored row."""
-    result["accuracy"] = {"dense": accuracy_table(result["dense_rows"]),
-                          "trianglemix": accuracy_table(result["trianglemix_rows"])}
-    result["lost_cases"] = lost_cases(result["dense_rows"], result["trianglemix_rows"])
+    """Accuracy and lost cases per split, the splits meeting the rule and the chosen split,
+    from every stored row; the top-level task keys then describe the chosen split."""
     result["split_search"].sort(key=lambda entry: entry["dense_first_layers"])
     result["splits_meeting_rule"] = [entry["dense_first_layers"]
                                      for entry in result["split_search"]
                                      if meets_split_rule(entry)]
+    by_split = result["task_rows_by_split"]
+    result["accuracy_by_split"] = {split: accuracy_table(rows) for split, rows in by_split.items()}
+    result["lost_cases_by_split"] = {split: lost_cases(result["dense_rows"], rows)
+                                     for split, rows in by_split.items()}
+    choose_split(result)
+    chosen = str(result["chosen_split"])
+    result["trianglemix_rows"] = by_split[chosen]
+    result["accuracy"] = {"dense": accuracy_table(result["dense_rows"]),
+                          "trianglemix": result["accuracy_by_split"][chosen]}
+    result["lost_cases"] = result["lost_cases_by_split"][chosen]
 
 
-def merge(args: argparse.Namespace, settings: ServerSettings, model_path: Path) -> None:
-    result = json.loads(OUT_JSON.read_text())
+def choose_split(result: dict) -> None:
+    """The split rule's pick replaces the chosen split once it has run every stored task case
+    and loses none that dense gets right; otherwise the chosen split stays, with the reason."""
+    rule = min(result["splits_meeting_rule"],
+               default=max(entry["dense_first_layers"] for entry in result["split_search"]))
     chosen = result["chosen_split"]
-    split = chosen if args.split is None else args.split
-    if args.add_tasks and split != chosen:
-        # trianglemix_rows and the accuracy table hold one split; mixing two would mislead.
-        raise SystemExit(f"stored rows are for split {chosen}; rerun the full benchmark "
-                         f"for split {split}")
-    # The first (full) run is recorded from its top-level keys, so "runs" lists every run.
+    rows = result["task_rows_by_split"].get(str(rule), [])
+    complete = {case_key(row) for row in rows} == {case_key(row) for row in result["dense_rows"]}
+    lost = len(result["lost_cases_by_split"].get(str(rule), []))
+    if rule == chosen:
+        reason = f"split {rule} is the split rule's pick; its tasks lose {lost} case(s)"
+    elif complete and not lost:
+        result["chosen_split"] = rule
+        reason = (f"split {rule} is the split rule's pick and loses no task case dense gets "
+                  f"right (replaces {chosen})")
+    elif not complete:
+        reason = f"split {chosen} kept: the rule picks {rule}, which has not run every task case"
+    else:
+        reason = (f"split {chosen} kept: the rule picks {rule}, which loses {lost} task "
+                  f"case(s) dense gets right")
+    result["chosen_split_reason"] = reason
+
+
+def load_result() -> dict:
+    """The stored result; files written before task rows were kept per split hold only the
+    chosen split's rows."""
+    result = json.loads(OUT_JSON.read_text())
+    result.setdefault("task_rows_by_split",
+                      {str(result["chosen_split"]): result["trianglemix_rows"]})
+    return result
+
+
+def record_run(result: dict, args: argparse.Namespace) -> dict:
+    """A new entry under "runs"; the first (full) run is recorded from its top-level keys."""
     runs = result.setdefault("runs", [{"mode": "full", "started_at": result["started_at"],
                                        "finished_at": result.get("finished_at"),
                                        "args": result["args"]}])
     # Only the arguments merge mode reads (--tasks and --splits belong to the full run).
-    used = ("add_tasks", "add_splits", "split", "lengths", "cases", "doc_tokens")
+    used = ("add_tasks", "add_splits", "split", "tasks_at_split", "lengths", "cases",
+            "doc_tokens")
     run: dict = {"mode": "merge", "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                  "args": {key: vars(args)[key] for key in used}}
     runs.append(run)
+    return run
+
+
+def check_prompts(cases: list, dense_rows: list[dict], count_tokens: TokenCounter) -> None:
+    """The rebuilt cases must be the stored dense cases: the same case keys, and per case the
+    same answer, needle depth and prompt length in tokens, and the prompt hash where the row
+    has one (rows written before it was recorded do not)."""
+    dense = {case_key(row): row for row in dense_rows}
+    rebuilt = {(case.task, case.target_tokens, case.index): case for case in cases}
+    if rebuilt.keys() != dense.keys():
+        raise SystemExit("rebuilt cases are not the stored dense cases")
+
+    def matches(case, row: dict) -> bool:
+        digest = prompt_sha256(case.prompt)
+        return ((case.answer, case.depth, count_tokens(case.prompt), digest)
+                == (row["answer"], row["depth"], row["prompt_tokens"],
+                    row.get("prompt_sha256", digest)))
+
+    differ = [key for key, case in rebuilt.items() if not matches(case, dense[key])]
+    if differ:
+        raise SystemExit(f"{len(differ)} rebuilt prompts differ from the stored dense rows, "
+                         f"e.g. {differ[:3]}")
+
+
+def tasks_at_split(args: argparse.Namespace, settings: ServerSettings, model_path: Path) -> None:
+    """Merge mode: the whole stored task suite with TriangleMix at one more split; the stored
+    dense rows are the reference (dense is not re-run)."""
+    result = load_result()
+    run = record_run(result, args)
+    split = args.tasks_at_split
+    dense_rows = result["dense_rows"]
+    tasks = list(dict.fromkeys(row["task"] for row in dense_rows))
+    lengths = sorted({row["target_tokens"] for row in dense_rows})
+    per_cell = max(row["index"] for row in dense_rows) + 1
+    with served(settings, model_path, trianglemix_env(split)) as url:
+        count_tokens = token_counter(url)
+        cases = [case for task in tasks for length in lengths
+                 for case in build_cases(task, length, per_cell, count_tokens)]
+        check_prompts(cases, dense_rows, count_tokens)
+        log(f"split {split}: {len(cases)} task cases, prompts match the stored dense rows")
+        started = time.perf_counter()
+        rows = run_tasks(url, cases)
+        wall = time.perf_counter() - started
+    for row in rows:
+        row["dense_first_layers"] = split
+    result["task_rows_by_split"][str(split)] = rows
+    run["tasks"] = {"split": split, "cases": len(rows), "dense": "stored rows, not re-run",
+                    "prompt_check": ("case keys, answers, depths, prompt tokens (and prompt "
+                                     "sha256 where stored) match the stored dense rows"),
+                    "cpu_seconds": {"trianglemix": sum(r["seconds"] for r in rows)},
+                    "wall_seconds": wall}
+    run["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    refresh_tables(result)
+    save(result)
+    plot(result)
+    log(f"accuracy dense {result['accuracy']['dense']}")
+    log(f"accuracy split {split} {result['accuracy_by_split'][str(split)]}")
+    log(f"lost cases at split {split}: {len(result['lost_cases_by_split'][str(split)])}; "
+        f"{result['chosen_split_reason']}")
+
+
+def merge(args: argparse.Namespace, settings: ServerSettings, model_path: Path) -> None:
+    result = load_result()
+    chosen = result["chosen_split"]
+    split = chosen if args.split is None else args.split
+    run = record_run(result, args)
 
     with served(settings, model_path, {"TESSERA_ATTENTION_METHOD": "dense"}) as url:
         count_tokens = token_counter(url)
@@ -321,7 +440,8 @@ def merge(args: argparse.Namespace, settings: ServerSettings, model_path: Path) 
         for row in method_rows:
             row["dense_first_layers"] = split
         result["dense_rows"] = merge_rows(result["dense_rows"], dense_rows)
-        result["trianglemix_rows"] = merge_rows(result["trianglemix_rows"], method_rows)
+        by_split = result["task_rows_by_split"]
+        by_split[str(split)] = merge_rows(by_split.get(str(split), []), method_rows)
         run["tasks"] = {"split": split, "cases": len(cases),
                         "cpu_seconds": {"dense": sum(r["seconds"] for r in dense_rows),
                                         "trianglemix": sum(r["seconds"] for r in method_rows)}}
@@ -353,7 +473,7 @@ def merge(args: argparse.Namespace, settings: ServerSettings, model_path: Path) 
     log(f"accuracy dense {result['accuracy']['dense']}")
     log(f"accuracy trianglemix {result['accuracy']['trianglemix']}")
     log(f"lost cases: {len(result['lost_cases'])}; splits meeting the rule: "
-        f"{result['splits_meeting_rule']} (chosen split stays {chosen})")
+        f"{result['splits_meeting_rule']}; {result['chosen_split_reason']}")
 
 
 def main() -> None:
@@ -369,10 +489,15 @@ def main() -> None:
                         help="merge mode: extend the split search with these splits")
     parser.add_argument("--split", type=int,
                         help="split for --add-tasks (default: the stored chosen split)")
+    parser.add_argument("--tasks-at-split", type=int, metavar="N",
+                        help="merge mode: the stored task suite at split N, vs the stored dense")
     args = parser.parse_args()
 
     settings = ServerSettings(workers=1, kv_cache_space_gib=2, max_model_len=8192)
     model_path = resolve_model_path(settings)
+    if args.tasks_at_split is not None:
+        tasks_at_split(args, settings, model_path)
+        return
     if args.add_tasks or args.add_splits:
         merge(args, settings, model_path)
         return
@@ -413,10 +538,8 @@ def main() -> None:
     log(f"chosen split: dense_first_layers={chosen}; tasks")
     with served(settings, model_path, trianglemix_env(chosen)) as url:
         method_rows = run_tasks(url, cases)
-    result["trianglemix_rows"] = method_rows
-    result["accuracy"] = {"dense": accuracy_table(dense_rows),
-                          "trianglemix": accuracy_table(method_rows)}
-    result["lost_cases"] = lost_cases(dense_rows, method_rows)
+    result["task_rows_by_split"] = {str(chosen): method_rows}
+    refresh_tables(result)
     save(result)
 
     log("negative control: sinks + window only, every layer, passkey 4K")
