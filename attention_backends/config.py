@@ -22,9 +22,11 @@ class AttentionSettings(TesseraSettings):
     method: Literal["dense", "trianglemix"] = Field(
         "dense", description="Prefill attention: plain dense, or TriangleMix in the deep layers."
     )
-    dense_first_layers: int = Field(
-        16, ge=0, description="TriangleMix: layers [0, N) stay dense (ignored if dense_layers)."
-    )
+    dense_first_layers: int | None = Field(
+        None, ge=0,
+        description="TriangleMix: layers [0, N) stay dense (ignored if dense_layers); unset: "
+        "the split measured for the served model, else the paper's 16.",
+    )  # fmt: skip
     dense_layers: Annotated[list[int] | None, NoDecode] = Field(
         None, description="TriangleMix: explicit dense layer indices (comma separated in env)."
     )
@@ -44,8 +46,9 @@ class AttentionSettings(TesseraSettings):
             return [int(item) for item in value.split(",") if item.strip()]
         return value
 
-    def layer_policy(self):  # -> LayerPatternPolicy (import kept lazy: torch is heavy)
-        from attention_backends.policy import LayerPatternPolicy
+    def layer_policy(self, served_model_name: str | None = None):  # -> LayerPatternPolicy
+        # (import kept lazy: torch is heavy)
+        from attention_backends.policy import LayerPatternPolicy, default_dense_first_layers
 
         if self.method == "dense":
             return LayerPatternPolicy.from_values(
@@ -53,7 +56,11 @@ class AttentionSettings(TesseraSettings):
             )
         return LayerPatternPolicy.from_values(
             "triangle",
-            dense_first_layers=self.dense_first_layers,
+            dense_first_layers=(
+                default_dense_first_layers(served_model_name)
+                if self.dense_first_layers is None
+                else self.dense_first_layers
+            ),
             dense_layers=self.dense_layers,
             sink_tokens=self.sink_tokens,
             window_tokens=self.window_tokens,

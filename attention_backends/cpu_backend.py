@@ -41,8 +41,8 @@ def _settings() -> AttentionSettings:
 
 
 @functools.cache
-def _policy():
-    return _settings().layer_policy()
+def _policy(served_model_name: str | None):
+    return _settings().layer_policy(served_model_name)
 
 
 @functools.cache
@@ -123,8 +123,9 @@ class TesseraCPUAttentionImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.layer_index: int | None = None
-        hf_config = get_current_vllm_config().model_config.hf_text_config
-        self.last_layer_index = int(hf_config.num_hidden_layers) - 1
+        model_config = get_current_vllm_config().model_config  # set while the model is built
+        self.last_layer_index = int(model_config.hf_text_config.num_hidden_layers) - 1
+        self.policy = _policy(model_config.served_model_name)
 
     def forward(
         self,
@@ -143,7 +144,7 @@ class TesseraCPUAttentionImpl(CPUAttentionBackendImpl):
                                    output_scale, output_block_scale)
         if self.layer_index is None:
             self.layer_index = layer_index_from_name(layer.layer_name)
-        pattern = _policy().pattern_for_layer(self.layer_index)
+        pattern = self.policy.pattern_for_layer(self.layer_index)
         split = getattr(attn_metadata, "split", None)
         usage = _usage()
         if pattern.is_dense or split is None or split.prefill is None:

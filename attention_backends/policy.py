@@ -17,6 +17,17 @@ from attention_backends.patterns import (
     TrianglePattern,
 )
 
+# Splits measured on served models by benchmarks/trianglemix_fidelity.py, keyed by served
+# model name: the smallest dense_first_layers whose logit fidelity meets the split rule and
+# whose task suite loses no case that dense gets right (benchmarks/trianglemix_NOTES.md).
+# SmolLM2's layers 15-21 carry long-range copying, so the paper's 16 would cost it fidelity.
+MEASURED_DENSE_FIRST_LAYERS: dict[str, int] = {"smollm2-135m-instruct": 24}
+
+
+def default_dense_first_layers(served_model_name: str | None) -> int:
+    """The measured split for this served model, else the paper's (Llama-3.1-8B: 16)."""
+    return MEASURED_DENSE_FIRST_LAYERS.get(served_model_name or "", PAPER_DENSE_FIRST_LAYERS)
+
 
 @dataclass(frozen=True)
 class LayerPatternPolicy:

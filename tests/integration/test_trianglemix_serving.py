@@ -1,7 +1,8 @@
 """`tessera serve` with TriangleMix: answers through the gateway, and the sparse path ran.
 
 A worker of its own (the shared stack stays dense) with a small window so a ~900-token
-prompt is long enough for the triangle pattern to drop keys in layers 16-29.
+prompt is long enough for the triangle pattern to drop keys in layers 24-29. The split is
+not configured: the worker takes the one measured for the served model (SmolLM2: 24).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from attention_backends.policy import MEASURED_DENSE_FIRST_LAYERS
 from attention_backends.usage import read_usage
 from server.config import ServerSettings
 from server.launcher import (
@@ -26,7 +28,7 @@ from server.launcher import (
 )
 from tests.integration.conftest import MODEL, _start_gateway
 
-DENSE_FIRST_LAYERS = 16
+DENSE_FIRST_LAYERS = MEASURED_DENSE_FIRST_LAYERS[MODEL]  # 24
 NUM_LAYERS = 30
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. " * 40
 
@@ -38,7 +40,6 @@ def trianglemix_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tu
     settings = ServerSettings(workers=1, kv_cache_space_gib=1, max_model_len=2048)
     env = {
         "TESSERA_ATTENTION_METHOD": "trianglemix",
-        "TESSERA_ATTENTION_DENSE_FIRST_LAYERS": str(DENSE_FIRST_LAYERS),
         "TESSERA_ATTENTION_SINK_TOKENS": "4",
         "TESSERA_ATTENTION_WINDOW_TOKENS": "64",
         "TESSERA_ATTENTION_LAST_Q_TOKENS": "16",

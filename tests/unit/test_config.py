@@ -67,3 +67,12 @@ def test_trianglemix_policy_follows_the_split() -> None:
     policy = AttentionSettings(method="trianglemix", dense_first_layers=2).layer_policy()
     assert policy.pattern_for_layer(1).is_dense
     assert not policy.pattern_for_layer(2).is_dense
+
+
+def test_unset_split_is_the_one_measured_for_the_served_model() -> None:
+    settings = AttentionSettings(method="trianglemix")
+    assert settings.layer_policy("smollm2-135m-instruct").dense_first_layers == 24
+    assert settings.layer_policy("some-other-model").dense_first_layers == 16  # the paper's
+    assert settings.layer_policy(None).dense_first_layers == 16
+    chosen = AttentionSettings(method="trianglemix", dense_first_layers=5)
+    assert chosen.layer_policy("smollm2-135m-instruct").dense_first_layers == 5
