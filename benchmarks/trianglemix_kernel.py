@@ -49,11 +49,13 @@ STREAMING_SWEEP: dict[str, dict] = {
     "128x32 w4 s4 tma": {**_TMA_TILE, "block_n": 32, "num_stages": 4},
     "256x64 w16 s2 gather": _GATHER_TILE,
     "256x64 w8 s2 gather": {**_GATHER_TILE, "num_warps": 8},
+    "gluon 64x64 w4 s2": {**_TMA_TILE, "streaming_kernel": "gluon", "block_m": 64,
+                          "num_stages": 2},
 }
 STREAMING_SWEEP_BY_BLOCK = {
     16: ["256x64 w16 s2 gather"],
-    64: ["128x64 w4 s3 tma", "128x32 w4 s3 tma", "256x64 w16 s2 gather"],
-    128: ["128x64 w4 s3 tma", "128x32 w4 s3 tma"],
+    64: ["gluon 64x64 w4 s2", "128x64 w4 s3 tma", "128x32 w4 s3 tma", "256x64 w16 s2 gather"],
+    128: ["gluon 64x64 w4 s2", "128x64 w4 s3 tma", "128x32 w4 s3 tma"],
 }
 LAST_ROWS_SWEEP: dict[str, dict] = {
     "last 128x64 w4 s3 overlapped": {"last_block_m": 128, "last_num_warps": 4,

@@ -46,10 +46,10 @@ _GLUON = {"streaming_kernel": "gluon"}
 _G64 = {"streaming_kernel": "gluon", "block_m": 64, "num_stages": 2}
 STREAMING_VARIANTS: dict[str, tuple[dict, dict]] = {
     "triton 128x64 w4 s3": ({}, {}),
-    "gluon 64x64 w4 s2": (_G64, {}),
-    "gluon 64x64 w4 s2 (repeat)": (_G64, {}),
-    "gluon 128x64 w8 s2": ({**_GLUON, **_W8, "num_stages": 2}, {}),
-    "gluon 128x64 w8 s3": ({**_GLUON, **_W8}, {}),
+    "gluon 64x64 w4 s2, 2 per SM": (_G64, {}),
+    "gluon 64x64 w4 s2, 2 per SM (repeat)": (_G64, {}),
+    "gluon 64x64 w4 s2, 1 per SM": ({**_G64, "programs_per_sm": 1}, {}),
+    "gluon 128x64 w8 s2, 1 per SM": ({**_GLUON, **_W8, "num_stages": 2, "programs_per_sm": 1}, {}),
     "gluon 64x64 w4 s2, no sinks": (_G64, {"sink_tokens": 0}),
     "gluon 64x64 w4 s2, window 448": (_G64, {"window_tokens": 448}),
 }

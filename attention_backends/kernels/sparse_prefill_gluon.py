@@ -28,7 +28,6 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -87,17 +86,86 @@ def _softmax_step(scores, row_max, row_sum, qk_scale, dtype: gl.constexpr,
     return gl.convert_layout(probs.to(dtype), p_layout), rescale, new_max, row_sum
 
 
-@gluon.jit(do_not_specialize=["num_seqs", "sink_tokens", "window_tokens", "last_q_tokens"])
+@gluon.jit
+def _plan_item(work, num_work, num_kv_heads, query_start_loc_ptr, seq_lens_ptr, prompt_lens_ptr,
+               block_table_ptr, stride_bt, num_seqs, sink_tokens, window_tokens, last_q_tokens,
+               HAS_LAST_ROWS: gl.constexpr, ROWS: gl.constexpr,
+               BLOCK_N: gl.constexpr):  # fmt: skip
+    """Where work item ``work`` (a row tile of one KV head) reads and writes: (valid,
+    kv_head, first token, first row position, last row position, first window key,
+    window tiles, first and end of the unmasked tiles, sink keys, block-table row)."""
+    clamped = gl.minimum(work, num_work - 1)  # past the end: loads stay in bounds
+    tile_id = clamped // num_kv_heads
+    kv_head = clamped % num_kv_heads
+    seq = _find_sequence(query_start_loc_ptr, tile_id, num_seqs, ROWS)
+    query_begin = gl.load(query_start_loc_ptr + seq)
+    query_len = gl.load(query_start_loc_ptr + seq + 1) - query_begin
+    row_begin = (tile_id - (query_begin // ROWS + seq)) * ROWS
+    seq_len = gl.load(seq_lens_ptr + seq)
+    tile_first_pos = seq_len - query_len + row_begin
+    rows_end_pos = seq_len
+    if HAS_LAST_ROWS:
+        prompt_len = gl.maximum(gl.load(prompt_lens_ptr + seq), seq_len)
+        rows_end_pos = gl.minimum(seq_len, gl.maximum(prompt_len - last_q_tokens, 0))
+    tile_end_pos = gl.minimum(tile_first_pos + ROWS, rows_end_pos)
+    valid = (work < num_work) & (row_begin < query_len) & (tile_end_pos > tile_first_pos)
+    max_row_pos = tile_end_pos - 1
+    # window tiles cover [window_start, max_row_pos]; sinks are the keys before them
+    window_start = gl.maximum(tile_first_pos - window_tokens + 1, 0) // BLOCK_N * BLOCK_N
+    num_tiles = gl.cdiv(max_row_pos + 1 - window_start, BLOCK_N) * valid.to(gl.int32)
+    window_edge = gl.maximum(max_row_pos - window_tokens + 1 - window_start, 0)
+    full_begin = gl.minimum(gl.cdiv(window_edge, BLOCK_N), num_tiles)
+    full_end = gl.minimum(
+        gl.maximum((tile_first_pos + 1 - window_start) // BLOCK_N, full_begin), num_tiles
+    )
+    sink_end = gl.minimum(sink_tokens, window_start) * valid.to(gl.int32)
+    return (valid, kv_head, query_begin + row_begin, tile_first_pos, max_row_pos, window_start,
+            num_tiles, full_begin, full_end, sink_end, block_table_ptr + seq * stride_bt)
+
+
+@gluon.jit
+def _start_item(valid, kv_head, first_token, window_start, num_tiles, sink_end, block_table_row,
+                q_desc, key_desc, value_desc, sink_key_desc, sink_value_desc, q_smem, q_ready,
+                k_bufs, v_bufs, k_ready, v_ready, sink_k, sink_v, sink_ready, uses,
+                NUM_STAGES: gl.constexpr, KV_BLOCK_SIZE: gl.constexpr,
+                BLOCK_N: gl.constexpr):  # fmt: skip
+    """Issue the copies a work item needs first: its Q tile, its sink tile, and one K and one
+    V tile per ring slot (ring uses ``uses`` .. ``uses + NUM_STAGES - 1``)."""
+    mbarrier.expect(q_ready, q_desc.block_type.nbytes, pred=valid)
+    tma.async_copy_global_to_shared(q_desc, [first_token, kv_head, 0, 0], q_ready, q_smem, valid)
+    has_sinks = sink_end > 0
+    sink_block = gl.load(block_table_row, mask=has_sinks, other=0)
+    mbarrier.expect(
+        sink_ready, sink_key_desc.block_type.nbytes + sink_value_desc.block_type.nbytes,
+        pred=has_sinks,
+    )  # fmt: skip
+    tma.async_copy_global_to_shared(sink_key_desc, [sink_block, kv_head, 0, 0], sink_ready,
+                                    sink_k, has_sinks)  # fmt: skip
+    tma.async_copy_global_to_shared(sink_value_desc, [sink_block, kv_head, 0, 0], sink_ready,
+                                    sink_v, has_sinks)  # fmt: skip
+    for stage in gl.static_range(NUM_STAGES):
+        tile_start = window_start + stage * BLOCK_N
+        pred = stage < num_tiles
+        physical = _block_of(block_table_row, tile_start, pred, KV_BLOCK_SIZE)
+        slot = (uses + stage) % NUM_STAGES
+        _issue_copy(key_desc, k_bufs, k_ready, slot, physical, kv_head,
+                    tile_start % KV_BLOCK_SIZE, pred)  # fmt: skip
+        _issue_copy(value_desc, v_bufs, v_ready, slot, physical, kv_head,
+                    tile_start % KV_BLOCK_SIZE, pred)  # fmt: skip
+
+
+@gluon.jit(do_not_specialize=["num_work", "num_seqs", "sink_tokens", "window_tokens",
+                              "last_q_tokens"])  # fmt: skip
 def _streaming_rows_gluon_kernel(
-    query_ptr, key_desc, value_desc, sink_key_desc, sink_value_desc, out_ptr,
+    q_desc, key_desc, value_desc, sink_key_desc, sink_value_desc, out_ptr,
     block_table_ptr, query_start_loc_ptr, seq_lens_ptr, prompt_lens_ptr,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
-    num_seqs, qk_scale, sink_tokens, window_tokens, last_q_tokens,
-    HAS_LAST_ROWS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
-    ROWS: gl.constexpr, BLOCK_N: gl.constexpr, SINK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+    stride_ot, stride_oh, stride_bt,
+    num_work, num_kv_heads, num_seqs, qk_scale, sink_tokens, window_tokens, last_q_tokens,
+    HAS_LAST_ROWS: gl.constexpr, GROUP: gl.constexpr, ROWS: gl.constexpr,
+    BLOCK_N: gl.constexpr, SINK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
     KV_BLOCK_SIZE: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
-    BLOCK_M: gl.constexpr = ROWS * GROUP_PAD
+    BLOCK_M: gl.constexpr = ROWS * GROUP
     dtype: gl.constexpr = key_desc.dtype
     # Rows split over the warps (16 per warp, 64 per warpgroup); one row's keys stay in one
     # warp, so the row reductions are shuffles, never shared memory.
@@ -118,201 +186,200 @@ def _streaming_rows_gluon_kernel(
         warps_per_cta=[num_warps, 1], order=[1, 0],
     )  # fmt: skip
 
-    # --- which rows: the Triton kernel's tile numbering --------------------------------
-    tile_id = gl.program_id(0)
-    kv_head = gl.program_id(1)
-    seq = _find_sequence(query_start_loc_ptr, tile_id, num_seqs, ROWS)
-    query_begin = gl.load(query_start_loc_ptr + seq)
-    query_len = gl.load(query_start_loc_ptr + seq + 1) - query_begin
-    row_begin = (tile_id - (query_begin // ROWS + seq)) * ROWS
-    seq_len = gl.load(seq_lens_ptr + seq)
-    tile_first_pos = seq_len - query_len + row_begin
-    rows_end_pos = seq_len
-    if HAS_LAST_ROWS:
-        prompt_len = gl.maximum(gl.load(prompt_lens_ptr + seq), seq_len)
-        rows_end_pos = gl.minimum(seq_len, gl.maximum(prompt_len - last_q_tokens, 0))
-    tile_end_pos = gl.minimum(tile_first_pos + ROWS, rows_end_pos)
-    if (row_begin >= query_len) | (tile_end_pos <= tile_first_pos):
-        return
-    max_row_pos = tile_end_pos - 1
-    block_table_row_ptr = block_table_ptr + seq * stride_bt
-
-    # --- key span: window tiles [window_start, key_limit), sinks before window_start ----
-    window_start = gl.maximum(tile_first_pos - window_tokens + 1, 0) // BLOCK_N * BLOCK_N
-    key_limit = max_row_pos + 1
-    num_tiles = gl.cdiv(key_limit - window_start, BLOCK_N)
-    window_edge = gl.maximum(max_row_pos - window_tokens + 1 - window_start, 0)
-    full_begin = gl.minimum(gl.cdiv(window_edge, BLOCK_N), num_tiles)
-    full_end = gl.minimum(
-        gl.maximum((tile_first_pos + 1 - window_start) // BLOCK_N, full_begin), num_tiles
-    )
-    sink_end = gl.minimum(sink_tokens, window_start)
-
-    # --- shared memory: Q, the K and V rings, the sink tile, barriers -----------------
+    # --- shared memory, allocated once: Q, the K and V rings, the sink tile -------------
     # K and V have rings of their own: K(i) is free once Q x K(i) is done, V(i) only once
     # P(i) x V(i) is, an iteration later; each is refilled as soon as it is free, so every
-    # copy is issued at least one iteration before it is waited for.
+    # copy is issued at least one iteration before it is waited for. Ring uses are counted
+    # over the program's whole life (``uses``), which gives every wait its slot and phase.
+    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    q_tile = q_smem.reshape([BLOCK_M, HEAD_DIM])
     k_bufs = gl.allocate_shared_memory(
         dtype, [NUM_STAGES] + key_desc.block_type.shape, key_desc.layout
     )
     v_bufs = gl.allocate_shared_memory(
         dtype, [NUM_STAGES] + value_desc.block_type.shape, value_desc.layout
     )
-    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    for stage in gl.static_range(NUM_STAGES):
-        mbarrier.init(k_ready.index(stage), count=1)
-        mbarrier.init(v_ready.index(stage), count=1)
-    sink_k = gl.allocate_shared_memory(
-        dtype, sink_key_desc.block_type.shape, sink_key_desc.layout
-    )
+    sink_k = gl.allocate_shared_memory(dtype, sink_key_desc.block_type.shape, sink_key_desc.layout)
     sink_v = gl.allocate_shared_memory(
         dtype, sink_value_desc.block_type.shape, sink_value_desc.layout
     )
+    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     sink_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for stage in gl.static_range(NUM_STAGES):
+        mbarrier.init(k_ready.index(stage), count=1)
+        mbarrier.init(v_ready.index(stage), count=1)
+    mbarrier.init(q_ready, count=1)
     mbarrier.init(sink_ready, count=1)
 
-    # Copies first (their latency hides behind the Q load): one tile per ring slot, and
-    # the sink tile. In the loop, block-table entries are read one copy ahead.
-    for stage in gl.static_range(NUM_STAGES):
-        tile_start = window_start + stage * BLOCK_N
-        pred = stage < num_tiles
-        physical = _block_of(block_table_row_ptr, tile_start, pred, KV_BLOCK_SIZE)
-        _issue_copy(key_desc, k_bufs, k_ready, stage, physical, kv_head,
-                    tile_start % KV_BLOCK_SIZE, pred)  # fmt: skip
-        _issue_copy(value_desc, v_bufs, v_ready, stage, physical, kv_head,
-                    tile_start % KV_BLOCK_SIZE, pred)  # fmt: skip
-    has_sinks = sink_end > 0
-    sink_block = gl.load(block_table_row_ptr, mask=has_sinks, other=0)
-    mbarrier.expect(
-        sink_ready, sink_key_desc.block_type.nbytes + sink_value_desc.block_type.nbytes,
-        pred=has_sinks,
-    )  # fmt: skip
-    tma.async_copy_global_to_shared(sink_key_desc, [sink_block, kv_head, 0, 0], sink_ready,
-                                    sink_k, has_sinks)  # fmt: skip
-    tma.async_copy_global_to_shared(sink_value_desc, [sink_block, kv_head, 0, 0], sink_ready,
-                                    sink_v, has_sinks)  # fmt: skip
-    k_next_start = window_start + NUM_STAGES * BLOCK_N  # the next K copy: tile NUM_STAGES
-    k_next_block = _block_of(block_table_row_ptr, k_next_start, NUM_STAGES < num_tiles,
-                             KV_BLOCK_SIZE)  # fmt: skip
-
-    # Q: [ROWS tokens x GROUP_PAD heads, HEAD_DIM], row m = token * GROUP_PAD + head.
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, io_layout))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, io_layout))
-    head_in_group = offs_m % GROUP_PAD
-    row_pos = tile_first_pos + offs_m // GROUP_PAD
-    row_ok = (row_pos <= max_row_pos) & (head_in_group < GROUP)
-    token = (query_begin + row_begin + offs_m // GROUP_PAD).to(gl.int64)
-    q_head = kv_head * GROUP + head_in_group
-    io_ok = gl.expand_dims(row_ok, 1) & gl.expand_dims(offs_d < HEAD_DIM, 0)
-    q = gl.load(
-        query_ptr + gl.expand_dims(token * stride_qt + q_head * stride_qh, 1)
-        + gl.expand_dims(offs_d, 0),
-        mask=io_ok, other=0.0,
-    )  # fmt: skip
-    q_smem = gl.allocate_shared_memory(
-        dtype, [BLOCK_M, HEAD_DIM],
-        gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype),
-        q,
-    )  # fmt: skip
-    fence_async_shared()  # Q was written by threads; the tensor cores read it next
-
-    query_pos = tile_first_pos + gl.arange(0, BLOCK_M, layout=row_s) // GROUP_PAD
-    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-    row_max = gl.full([BLOCK_M], -1.0e30, gl.float32, row_s)  # finite: no NaN
-    row_sum = gl.zeros([BLOCK_M], gl.float32, row_s)
 
-    # --- tile 0: scores and softmax; its P x V is issued in the next iteration ---------
-    mbarrier.wait(k_ready.index(0), 0)
-    k_t = k_bufs.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-    scores = warpgroup_mma(q_smem, k_t, s_zero, use_acc=False, is_async=True)
-    scores = warpgroup_mma_wait(0, deps=(scores,))
-    _issue_copy(key_desc, k_bufs, k_ready, 0, k_next_block, kv_head,
-                k_next_start % KV_BLOCK_SIZE, NUM_STAGES < num_tiles)  # fmt: skip
-    v_next_start = k_next_start  # V(NUM_STAGES) follows at tile 1
-    v_next_block = k_next_block
-    k_next_start += BLOCK_N
-    k_next_block = _block_of(block_table_row_ptr, k_next_start, NUM_STAGES + 1 < num_tiles,
-                             KV_BLOCK_SIZE)  # fmt: skip
-    if (full_begin > 0) | (full_end == 0):
-        scores = _masked(scores, query_pos, window_start + offs_n, sink_tokens, window_tokens)
-    p_prev, rescale, row_max, row_sum = _softmax_step(
-        scores, row_max, row_sum, qk_scale, dtype, p_layout
-    )
-
-    # --- tiles 1..: Q x K(i) then P(i-1) x V(i-1) in flight while tile i's softmax runs --
-    for tile in range(1, num_tiles):
-        slot = tile % NUM_STAGES
-        prev_slot = (tile - 1) % NUM_STAGES
-        mbarrier.wait(k_ready.index(slot), (tile // NUM_STAGES) & 1)
-        k_t = k_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-        scores = warpgroup_mma(q_smem, k_t, s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(prev_slot), ((tile - 1) // NUM_STAGES) & 1)
-        v_prev = v_bufs.index(prev_slot).reshape([BLOCK_N, HEAD_DIM])
-        acc = warpgroup_mma(p_prev, v_prev, acc, is_async=True)
-        scores = warpgroup_mma_wait(1, deps=(scores,))  # Q x K(i) done; P x V may run
-        _issue_copy(key_desc, k_bufs, k_ready, slot, k_next_block, kv_head,
-                    k_next_start % KV_BLOCK_SIZE, tile + NUM_STAGES < num_tiles)  # fmt: skip
-        if (tile < full_begin) | (tile >= full_end):
-            scores = _masked(scores, query_pos, window_start + tile * BLOCK_N + offs_n,
-                             sink_tokens, window_tokens)  # fmt: skip
-        p_prev, rescale, row_max, row_sum = _softmax_step(
-            scores, row_max, row_sum, qk_scale, dtype, p_layout
-        )
-        acc = warpgroup_mma_wait(0, deps=(acc,))  # P(i-1) x V(i-1) done: V slot is free
-        _issue_copy(value_desc, v_bufs, v_ready, prev_slot, v_next_block, kv_head,
-                    v_next_start % KV_BLOCK_SIZE, tile - 1 + NUM_STAGES < num_tiles)  # fmt: skip
-        v_next_start = k_next_start
-        v_next_block = k_next_block
-        k_next_start += BLOCK_N
-        k_next_block = _block_of(block_table_row_ptr, k_next_start,
-                                 tile + NUM_STAGES + 1 < num_tiles, KV_BLOCK_SIZE)  # fmt: skip
-        acc = acc * gl.expand_dims(gl.convert_layout(rescale, row_o), 1)
-
-    last_slot = (num_tiles - 1) % NUM_STAGES
-    mbarrier.wait(v_ready.index(last_slot), ((num_tiles - 1) // NUM_STAGES) & 1)
-    v_last = v_bufs.index(last_slot).reshape([BLOCK_N, HEAD_DIM])
-    acc = warpgroup_mma(p_prev, v_last, acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=(acc,))
-
-    # --- sinks: keys [0, sink_end), before every row's window -------------------------
-    if has_sinks:
-        mbarrier.wait(sink_ready, 0)
-        sink_k_t = sink_k.reshape([SINK_N, HEAD_DIM]).permute((1, 0))
-        sink_scores = warpgroup_mma(
-            q_smem, sink_k_t, gl.zeros([BLOCK_M, SINK_N], gl.float32, sink_layout),
-            use_acc=False, is_async=True,
+    # Persistent: each program walks work items pid, pid + nprog, ...; an item's first
+    # copies are issued before the previous item's epilogue, and its plan (scalar loads)
+    # is made while the previous item computes.
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    uses = pid * 0
+    q_phase = pid * 0
+    sink_phase = pid * 0
+    (valid, kv_head, first_token, tile_first_pos, max_row_pos, window_start, num_tiles,
+     full_begin, full_end, sink_end, block_table_row) = _plan_item(
+        pid, num_work, num_kv_heads, query_start_loc_ptr, seq_lens_ptr, prompt_lens_ptr,
+        block_table_ptr, stride_bt, num_seqs, sink_tokens, window_tokens, last_q_tokens,
+        HAS_LAST_ROWS, ROWS, BLOCK_N,
+    )  # fmt: skip
+    _start_item(valid, kv_head, first_token, window_start, num_tiles, sink_end, block_table_row,
+                q_desc, key_desc, value_desc, sink_key_desc, sink_value_desc, q_smem, q_ready,
+                k_bufs, v_bufs, k_ready, v_ready, sink_k, sink_v, sink_ready, uses,
+                NUM_STAGES, KV_BLOCK_SIZE, BLOCK_N)  # fmt: skip
+    for work in range(pid, num_work, nprog):
+        (next_valid, next_kv_head, next_first_token, next_tile_first_pos, next_max_row_pos,
+         next_window_start, next_num_tiles, next_full_begin, next_full_end, next_sink_end,
+         next_block_table_row) = _plan_item(
+            work + nprog, num_work, num_kv_heads, query_start_loc_ptr, seq_lens_ptr,
+            prompt_lens_ptr, block_table_ptr, stride_bt, num_seqs, sink_tokens, window_tokens,
+            last_q_tokens, HAS_LAST_ROWS, ROWS, BLOCK_N,
         )  # fmt: skip
-        sink_scores = warpgroup_mma_wait(0, deps=(sink_scores,))
-        sink_keys = gl.arange(0, SINK_N, layout=gl.SliceLayout(0, sink_layout))
-        sink_scores = gl.where(gl.expand_dims(sink_keys < sink_end, 0), sink_scores, float("-inf"))
-        sink_rows: gl.constexpr = gl.SliceLayout(1, sink_layout)
-        p_sink, sink_rescale, sink_max, sink_sum = _softmax_step(
-            sink_scores, gl.convert_layout(row_max, sink_rows),
-            gl.convert_layout(row_sum, sink_rows), qk_scale, dtype, p_layout,
-        )  # fmt: skip
-        acc = acc * gl.expand_dims(gl.convert_layout(sink_rescale, row_o), 1)
-        sink_v_2d = sink_v.reshape([SINK_N, HEAD_DIM])
-        acc = warpgroup_mma(p_sink, sink_v_2d, acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc,))
-        row_sum = gl.convert_layout(sink_sum, row_s)
+        if valid:
+            query_pos = tile_first_pos + gl.arange(0, BLOCK_M, layout=row_s) // GROUP
+            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+            row_max = gl.full([BLOCK_M], -1.0e30, gl.float32, row_s)  # finite: no NaN
+            row_sum = gl.zeros([BLOCK_M], gl.float32, row_s)
+            # the next K copy goes to tile NUM_STAGES; its block-table entry is read now
+            k_next_start = window_start + NUM_STAGES * BLOCK_N
+            k_next_block = _block_of(block_table_row, k_next_start, NUM_STAGES < num_tiles,
+                                     KV_BLOCK_SIZE)  # fmt: skip
+
+            # tile 0: scores and softmax; its P x V is issued in the next iteration
+            mbarrier.wait(q_ready, q_phase)
+            slot = uses % NUM_STAGES
+            mbarrier.wait(k_ready.index(slot), (uses // NUM_STAGES) & 1)
+            k_t = k_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+            scores = warpgroup_mma(q_tile, k_t, s_zero, use_acc=False, is_async=True)
+            scores = warpgroup_mma_wait(0, deps=(scores,))
+            _issue_copy(key_desc, k_bufs, k_ready, slot, k_next_block, kv_head,
+                        k_next_start % KV_BLOCK_SIZE, NUM_STAGES < num_tiles)  # fmt: skip
+            v_next_start = k_next_start  # V(NUM_STAGES) follows at tile 1
+            v_next_block = k_next_block
+            k_next_start += BLOCK_N
+            k_next_block = _block_of(block_table_row, k_next_start,
+                                     NUM_STAGES + 1 < num_tiles, KV_BLOCK_SIZE)  # fmt: skip
+            if (full_begin > 0) | (full_end == 0):
+                scores = _masked(scores, query_pos, window_start + offs_n, sink_tokens,
+                                 window_tokens)  # fmt: skip
+            p_prev, rescale, row_max, row_sum = _softmax_step(
+                scores, row_max, row_sum, qk_scale, dtype, p_layout
+            )
+
+            # tiles 1..: Q x K(i), then P(i-1) x V(i-1) in flight during tile i's softmax
+            for tile in range(1, num_tiles):
+                use = uses + tile
+                slot = use % NUM_STAGES
+                prev_slot = (use - 1) % NUM_STAGES
+                mbarrier.wait(k_ready.index(slot), (use // NUM_STAGES) & 1)
+                k_t = k_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+                scores = warpgroup_mma(q_tile, k_t, s_zero, use_acc=False, is_async=True)
+                mbarrier.wait(v_ready.index(prev_slot), ((use - 1) // NUM_STAGES) & 1)
+                v_prev = v_bufs.index(prev_slot).reshape([BLOCK_N, HEAD_DIM])
+                acc = warpgroup_mma(p_prev, v_prev, acc, is_async=True)
+                scores = warpgroup_mma_wait(1, deps=(scores,))  # Q x K(i) done; P x V runs
+                _issue_copy(key_desc, k_bufs, k_ready, slot, k_next_block, kv_head,
+                            k_next_start % KV_BLOCK_SIZE,
+                            tile + NUM_STAGES < num_tiles)  # fmt: skip
+                if (tile < full_begin) | (tile >= full_end):
+                    scores = _masked(scores, query_pos, window_start + tile * BLOCK_N + offs_n,
+                                     sink_tokens, window_tokens)  # fmt: skip
+                p_prev, rescale, row_max, row_sum = _softmax_step(
+                    scores, row_max, row_sum, qk_scale, dtype, p_layout
+                )
+                acc = warpgroup_mma_wait(0, deps=(acc,))  # P(i-1) x V(i-1) done: V slot free
+                _issue_copy(value_desc, v_bufs, v_ready, prev_slot, v_next_block, kv_head,
+                            v_next_start % KV_BLOCK_SIZE,
+                            tile - 1 + NUM_STAGES < num_tiles)  # fmt: skip
+                v_next_start = k_next_start
+                v_next_block = k_next_block
+                k_next_start += BLOCK_N
+                k_next_block = _block_of(block_table_row, k_next_start,
+                                         tile + NUM_STAGES + 1 < num_tiles,
+                                         KV_BLOCK_SIZE)  # fmt: skip
+                acc = acc * gl.expand_dims(gl.convert_layout(rescale, row_o), 1)
+
+            last_use = uses + num_tiles - 1
+            mbarrier.wait(v_ready.index(last_use % NUM_STAGES), (last_use // NUM_STAGES) & 1)
+            v_last = v_bufs.index(last_use % NUM_STAGES).reshape([BLOCK_N, HEAD_DIM])
+            acc = warpgroup_mma(p_prev, v_last, acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+
+            # sinks: keys [0, sink_end), before every row's window
+            if sink_end > 0:
+                mbarrier.wait(sink_ready, sink_phase)
+                sink_k_t = sink_k.reshape([SINK_N, HEAD_DIM]).permute((1, 0))
+                sink_scores = warpgroup_mma(
+                    q_tile, sink_k_t, gl.zeros([BLOCK_M, SINK_N], gl.float32, sink_layout),
+                    use_acc=False, is_async=True,
+                )  # fmt: skip
+                sink_scores = warpgroup_mma_wait(0, deps=(sink_scores,))
+                sink_keys = gl.arange(0, SINK_N, layout=gl.SliceLayout(0, sink_layout))
+                sink_scores = gl.where(gl.expand_dims(sink_keys < sink_end, 0), sink_scores,
+                                       float("-inf"))  # fmt: skip
+                sink_rows: gl.constexpr = gl.SliceLayout(1, sink_layout)
+                p_sink, sink_rescale, sink_max, sink_sum = _softmax_step(
+                    sink_scores, gl.convert_layout(row_max, sink_rows),
+                    gl.convert_layout(row_sum, sink_rows), qk_scale, dtype, p_layout,
+                )  # fmt: skip
+                acc = acc * gl.expand_dims(gl.convert_layout(sink_rescale, row_o), 1)
+                sink_v_2d = sink_v.reshape([SINK_N, HEAD_DIM])
+                acc = warpgroup_mma(p_sink, sink_v_2d, acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                row_sum = gl.convert_layout(sink_sum, row_s)
+
+            # Q, the sink tile and every ring slot are free: start the next item's copies,
+            # then normalise and store this one while they fly
+            _start_item(next_valid, next_kv_head, next_first_token, next_window_start,
+                        next_num_tiles, next_sink_end, next_block_table_row, q_desc, key_desc,
+                        value_desc, sink_key_desc, sink_value_desc, q_smem, q_ready, k_bufs,
+                        v_bufs, k_ready, v_ready, sink_k, sink_v, sink_ready, uses + num_tiles,
+                        NUM_STAGES, KV_BLOCK_SIZE, BLOCK_N)  # fmt: skip
+            inverse = 1.0 / gl.convert_layout(gl.where(row_sum > 0.0, row_sum, 1.0), row_o)
+            attended = gl.convert_layout((acc * gl.expand_dims(inverse, 1)).to(dtype), io_layout)
+            token = (first_token + offs_m // GROUP).to(gl.int64)
+            q_head = kv_head * GROUP + offs_m % GROUP
+            row_ok = tile_first_pos + offs_m // GROUP <= max_row_pos
+            gl.store(
+                out_ptr + gl.expand_dims(token * stride_ot + q_head * stride_oh, 1)
+                + gl.expand_dims(offs_d, 0),
+                attended, mask=gl.expand_dims(row_ok, 1) & gl.expand_dims(offs_d < HEAD_DIM, 0),
+            )  # fmt: skip
+        else:
+            _start_item(next_valid, next_kv_head, next_first_token, next_window_start,
+                        next_num_tiles, next_sink_end, next_block_table_row, q_desc, key_desc,
+                        value_desc, sink_key_desc, sink_value_desc, q_smem, q_ready, k_bufs,
+                        v_bufs, k_ready, v_ready, sink_k, sink_v, sink_ready, uses,
+                        NUM_STAGES, KV_BLOCK_SIZE, BLOCK_N)  # fmt: skip
+        uses += num_tiles
+        q_phase ^= valid.to(gl.int32)
+        sink_phase ^= (sink_end > 0).to(gl.int32)
+        valid = next_valid
+        kv_head = next_kv_head
+        first_token = next_first_token
+        tile_first_pos = next_tile_first_pos
+        max_row_pos = next_max_row_pos
+        window_start = next_window_start
+        num_tiles = next_num_tiles
+        full_begin = next_full_begin
+        full_end = next_full_end
+        sink_end = next_sink_end
+        block_table_row = next_block_table_row
 
     for stage in gl.static_range(NUM_STAGES):
         mbarrier.invalidate(k_ready.index(stage))
         mbarrier.invalidate(v_ready.index(stage))
+    mbarrier.invalidate(q_ready)
     mbarrier.invalidate(sink_ready)
-
-    # --- normalise and store ------------------------------------------------------------
-    inverse = 1.0 / gl.convert_layout(gl.where(row_sum > 0.0, row_sum, 1.0), row_o)
-    attended = (acc * gl.expand_dims(inverse, 1)).to(dtype)
-    attended = gl.convert_layout(attended, io_layout)
-    gl.store(
-        out_ptr + gl.expand_dims(token * stride_ot + q_head * stride_oh, 1)
-        + gl.expand_dims(offs_d, 0),
-        attended, mask=io_ok,
-    )  # fmt: skip
 
 
 def _box_descriptor(cache: torch.Tensor, keys: int) -> TensorDescriptor:
@@ -325,9 +392,10 @@ def _box_descriptor(cache: torch.Tensor, keys: int) -> TensorDescriptor:
 
 
 def gluon_streaming_supported(query: torch.Tensor, key_cache: torch.Tensor, block_n: int,
-                              sink_tokens: int, group_pad: int, block_m: int) -> bool:  # fmt: skip
+                              sink_tokens: int, group: int, block_m: int) -> bool:  # fmt: skip
     """Whether the Gluon kernel runs these inputs: Hopper, bf16/fp16, head dim 64 or 128,
-    whole key tiles per cache block, sinks within one block, the GQA group fits the tile."""
+    whole key tiles per cache block, sinks within one block, a power-of-two GQA group that
+    divides the tile, heads adjacent in memory (the Q tile is one TMA box)."""
     head_dim, kv_block_size = key_cache.shape[-1], key_cache.shape[2]
     return (
         query.is_cuda
@@ -336,27 +404,56 @@ def gluon_streaming_supported(query: torch.Tensor, key_cache: torch.Tensor, bloc
         and head_dim in (64, 128)
         and kv_block_size % block_n == 0
         and sink_tokens <= min(64, kv_block_size)
-        and block_m % group_pad == 0
+        and group & (group - 1) == 0
+        and block_m % group == 0
+        and query.stride(1) == head_dim
+        and query.stride(0) % 8 == 0
+        and query.data_ptr() % 16 == 0
     )
+
+
+def _query_descriptor(query: torch.Tensor, group: int, rows: int) -> TensorDescriptor:
+    """TMA descriptor over ``query`` seen as ``[T, Hkv, group, D]``: one box is ``rows``
+    tokens x the GQA group of one KV head, i.e. the GQA-packed Q tile."""
+    num_tokens, num_q_heads, head_dim = query.shape
+    grouped = query.as_strided(
+        (num_tokens, num_q_heads // group, group, head_dim),
+        (query.stride(0), group * query.stride(1), query.stride(1), 1),
+    )
+    box = [rows, 1, group, head_dim]
+    dtype = gl.bfloat16 if query.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for(box, dtype)
+    return TensorDescriptor(grouped, list(grouped.shape), list(grouped.stride()), box, layout)
+
+
+_SM_COUNTS: dict[int, int] = {}
 
 
 def launch_streaming_rows_gluon(
     query, key_cache, value_cache, out, block_table, query_start_loc, seq_lens, prompt_lens,
     qk_scale: float, sink_tokens: int, window_tokens: int, last_q_tokens: int,
-    group: int, group_pad: int, block_m: int, block_n: int, num_stages: int, num_warps: int,
+    group: int, block_m: int, block_n: int, num_stages: int, num_warps: int,
+    programs_per_sm: int,
 ) -> None:  # fmt: skip
-    """Launch the Gluon streaming-rows kernel (same grid as the Triton one)."""
+    """Launch the persistent Gluon streaming-rows kernel: ``programs_per_sm`` programs per
+    SM walk the work items (row tiles x KV heads, numbered like the Triton kernel's grid)."""
     num_tokens = query.shape[0]
-    rows = block_m // group_pad
+    rows = block_m // group
     sink_n = max(16, 1 << max(sink_tokens - 1, 0).bit_length())
-    num_seqs = seq_lens.shape[0]
-    _streaming_rows_gluon_kernel[(num_tokens // rows + num_seqs, key_cache.shape[1])](
-        query, _box_descriptor(key_cache, block_n), _box_descriptor(value_cache, block_n),
+    num_seqs, num_kv_heads = seq_lens.shape[0], key_cache.shape[1]
+    num_work = (num_tokens // rows + num_seqs) * num_kv_heads
+    device = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    if device not in _SM_COUNTS:
+        _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    grid = (min(num_work, programs_per_sm * _SM_COUNTS[device]),)
+    _streaming_rows_gluon_kernel[grid](
+        _query_descriptor(query, group, rows),
+        _box_descriptor(key_cache, block_n), _box_descriptor(value_cache, block_n),
         _box_descriptor(key_cache, sink_n), _box_descriptor(value_cache, sink_n), out,
         block_table, query_start_loc, seq_lens, prompt_lens,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
-        num_seqs, qk_scale, sink_tokens, window_tokens, last_q_tokens,
-        HAS_LAST_ROWS=last_q_tokens > 0, GROUP=group, GROUP_PAD=group_pad, ROWS=rows,
-        BLOCK_N=block_n, SINK_N=sink_n, HEAD_DIM=key_cache.shape[-1],
-        KV_BLOCK_SIZE=key_cache.shape[2], NUM_STAGES=num_stages, num_warps=num_warps,
+        out.stride(0), out.stride(1), block_table.stride(0),
+        num_work, num_kv_heads, num_seqs, qk_scale, sink_tokens, window_tokens, last_q_tokens,
+        HAS_LAST_ROWS=last_q_tokens > 0, GROUP=group, ROWS=rows, BLOCK_N=block_n,
+        SINK_N=sink_n, HEAD_DIM=key_cache.shape[-1], KV_BLOCK_SIZE=key_cache.shape[2],
+        NUM_STAGES=num_stages, num_warps=num_warps,
     )  # fmt: skip

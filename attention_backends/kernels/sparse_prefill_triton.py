@@ -656,6 +656,8 @@ class LaunchConfig:
     streaming_kernel: "triton", or "gluon" for the Hopper kernel in
     ``sparse_prefill_gluon.py`` where it supports the inputs (block_m, block_n, num_warps
     and num_stages then describe that kernel; the Triton kernel is the fallback).
+    programs_per_sm: how many programs of the persistent Gluon kernel run per SM (its
+    occupancy: 2 for 64-row tiles with 2 stages).
     """
 
     block_m: int = 128
@@ -676,13 +678,16 @@ class LaunchConfig:
     overlap_last_rows: bool = True
     half_edge_tiles: bool = False
     streaming_kernel: str = "triton"
+    programs_per_sm: int = 2
 
 
-# Measured on the H200 (benchmarks/trianglemix_NOTES.md): with TMA boxes, one warpgroup
-# on 128-row tiles is fastest; with the per-key gather (cache blocks smaller than a key
-# tile, vLLM's default 16) the loads go through registers and 16 warps on 256-row tiles
-# hide their latency best.
+# Measured on the H200 (benchmarks/trianglemix_NOTES.md): with TMA boxes the persistent
+# Gluon kernel on 64-row tiles (one warpgroup, two programs per SM) runs the streaming
+# rows fastest; of the Triton configs, one warpgroup on 128-row tiles; with the per-key
+# gather (cache blocks smaller than a key tile, vLLM's default 16) the loads go through
+# registers and 16 warps on 256-row tiles hide their latency best.
 TMA_CONFIG = LaunchConfig()
+GLUON_CONFIG = LaunchConfig(streaming_kernel="gluon", block_m=64, num_stages=2)
 GATHER_CONFIG = LaunchConfig(block_m=256, num_warps=16, num_stages=2, kv_tma=False)
 
 
@@ -753,12 +758,16 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
 
 def default_config(key_cache: torch.Tensor, value_cache: torch.Tensor) -> LaunchConfig:
     """The measured-best launch config for these caches: TMA when every key tile of both
-    kernels is one copy-engine box, else the gather config."""
+    kernels is one copy-engine box (the Gluon streaming kernel on Hopper), else the gather
+    config."""
     tma_usable = all(
         _kv_descriptors(key_cache, value_cache, block_n) is not None
         for block_n in {TMA_CONFIG.block_n, TMA_CONFIG.last_block_n}
     )
-    return TMA_CONFIG if tma_usable else GATHER_CONFIG
+    if not tma_usable:
+        return GATHER_CONFIG
+    hopper = torch.cuda.get_device_capability(key_cache.device)[0] == 9
+    return GLUON_CONFIG if hopper else TMA_CONFIG
 
 
 def sparse_prefill_triton(
@@ -825,16 +834,18 @@ def sparse_prefill_triton(
 
     def launch_streaming_rows() -> None:
         if config.streaming_kernel == "gluon":
-            from attention_backends.kernels import sparse_prefill_gluon as gluon_kernels
-
-            if gluon_kernels.gluon_streaming_supported(
-                query, key_cache, config.block_n, sink_tokens, group_pad, config.block_m
+            try:
+                from attention_backends.kernels import sparse_prefill_gluon as gluon_kernels
+            except ImportError:  # a triton without Gluon: the Triton kernel below
+                gluon_kernels = None
+            if gluon_kernels is not None and gluon_kernels.gluon_streaming_supported(
+                query, key_cache, config.block_n, sink_tokens, group, config.block_m
             ):
                 gluon_kernels.launch_streaming_rows_gluon(
                     query, key_cache, value_cache, out, block_table, query_start_loc, seq_lens,
                     prompt_lens, qk_scale, sink_tokens, window_tokens, last_q_tokens, group,
-                    group_pad, config.block_m, config.block_n, config.num_stages,
-                    config.num_warps,
+                    config.block_m, config.block_n, config.num_stages, config.num_warps,
+                    config.programs_per_sm,
                 )  # fmt: skip
                 return
         _streaming_rows_kernel[(num_tokens // rows + num_seqs, num_kv_heads)](
