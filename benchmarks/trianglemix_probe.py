@@ -112,6 +112,27 @@ def probe_length(num_tokens: int, streaming_base: dict, streaming_variants=STREA
     return row
 
 
+def plot(runs: list[dict], path: Path) -> None:
+    """One panel per probe run: each variant's time at the first length, in ms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(runs), 1, figsize=(9, 2.2 + 0.28 * sum(
+        len(run["rows"][0]) for run in runs)), squeeze=False)  # fmt: skip
+    for axis, run in zip(axes[:, 0], runs, strict=True):
+        row = run["rows"][0]
+        timed = {k: v["ms"] for k, v in row.items() if isinstance(v, dict) and "ms" in v}
+        axis.barh(list(timed), list(timed.values()))
+        axis.invert_yaxis()
+        axis.tick_params(labelsize=7)
+        axis.set_title(f"{run['title']} ({row['num_tokens'] // 1024}K tokens)", fontsize=8)
+        axis.set_xlabel("ms (median, do_bench)", fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536])
@@ -128,6 +149,7 @@ def main() -> None:
         return
     rows = [probe_length(n, json.loads(args.streaming_base)) for n in args.lengths]
     Path(args.out).write_text(json.dumps(rows, indent=1))
+    plot([{"title": "probe", "rows": rows}], Path(args.out).with_suffix(".png"))
     labels = [k for k in rows[0] if k != "num_tokens"]
     print("\nvariant" + "".join(f"  {r['num_tokens'] // 1024:>6}K" for r in rows))
     for label in labels:

@@ -1,23 +1,25 @@
-"""The streaming rows of the triangle pattern as a Gluon kernel for Hopper (sm_90).
+"""The streaming rows of the triangle pattern as a persistent Gluon kernel for Hopper (sm_90).
 
 Same function as ``_streaming_rows_kernel`` in ``sparse_prefill_triton.py`` (sinks + local
 window for every row that is not a last-q row, GQA-packed tiles, paged K/V), for caches
-whose block holds whole key tiles, so that every K/V tile is one TMA box.
+whose block holds whole key tiles, so that every K/V tile is one TMA box. It is the default
+for such caches on Hopper (``GLUON_CONFIG``); the last-q rows stay in Triton.
 
-Why a second kernel: the Triton version runs one warpgroup on 128-row tiles. Its
-accumulator (128 x 128 fp32) alone takes half the registers, ptxas spills loop state and
-reloads it every iteration (ncu: 35% of stall samples waiting on local memory), and
-Triton's schedule waits for every tensor-core op before the softmax that follows. Gluon
-states layouts and waits explicitly, which buys:
+Why a second kernel (measured, benchmarks/trianglemix_NOTES.md): the Triton version runs
+one warpgroup on 128-row tiles; its accumulator (128 x 128 fp32) alone takes half the
+registers, ptxas spills loop state and reloads it every iteration (ncu: 35% of the stall
+samples wait on local memory), and Triton waits for every tensor-core op before the
+softmax that follows. Gluon states layouts, waits and copies explicitly, which buys:
 
-- 64 rows per warpgroup (8 warps on 128-row tiles, or 4 warps on 64-row tiles): half the
-  accumulator registers per thread, so no spills;
-- FlashAttention-3's in-warpgroup overlap: the P x V product of tile i-1 is issued after
-  the Q x K product of tile i and runs on the tensor cores while the CUDA cores do tile i's
-  softmax;
-- a ring of ``NUM_STAGES`` K/V buffers filled by TMA, each tile's block-table entry read one
-  iteration before its copy is issued (the copy never waits on a global load);
-- the sink tile as its own small TMA box, loaded at the start and folded in at the end.
+- 64 rows per warpgroup (4 warps on 64-row tiles, two programs per SM): half the
+  accumulator registers per thread, no spills;
+- FlashAttention-3's in-warpgroup overlap: P(i-1) x V(i-1) is issued after Q x K(i) and
+  runs on the tensor cores while the CUDA cores do tile i's softmax;
+- separate K and V rings filled by TMA, each slot refilled as soon as its reader is done,
+  block-table entries read one copy ahead (no copy waits on a global load);
+- persistence: a program walks many work items; the next item's Q tile (one TMA box over
+  ``[T, Hkv, group, D]``), sink tile and first K/V tiles are in flight during the current
+  item's epilogue, and its scalar plan is loaded while the current item computes.
 
 Importing this module needs triton (Gluon ships with it); launching needs a Hopper GPU.
 """
