@@ -30,7 +30,7 @@ from attention_backends.kernels import sparse_prefill_triton as kernels  # noqa:
 
 STREAMING_DEFAULTS = {  # Llama-3.1-8B shapes, the TMA launch config
     "kv_tma": True, "block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3,
-    "group": 4, "head_dim": 128, "cache_block": 64, "half_edge_tiles": False, "single_loop": True,
+    "group": 4, "head_dim": 128, "cache_block": 64, "single_loop": True,
 }  # fmt: skip
 TENSOR_POINTERS = {"query_ptr", "key_cache_ptr", "value_cache_ptr", "out_ptr"}  # the rest: int32
 SASS_OPS = ("HGMMA", "UTMALDG", "LDGSTS", "MUFU.EX2", "LDL", "STL", "BAR.SYNC")
@@ -41,11 +41,9 @@ def compile_streaming_kernel(variant: dict):
     fn = kernels._streaming_rows_kernel
     rows = variant["block_m"] // variant["group"]
     tile = f"[1, 1, {variant['block_n']}, {variant['head_dim']}]"
-    half_tile = f"[1, 1, {variant['block_n'] // 2}, {variant['head_dim']}]"
     constexprs = {
         "HAS_LAST_ROWS": True, "SINGLE_LOOP": variant["single_loop"], "LAZY_RESCALE": False,
-        "KV_TMA": variant["kv_tma"], "HALF_EDGE_TILES": variant["half_edge_tiles"],
-        "GROUP": variant["group"], "GROUP_PAD": variant["group"],
+        "KV_TMA": variant["kv_tma"], "GROUP": variant["group"], "GROUP_PAD": variant["group"],
         "ROWS": rows, "BLOCK_N": variant["block_n"], "SINK_BLOCK_N": 16,
         "HEAD_DIM": variant["head_dim"], "HEAD_DIM_PAD": variant["head_dim"],
         "KV_BLOCK_SIZE": variant["cache_block"],
@@ -56,9 +54,6 @@ def compile_streaming_kernel(variant: dict):
             signature[name] = "constexpr"
         elif name in ("key_desc", "value_desc"):
             signature[name] = f"tensordesc<bf16{tile}>" if variant["kv_tma"] else "*bf16"
-        elif name in ("key_half_desc", "value_half_desc"):
-            use_half = variant["kv_tma"] and variant["half_edge_tiles"]
-            signature[name] = f"tensordesc<bf16{half_tile}>" if use_half else "*bf16"
         elif name.endswith("_ptr"):
             signature[name] = "*bf16" if name in TENSOR_POINTERS else "*i32"
         elif name == "qk_scale":

@@ -219,8 +219,6 @@ def _streaming_rows_kernel(
     value_cache_ptr,
     key_desc,
     value_desc,
-    key_half_desc,
-    value_half_desc,
     out_ptr,
     block_table_ptr,
     query_start_loc_ptr,
@@ -246,7 +244,6 @@ def _streaming_rows_kernel(
     SINGLE_LOOP: tl.constexpr,
     LAZY_RESCALE: tl.constexpr,
     KV_TMA: tl.constexpr,
-    HALF_EDGE_TILES: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     ROWS: tl.constexpr,
@@ -301,14 +298,7 @@ def _streaming_rows_kernel(
     # in their own small tiles (no row's window reaches them, so nothing is counted twice).
     # (window start rounded down to a tile boundary: tiles then never straddle a cache
     # block when the block size is a multiple of BLOCK_N; the mask drops the extra keys)
-    # With HALF_EDGE_TILES the span is rounded to half tiles instead: a half tile at the
-    # window edge or at the diagonal replaces a full tile that would be half masked (the
-    # span of 32 rows with a 512 window is 543 keys: 8.5 tiles of 64, not 9).
-    HALF_N: tl.constexpr = BLOCK_N // 2
-    if HALF_EDGE_TILES:
-        window_start = tl.maximum(tile_first_pos - window_tokens + 1, 0) // HALF_N * HALF_N
-    else:
-        window_start = tl.maximum(tile_first_pos - window_tokens + 1, 0) // BLOCK_N * BLOCK_N
+    window_start = tl.maximum(tile_first_pos - window_tokens + 1, 0) // BLOCK_N * BLOCK_N
     sink_end = tl.minimum(sink_tokens, window_start)
     if sink_end > 0:
         acc, row_sum, row_max = _attend_key_tiles(
@@ -322,17 +312,7 @@ def _streaming_rows_kernel(
             KV_BLOCK_SIZE, SINK_BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
     key_limit = max_row_pos + 1
-    if HALF_EDGE_TILES:
-        # the leading half tile (cut by the window edge) runs after the main loop
-        lead_half_start = window_start
-        lead_half = window_start % BLOCK_N != 0
-        window_start += lead_half.to(tl.int32) * HALF_N
-        span = key_limit - window_start
-        # a remainder of at most half a tile goes to a trailing half tile
-        tail_half = (span % BLOCK_N > 0) & (span % BLOCK_N <= HALF_N)
-        num_tiles = span // BLOCK_N + (span % BLOCK_N > HALF_N).to(tl.int32)
-    else:
-        num_tiles = tl.cdiv(key_limit - window_start, BLOCK_N)
+    num_tiles = tl.cdiv(key_limit - window_start, BLOCK_N)
     # leading tiles cut by the last row's window edge; trailing tiles cut by the diagonal
     window_edge = tl.maximum(max_row_pos - window_tokens + 1 - window_start, 0)
     full_begin = tl.minimum(tl.cdiv(window_edge, BLOCK_N), num_tiles)
@@ -381,29 +361,7 @@ def _streaming_rows_kernel(
             1, LAZY_RESCALE, KV_TMA,
             KV_BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
         )  # fmt: skip
-    if HALF_EDGE_TILES:  # the half tiles (order does not change the softmax)
-        if lead_half:
-            acc, row_sum, row_max = _attend_key_tiles(
-                acc, row_sum, row_max, q, query_pos,
-                key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
-                key_half_desc, value_half_desc, kv_head,
-                stride_kb, stride_kt, stride_vb, stride_vt,
-                lead_half_start, 1, key_limit,
-                qk_scale, sink_tokens, window_tokens, 0, 0,
-                1, LAZY_RESCALE, KV_TMA,
-                KV_BLOCK_SIZE, HALF_N, HEAD_DIM, HEAD_DIM_PAD,
-            )  # fmt: skip
-        if tail_half:
-            acc, row_sum, row_max = _attend_key_tiles(
-                acc, row_sum, row_max, q, query_pos,
-                key_cache_head_ptr, value_cache_head_ptr, block_table_row_ptr,
-                key_half_desc, value_half_desc, kv_head,
-                stride_kb, stride_kt, stride_vb, stride_vt,
-                window_start + num_tiles * BLOCK_N, 1, key_limit,
-                qk_scale, sink_tokens, window_tokens, 0, 0,
-                1, LAZY_RESCALE, KV_TMA,
-                KV_BLOCK_SIZE, HALF_N, HEAD_DIM, HEAD_DIM_PAD,
-            )  # fmt: skip
+
     row_sum = tl.where(row_ok, row_sum, 1.0)
     attended = acc / row_sum[:, None]
     tl.store(
@@ -651,8 +609,6 @@ class LaunchConfig:
     inside one cache block (cache block a multiple of the tile, power-of-two head dim,
     Hopper or newer); else the per-key gather. overlap_last_rows: run the last-rows
     kernels on a side stream, concurrently with the streaming-rows kernel.
-    half_edge_tiles: streaming rows round their key span to half tiles, so the window-edge
-    or diagonal tile that would be mostly masked is computed as a half tile.
     streaming_kernel: "triton", or "gluon" for the Hopper kernel in
     ``sparse_prefill_gluon.py`` where it supports the inputs (block_m, block_n, num_warps
     and num_stages then describe that kernel; the Triton kernel is the fallback).
@@ -676,7 +632,6 @@ class LaunchConfig:
     last_lazy_rescale: bool = False
     kv_tma: bool = True
     overlap_last_rows: bool = True
-    half_edge_tiles: bool = False
     streaming_kernel: str = "triton"
     programs_per_sm: int = 2
 
@@ -826,11 +781,6 @@ def sparse_prefill_triton(
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
     )  # fmt: skip
     descriptors = _kv_descriptors(key_cache, value_cache, config.block_n) if config.kv_tma else None
-    half_descriptors = None
-    if descriptors is not None and config.half_edge_tiles:
-        half_descriptors = _kv_descriptors(key_cache, value_cache, config.block_n // 2)
-        if half_descriptors is None:  # half tiles would straddle blocks: no TMA at all
-            descriptors = None
 
     def launch_streaming_rows() -> None:
         if config.streaming_kernel == "gluon":
@@ -849,15 +799,13 @@ def sparse_prefill_triton(
                 )  # fmt: skip
                 return
         _streaming_rows_kernel[(num_tokens // rows + num_seqs, num_kv_heads)](
-            query, key_cache, value_cache, *(descriptors or (key_cache, value_cache)),
-            *(half_descriptors or (key_cache, value_cache)), out,
+            query, key_cache, value_cache, *(descriptors or (key_cache, value_cache)), out,
             block_table, query_start_loc, seq_lens, prompt_lens,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1),
             *kv_strides, block_table.stride(0),
             num_seqs, qk_scale, sink_tokens, window_tokens, last_q_tokens,
             HAS_LAST_ROWS=last_q_tokens > 0, SINGLE_LOOP=config.single_loop,
             LAZY_RESCALE=config.lazy_rescale, KV_TMA=descriptors is not None,
-            HALF_EDGE_TILES=config.half_edge_tiles,
             GROUP=group, GROUP_PAD=group_pad, ROWS=rows,
             BLOCK_N=config.block_n, SINK_BLOCK_N=sink_block_n,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, KV_BLOCK_SIZE=kv_block_size,

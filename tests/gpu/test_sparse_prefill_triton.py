@@ -164,24 +164,6 @@ def test_last_rows_on_a_side_stream_or_serial(dtype, overlap):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_warps", [4, 8])
-@pytest.mark.parametrize("q_heads", [32, 64], ids=["gqa4", "gqa8"])
-@pytest.mark.parametrize("block_size,kv_tma", [(64, True), (128, True), (16, False)])
-def test_half_edge_tiles(dtype, num_warps, q_heads, block_size, kv_tma):
-    # key spans rounded to half tiles: a leading (window edge) or trailing (diagonal) half
-    # tile, at every alignment (a non-final chunk and a cached prefix shift the rows)
-    from attention_backends.kernels.sparse_prefill_triton import TMA_CONFIG
-
-    check_against_reference(
-        [2500, 700, 1333], dtype, query_lens=[2500, 300, 611], prompt_lens=[2500, 1000, 1333],
-        q_heads=q_heads, kv_heads=8, pattern=PAPER_TRIANGLE, block_size=block_size,
-        config=dataclasses.replace(
-            TMA_CONFIG, half_edge_tiles=True, num_warps=num_warps, kv_tma=kv_tma
-        ),
-    )  # fmt: skip
-
-
 GLUON_CONFIGS = {  # (block_m, num_warps, num_stages): 64 rows per warpgroup either way
     "128x64-w8-s3": (128, 8, 3),
     "128x64-w8-s2": (128, 8, 2),
