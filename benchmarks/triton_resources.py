@@ -1,15 +1,20 @@
-"""Compile the sparse-prefill streaming kernel for Hopper (sm_90) on a machine with no GPU.
+"""Compile the sparse-prefill streaming kernels for Hopper (sm_90) on a machine with no GPU.
 
-Triton ships ptxas and cuobjdump, so the kernel compiles here; this prints, per launch
-config, the registers, stack (spill) bytes and shared memory, and counts of telling SASS
-instructions (HGMMA tensor-core ops, UTMALDG TMA loads, LDGSTS async copies, LDL/STL local
-memory spills). It costs no device time and explained, for example, why the per-key gather
-needs 16 warps (its loads go through registers) while TMA tiles run best on one warpgroup.
-The local Triton version may differ from the device's: read the numbers as leads.
+Triton ships ptxas and cuobjdump, so the kernels compile here; this prints, per launch
+config, the registers, stack (spill) bytes and shared memory, whether ptxas serializes the
+wgmma instructions (warning C7515), and counts of telling SASS instructions (HGMMA
+tensor-core ops, UTMALDG TMA loads, LDGSTS async copies, LDL/STL local-memory spills). It
+costs no device time. ``"kernel": "gluon"`` compiles the Gluon kernel instead of the Triton
+one. Compile with the device's Triton for numbers that hold there (3.6 in 2026-11):
 
-    .venv/bin/python benchmarks/triton_resources.py '[{"kv_tma": true}, {"kv_tma": false}]'
+    .venv/bin/pip download --no-deps triton==3.6.0 -d /tmp/w
+    .venv/bin/pip install --no-deps --target /tmp/t36 /tmp/w/*.whl
+    PYTHONPATH=/tmp/t36 .venv/bin/python benchmarks/triton_resources.py \
+        '[{}, {"kv_tma": false}, {"kernel": "gluon", "block_m": 64, "num_stages": 2}]'
 
-Each JSON object overrides ``STREAMING_DEFAULTS`` below.
+Each JSON object overrides ``STREAMING_DEFAULTS`` below. Arguments carry the alignment hints
+the launcher gives at run time (without them ptxas reports spills and serializations that
+the device never sees).
 """
 
 from __future__ import annotations
@@ -37,6 +42,17 @@ SASS_OPS = ("HGMMA", "UTMALDG", "LDGSTS", "MUFU.EX2", "LDL", "STL", "BAR.SYNC")
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
+def _alignment_hints(fn, signature: dict) -> dict:
+    """What the launcher specializes at run time: 16-byte aligned pointers and integer
+    arguments divisible by 16 (the strides; the counts are do_not_specialize) carry
+    tt.divisibility=16, which lets the compiler vectorize loads and stores."""
+    return {
+        (index,): [["tt.divisibility", 16]]
+        for index, name in enumerate(fn.arg_names)
+        if signature[name].startswith("*") or name.startswith("stride_")
+    }
+
+
 def compile_streaming_kernel(variant: dict):
     fn = kernels._streaming_rows_kernel
     rows = variant["block_m"] // variant["group"]
@@ -60,22 +76,63 @@ def compile_streaming_kernel(variant: dict):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-    # What the launcher specializes at run time: 16-byte aligned pointers and integer
-    # arguments divisible by 16 (the strides; the counts are do_not_specialize) carry
-    # tt.divisibility=16, which lets the compiler vectorize loads and stores.
-    aligned = {
-        (index,): [["tt.divisibility", 16]]
-        for index, name in enumerate(fn.arg_names)
-        if signature[name].startswith("*") or name.startswith("stride_")
-    }
     return triton.compile(
-        ASTSource(fn, signature, constexprs, aligned),
+        ASTSource(fn, signature, constexprs, _alignment_hints(fn, signature)),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": variant["num_warps"], "num_stages": variant["num_stages"]},
+    )
+
+
+def compile_gluon_streaming_kernel(variant: dict):
+    import torch
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from attention_backends.kernels import sparse_prefill_gluon as gluon_kernels
+
+    fn = gluon_kernels._streaming_rows_gluon_kernel
+    group, head_dim, block_m = variant["group"], variant["head_dim"], variant["block_m"]
+    cache = torch.zeros(4, 8, 2 * variant["cache_block"], head_dim, dtype=torch.bfloat16)
+    cache = cache[:, :, : variant["cache_block"]]  # a strided K view, as the paged cache
+    query = torch.zeros(256, 8 * group, head_dim, dtype=torch.bfloat16)
+    descriptor_types = {
+        "q_desc": mangle_type(gluon_kernels._query_descriptor(query, group, block_m // group)),
+        "key_desc": mangle_type(gluon_kernels._box_descriptor(cache, variant["block_n"])),
+        "sink_key_desc": mangle_type(gluon_kernels._box_descriptor(cache, 16)),
+    }
+    descriptor_types["value_desc"] = descriptor_types["key_desc"]
+    descriptor_types["sink_value_desc"] = descriptor_types["sink_key_desc"]
+    constexprs = {
+        "HAS_LAST_ROWS": True, "GROUP": group, "ROWS": block_m // group,
+        "BLOCK_N": variant["block_n"], "SINK_N": 16, "HEAD_DIM": head_dim,
+        "KV_BLOCK_SIZE": variant["cache_block"], "NUM_STAGES": variant["num_stages"],
+        "num_warps": variant["num_warps"],
+    }  # fmt: skip
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in descriptor_types:
+            signature[name] = descriptor_types[name]
+        elif name.endswith("_ptr"):
+            signature[name] = "*bf16" if name == "out_ptr" else "*i32"
+        else:
+            signature[name] = "fp32" if name == "qk_scale" else "i32"
+    return triton.compile(
+        GluonASTSource(fn, signature, constexprs, _alignment_hints(fn, signature)),
         target=GPUTarget("cuda", 90, 32),
         options={"num_warps": variant["num_warps"], "num_stages": variant["num_stages"]},
     )
 
 
 def resource_report(compiled) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        ptxas = subprocess.run(
+            [TOOLS / "ptxas", "-arch=sm_90a", "-v", ptx.name, "-o", "/dev/null"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -93,6 +150,7 @@ def resource_report(compiled) -> dict:
         "registers": int(fields.get("REG", -1)),
         "stack_bytes": int(fields.get("STACK", -1)),
         "shared_bytes": compiled.metadata.shared,
+        "wgmma_serialized": "C7515" in ptxas.stdout + ptxas.stderr,
         "sass": {op: sass.count(op) for op in SASS_OPS},
     }
 
@@ -101,9 +159,12 @@ def main() -> None:
     variants = json.loads(sys.argv[1]) if len(sys.argv) > 1 else [{}]
     for overrides in variants:
         variant = {**STREAMING_DEFAULTS, **overrides}
-        print(
-            json.dumps({"variant": overrides, **resource_report(compile_streaming_kernel(variant))})
+        compile_kernel = (
+            compile_gluon_streaming_kernel
+            if variant.get("kernel") == "gluon"
+            else compile_streaming_kernel
         )
+        print(json.dumps({"variant": overrides, **resource_report(compile_kernel(variant))}))
 
 
 if __name__ == "__main__":
