@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_backends.kernels import sparse_prefill_ref  # noqa: E402
 from attention_backends.kernels.sparse_prefill_triton import (  # noqa: E402
+    GLUON_CONFIG,
     LaunchConfig,
     default_config,
     sparse_prefill_triton,
@@ -49,8 +50,7 @@ STREAMING_SWEEP: dict[str, dict] = {
     "128x32 w4 s4 tma": {**_TMA_TILE, "block_n": 32, "num_stages": 4},
     "256x64 w16 s2 gather": _GATHER_TILE,
     "256x64 w8 s2 gather": {**_GATHER_TILE, "num_warps": 8},
-    "gluon 64x64 w4 s2": {**_TMA_TILE, "streaming_kernel": "gluon", "block_m": 64,
-                          "num_stages": 2},
+    "gluon 64x64 w4 s2": dataclasses.asdict(GLUON_CONFIG),
 }
 STREAMING_SWEEP_BY_BLOCK = {
     16: ["256x64 w16 s2 gather"],

@@ -33,6 +33,7 @@ from trianglemix_kernel import (  # noqa: E402
 )
 
 from attention_backends.kernels.sparse_prefill_triton import (  # noqa: E402
+    GLUON_CONFIG,
     TMA_CONFIG,
     sparse_prefill_triton,
 )
@@ -41,9 +42,8 @@ from attention_backends.patterns import TrianglePattern  # noqa: E402
 # label -> (config overrides, pattern overrides); "streaming" rows run without last rows.
 # "cache_block" (not a config field) picks the paged cache: 64 (TMA boxes) or 16 (gather).
 _W8 = {"num_warps": 8}
-_GATHER = {"kv_tma": False, "num_stages": 2, "cache_block": 16}
 _GLUON = {"streaming_kernel": "gluon"}
-_G64 = {"streaming_kernel": "gluon", "block_m": 64, "num_stages": 2}
+_G64 = dataclasses.asdict(GLUON_CONFIG)  # the default on Hopper
 STREAMING_VARIANTS: dict[str, tuple[dict, dict]] = {
     "triton 128x64 w4 s3": ({}, {}),
     "gluon 64x64 w4 s2, 2 per SM": (_G64, {}),
