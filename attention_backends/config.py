@@ -12,7 +12,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from server.config import TesseraSettings
+from tessera_config import TesseraSettings
 
 
 class AttentionSettings(TesseraSettings):

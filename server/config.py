@@ -8,60 +8,16 @@ SmolLM2 model on a small CPU machine.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, ClassVar
 
 from pydantic import Field, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    NoDecode,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    YamlConfigSettingsSource,
-)
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from server.model_prep import SERVED_MODEL_NAME
+from tessera_config import CONFIG_ENV, DEFAULT_CONFIG_FILE, TesseraSettings, config_file
 
-CONFIG_ENV = "TESSERA_CONFIG"
-DEFAULT_CONFIG_FILE = "tessera.yaml"
-
-
-def config_file() -> Path | None:
-    """The YAML config in force: `TESSERA_CONFIG`, else ./tessera.yaml if present."""
-    named = os.environ.get(CONFIG_ENV)
-    if named:
-        return Path(named)
-    default = Path(DEFAULT_CONFIG_FILE)
-    return default if default.exists() else None
-
-
-class TesseraSettings(BaseSettings):
-    """Base of each package's settings: its own section of tessera.yaml under env vars.
-
-    Subclasses set `yaml_section` and an `env_prefix`; explicit values beat env vars, which
-    beat the YAML file, which beats the field defaults.
-    """
-
-    yaml_section: ClassVar[str]
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        path = config_file()
-        if path is None:
-            return init_settings, env_settings
-        yaml_source = YamlConfigSettingsSource(
-            settings_cls, yaml_file=path, yaml_config_section=cls.yaml_section
-        )
-        return init_settings, env_settings, yaml_source
-
+__all__ = ["CONFIG_ENV", "DEFAULT_CONFIG_FILE", "ServerSettings", "TesseraSettings", "config_file"]
 
 class ServerSettings(TesseraSettings):
     """Everything `tessera serve` needs: data, workers, gateway, limits."""
