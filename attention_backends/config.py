@@ -46,18 +46,18 @@ class AttentionSettings(TesseraSettings):
             return [int(item) for item in value.split(",") if item.strip()]
         return value
 
-    def layer_policy(self, served_model_name: str | None = None):  # -> LayerPatternPolicy
+    def layer_policy(self, fingerprint=None):  # -> LayerPatternPolicy
+        """The per-layer policy for the served model (``ModelFingerprint`` or None); an
+        unset split takes the one measured for that model, else the paper's."""
         # (import kept lazy: torch is heavy)
         from attention_backends.policy import LayerPatternPolicy, default_dense_first_layers
 
         if self.method == "dense":
-            return LayerPatternPolicy.from_values(
-                "triangle", dense_layers=None, dense_first_layers=1 << 30
-            )
+            return LayerPatternPolicy.from_values("dense", dense_first_layers=0)
         return LayerPatternPolicy.from_values(
             "triangle",
             dense_first_layers=(
-                default_dense_first_layers(served_model_name)
+                default_dense_first_layers(fingerprint)
                 if self.dense_first_layers is None
                 else self.dense_first_layers
             ),

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 import torch
 from vllm import _custom_ops as ops
 from vllm import envs
-from vllm.config import get_current_vllm_config
-from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -24,30 +22,20 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from attention_backends.config import AttentionSettings
-from attention_backends.dispatch import (
-    PrefillDecodeSplit,
-    layer_index_from_name,
-    split_prefill_decode,
+from attention_backends import prompt_lengths
+from attention_backends.dispatch import PrefillDecodeSplit, split_prefill_decode
+from attention_backends.vllm_layers import (
+    attention_settings,
+    attention_usage,
+    layer_pattern,
+    served_model,
 )
-from attention_backends.usage import AttentionUsage
 
 BACKEND_NAME = "tessera-cpu"
 
 
-@functools.cache
-def _settings() -> AttentionSettings:
-    return AttentionSettings()
-
-
-@functools.cache
-def _policy(served_model_name: str | None):
-    return _settings().layer_policy(served_model_name)
-
-
-@functools.cache
-def _usage() -> AttentionUsage:
-    return AttentionUsage(_settings().stats_dir, BACKEND_NAME)
+def _usage():
+    return attention_usage(BACKEND_NAME)
 
 
 @functools.cache
@@ -93,12 +81,21 @@ class TesseraCPUAttentionMetadata(CPUAttentionMetadata):
 
 
 class TesseraCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        prompt_lengths.install_runner_hooks()  # the runner publishes each step's prompts
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
         metadata = TesseraCPUAttentionMetadata(**base.__dict__)
-        if _settings().method == "dense" or base.max_query_len <= 1:
+        if attention_settings().method == "dense" or base.max_query_len <= 1:
             return metadata  # nothing sparse can run this step
-        split = split_prefill_decode(base.query_start_loc, base.seq_lens, base.block_table)
+        query_start_loc = base.query_start_loc.numpy()
+        seq_lens = base.seq_lens.numpy()
+        split = split_prefill_decode(
+            query_start_loc, seq_lens, base.block_table,
+            prompt_lengths.prompt_lens_for_batch(query_start_loc, seq_lens),
+        )
         metadata.split = split
         if split.decode is not None:
             metadata.decode_scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
@@ -122,10 +119,11 @@ class TesseraCPUMetadataBuilder(CPUAttentionMetadataBuilder):
 class TesseraCPUAttentionImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        served = served_model()  # vLLM's config is current while the model is built
+        self.policy = served.policy
+        self.last_layer_index = served.num_layers - 1
         self.layer_index: int | None = None
-        model_config = get_current_vllm_config().model_config  # set while the model is built
-        self.last_layer_index = int(model_config.hf_text_config.num_hidden_layers) - 1
-        self.policy = _policy(model_config.served_model_name)
+        self.pattern = None
 
     def forward(
         self,
@@ -139,12 +137,12 @@ class TesseraCPUAttentionImpl(CPUAttentionBackendImpl):
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if attn_metadata is None or self.attn_type != AttentionType.DECODER:
+        if attn_metadata is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
-        if self.layer_index is None:
-            self.layer_index = layer_index_from_name(layer.layer_name)
-        pattern = self.policy.pattern_for_layer(self.layer_index)
+        if self.pattern is None:
+            self.layer_index, self.pattern = layer_pattern(self, layer.layer_name, self.policy)
+        pattern = self.pattern
         split = getattr(attn_metadata, "split", None)
         usage = _usage()
         if pattern.is_dense or split is None or split.prefill is None:
@@ -170,11 +168,11 @@ class TesseraCPUAttentionImpl(CPUAttentionBackendImpl):
         usage = _usage()
 
         prefill = split.prefill
-        # Without the request's full prompt length here, each chunk's own end stands in for
-        # it: the last-q rows of every chunk run dense, a superset of the paper's rows.
+        # prompt_lens: the whole prompt's length (from the model runner), so only the
+        # prompt's real last rows run dense, also when it is prefilled chunk by chunk.
         heads_view[prefill.token_rows] = sparse_prefill(
             query[prefill.token_rows], key_cache_tokens, value_cache, prefill.block_table,
-            prefill.query_start_loc, prefill.seq_lens, prefill.seq_lens, pattern, self.scale,
+            prefill.query_start_loc, prefill.seq_lens, prefill.prompt_lens, pattern, self.scale,
         ).to(output.dtype)
         usage.record(self.layer_index, pattern.name, int(prefill.token_rows.numel()))
 

@@ -1,24 +1,14 @@
-"""Plain helpers the vLLM glue uses to route work: layer names and prefill/decode splits.
+"""The prefill/decode split of a step's batch, which the vLLM glue of both backends uses.
 
-No vLLM import: these are tested directly.
+No vLLM import: tested directly.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
-
-
-def layer_index_from_name(layer_name: str) -> int:
-    """`model.layers.17.self_attn.attn` -> 17. Raises ValueError for names without one."""
-    match = _LAYER_INDEX.search(layer_name)
-    if match is None:
-        raise ValueError(f"no layer index in attention layer name {layer_name!r}")
-    return int(match.group(1))
 
 
 @dataclass(frozen=True)
@@ -29,6 +19,7 @@ class SubBatch:
     query_start_loc: torch.Tensor  # [S_sub + 1] int32
     seq_lens: torch.Tensor  # [S_sub] int32
     block_table: torch.Tensor  # [S_sub, max_blocks] int32
+    prompt_lens: torch.Tensor  # [S_sub] int32: whole prompt (decides TriangleMix's last rows)
 
     @property
     def num_seqs(self) -> int:
@@ -47,44 +38,58 @@ class PrefillDecodeSplit:
 
 
 def _sub_batch(
-    seq_ids: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
+    seq_ids: np.ndarray,
+    query_start_loc: np.ndarray,
+    seq_lens: np.ndarray,
+    prompt_lens: np.ndarray,
     block_table: torch.Tensor,
 ) -> SubBatch | None:
-    if seq_ids.numel() == 0:
+    if seq_ids.size == 0:
         return None
-    starts = query_start_loc[seq_ids].long()
-    ends = query_start_loc[seq_ids + 1].long()
-    token_rows = torch.cat([
-        torch.arange(s, e) for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
-    ])
-    sub_start_loc = torch.zeros(seq_ids.numel() + 1, dtype=torch.int32)
-    torch.cumsum((ends - starts).to(torch.int32), 0, out=sub_start_loc[1:])
+    device = block_table.device
+    starts, ends = query_start_loc[seq_ids], query_start_loc[seq_ids + 1]
+    token_rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends, strict=True)])
+    sub_start_loc = np.zeros(seq_ids.size + 1, dtype=np.int32)
+    np.cumsum(ends - starts, out=sub_start_loc[1:])
+
+    def to_device(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        host = torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
+        return host.to(device, non_blocking=True)
+
     return SubBatch(
-        token_rows=token_rows,
-        query_start_loc=sub_start_loc,
-        seq_lens=seq_lens[seq_ids].to(torch.int32),
-        block_table=block_table[seq_ids],
+        token_rows=to_device(token_rows, torch.int64),
+        query_start_loc=to_device(sub_start_loc, torch.int32),
+        seq_lens=to_device(seq_lens[seq_ids], torch.int32),
+        block_table=block_table[to_device(seq_ids, torch.int64)],
+        prompt_lens=to_device(prompt_lens[seq_ids], torch.int32),
     )
 
 
 def split_prefill_decode(
-    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor
+    query_start_loc: torch.Tensor | np.ndarray,
+    seq_lens: torch.Tensor | np.ndarray,
+    block_table: torch.Tensor,
+    prompt_lens: torch.Tensor | np.ndarray | None = None,
 ) -> PrefillDecodeSplit:
     """Separate a step's sequences into prefill (query_len > 1) and decode (query_len == 1).
 
-    vLLM's CPU batches are not reordered decode-first, so the two groups may interleave;
-    each sub-batch carries the rows it owns in the step's packed tensors.
+    query_start_loc ``[num_seqs + 1]``, seq_lens and prompt_lens ``[>= num_seqs]`` are host
+    values (CPU tensors or arrays; the builder's CPU copies); block_table stays where it
+    is, and every sub-batch tensor is put on its device. prompt_lens defaults to seq_lens
+    (each chunk's end taken for its prompt's end). Batches need not be reordered
+    decode-first (vLLM's CPU and V2 runners do not), so the groups may interleave; each
+    sub-batch carries the rows it owns in the step's packed tensors. Sequences with no new
+    token (padding) belong to neither group.
     """
-    query_start_loc = query_start_loc.cpu()
+    query_start_loc = np.asarray(query_start_loc, dtype=np.int64)
     query_lens = query_start_loc[1:] - query_start_loc[:-1]
-    num_seqs = query_lens.numel()
-    seq_lens = seq_lens.cpu()[:num_seqs]
+    num_seqs = query_lens.size
+    seq_lens = np.asarray(seq_lens, dtype=np.int64)[:num_seqs]
+    prompt_lens = seq_lens if prompt_lens is None else np.asarray(prompt_lens)[:num_seqs]
     block_table = block_table[:num_seqs]
-    is_prefill = query_lens > 1
+    prefill_ids = np.flatnonzero(query_lens > 1)
+    decode_ids = np.flatnonzero(query_lens == 1)
     return PrefillDecodeSplit(
-        prefill=_sub_batch(is_prefill.nonzero().flatten(), query_start_loc, seq_lens, block_table),
-        decode=_sub_batch((~is_prefill).nonzero().flatten(), query_start_loc, seq_lens,
-                          block_table),
+        prefill=_sub_batch(prefill_ids, query_start_loc, seq_lens, prompt_lens, block_table),
+        decode=_sub_batch(decode_ids, query_start_loc, seq_lens, prompt_lens, block_table),
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from attention_backends.policy import MEASURED_DENSE_FIRST_LAYERS
+from attention_backends.policy import MEASURED_DENSE_FIRST_LAYERS, SMOLLM2_135M
 from attention_backends.usage import read_usage
 from server.config import ServerSettings
 from server.launcher import (
@@ -28,7 +28,7 @@ from server.launcher import (
 )
 from tests.integration.conftest import MODEL, _start_gateway
 
-DENSE_FIRST_LAYERS = MEASURED_DENSE_FIRST_LAYERS[MODEL]  # 24
+DENSE_FIRST_LAYERS = MEASURED_DENSE_FIRST_LAYERS[SMOLLM2_135M]  # 24
 NUM_LAYERS = 30
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. " * 40
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
 from attention_backends.config import AttentionSettings
+from attention_backends.policy import SMOLLM2_135M, ModelFingerprint
 from server.cli import build_parser
 from server.config import ServerSettings
 
@@ -69,10 +72,30 @@ def test_trianglemix_policy_follows_the_split() -> None:
     assert not policy.pattern_for_layer(2).is_dense
 
 
-def test_unset_split_is_the_one_measured_for_the_served_model() -> None:
+def test_unset_split_is_the_one_measured_for_the_model_config() -> None:
     settings = AttentionSettings(method="trianglemix")
-    assert settings.layer_policy("smollm2-135m-instruct").dense_first_layers == 24
-    assert settings.layer_policy("some-other-model").dense_first_layers == 16  # the paper's
+    assert settings.layer_policy(SMOLLM2_135M).dense_first_layers == 24
+    other = dataclasses.replace(SMOLLM2_135M, num_layers=32)  # same family, other depth
+    assert settings.layer_policy(other).dense_first_layers == 16  # the paper's
     assert settings.layer_policy(None).dense_first_layers == 16
     chosen = AttentionSettings(method="trianglemix", dense_first_layers=5)
-    assert chosen.layer_policy("smollm2-135m-instruct").dense_first_layers == 5
+    assert chosen.layer_policy(SMOLLM2_135M).dense_first_layers == 5
+
+
+def test_fingerprint_is_read_from_the_model_directory(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 30, "hidden_size": 576,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+    }))
+    assert ModelFingerprint.from_config_json(tmp_path / "config.json") == SMOLLM2_135M
+
+
+def test_split_is_checked_against_the_layer_count() -> None:
+    too_deep = AttentionSettings(method="trianglemix", dense_first_layers=31)
+    with pytest.raises(ValueError, match="exceeds"):
+        too_deep.layer_policy(SMOLLM2_135M).check_layer_count(30)
+    outside = AttentionSettings(method="trianglemix", dense_layers=[0, 1, 40])
+    with pytest.raises(ValueError, match="outside"):
+        outside.layer_policy(SMOLLM2_135M).check_layer_count(30)
+    AttentionSettings(method="trianglemix").layer_policy(SMOLLM2_135M).check_layer_count(30)
+    AttentionSettings(method="dense").layer_policy(None).check_layer_count(30)

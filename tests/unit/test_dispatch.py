@@ -1,25 +1,10 @@
-"""Layer names and prefill/decode splits used by the vLLM glue."""
+"""Prefill/decode splits used by the vLLM glue of both backends."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from attention_backends.dispatch import layer_index_from_name, split_prefill_decode
-
-
-@pytest.mark.parametrize(("name", "index"), [
-    ("model.layers.0.self_attn.attn", 0),
-    ("model.layers.17.self_attn.attn", 17),
-    ("language_model.model.layers.29.self_attn.attn", 29),
-])
-def test_layer_index_is_read_from_the_layer_name(name: str, index: int) -> None:
-    assert layer_index_from_name(name) == index
-
-
-def test_layer_name_without_index_is_rejected() -> None:
-    with pytest.raises(ValueError):
-        layer_index_from_name("model.norm")
+from attention_backends.dispatch import split_prefill_decode
 
 
 def test_split_separates_interleaved_prefills_and_decodes() -> None:
@@ -35,6 +20,34 @@ def test_split_separates_interleaved_prefills_and_decodes() -> None:
     assert split.decode.token_rows.tolist() == [0, 4]
     assert split.decode.seq_lens.tolist() == [10, 20]
     assert split.decode.max_query_len == 1
+
+
+def test_split_carries_each_prefills_prompt_length() -> None:
+    # seq1 is a non-final 3-token chunk of a 4000-token prompt; seq3 a final chunk
+    split = split_prefill_decode(
+        torch.tensor([0, 1, 4, 5, 7], dtype=torch.int32),
+        torch.tensor([10, 3, 20, 6], dtype=torch.int32),
+        torch.arange(8, dtype=torch.int32).reshape(4, 2),
+        prompt_lens=torch.tensor([8, 4000, 15, 6], dtype=torch.int32),
+    )
+    assert split.prefill.prompt_lens.tolist() == [4000, 6]
+    assert split.prefill.prompt_lens.dtype == torch.int32
+
+
+def test_without_prompt_lengths_the_chunk_end_stands_in() -> None:
+    split = split_prefill_decode(torch.tensor([0, 4], dtype=torch.int32),
+                                 torch.tensor([9], dtype=torch.int32),
+                                 torch.zeros(1, 1, dtype=torch.int32))
+    assert split.prefill.prompt_lens.tolist() == [9]
+
+
+def test_padding_sequences_belong_to_neither_group() -> None:
+    # CUDA-graph padding: trailing sequences with no new token
+    split = split_prefill_decode(torch.tensor([0, 1, 3, 3, 3], dtype=torch.int32),
+                                 torch.tensor([5, 7, 0, 0], dtype=torch.int32),
+                                 torch.zeros(4, 2, dtype=torch.int32))
+    assert split.decode.token_rows.tolist() == [0]
+    assert split.prefill.token_rows.tolist() == [1, 2]
 
 
 def test_split_of_pure_prefill_has_no_decode() -> None:
