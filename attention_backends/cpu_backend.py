@@ -175,6 +175,9 @@ class TesseraCPUAttentionImpl(CPUAttentionBackendImpl):
             prefill.query_start_loc, prefill.seq_lens, prefill.prompt_lens, pattern, self.scale,
         ).to(output.dtype)
         usage.record(self.layer_index, pattern.name, int(prefill.token_rows.numel()))
+        last_q_tokens = getattr(pattern, "last_q_tokens", 0)
+        usage.record(self.layer_index, f"{pattern.name}_last_rows",
+                     prefill.rows_in_last(last_q_tokens))
 
         decode = split.decode
         if decode is not None:

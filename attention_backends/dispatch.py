@@ -20,10 +20,21 @@ class SubBatch:
     seq_lens: torch.Tensor  # [S_sub] int32
     block_table: torch.Tensor  # [S_sub, max_blocks] int32
     prompt_lens: torch.Tensor  # [S_sub] int32: whole prompt (decides TriangleMix's last rows)
+    # host copies, for counting without a device sync
+    seq_lens_host: np.ndarray
+    query_lens_host: np.ndarray
+    prompt_lens_host: np.ndarray
 
     @property
     def num_seqs(self) -> int:
         return int(self.seq_lens.numel())
+
+    def rows_in_last(self, last_tokens: int) -> int:
+        """How many of the sub-batch's query rows lie among their prompt's last
+        ``last_tokens`` positions (TriangleMix's dense last rows)."""
+        first_position = self.seq_lens_host - self.query_lens_host
+        first_last_row = np.maximum(self.prompt_lens_host - last_tokens, first_position)
+        return int(np.clip(self.seq_lens_host - first_last_row, 0, None).sum())
 
     @property
     def max_query_len(self) -> int:
@@ -62,6 +73,9 @@ def _sub_batch(
         seq_lens=to_device(seq_lens[seq_ids], torch.int32),
         block_table=block_table[to_device(seq_ids, torch.int64)],
         prompt_lens=to_device(prompt_lens[seq_ids], torch.int32),
+        seq_lens_host=seq_lens[seq_ids],
+        query_lens_host=ends - starts,
+        prompt_lens_host=np.asarray(prompt_lens[seq_ids], dtype=np.int64),
     )
 
 

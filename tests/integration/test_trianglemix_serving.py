@@ -3,6 +3,8 @@
 A worker of its own (the shared stack stays dense) with a small window so a ~900-token
 prompt is long enough for the triangle pattern to drop keys in layers 24-29. The split is
 not configured: the worker takes the one measured for the served model (SmolLM2: 24).
+Prefill runs in 256-token chunks, so a long prompt takes several steps and the last-q rows
+must be the prompt's, not each chunk's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from tests.integration.conftest import MODEL, _start_gateway
 
 DENSE_FIRST_LAYERS = MEASURED_DENSE_FIRST_LAYERS[SMOLLM2_135M]  # 24
 NUM_LAYERS = 30
+CHUNK_TOKENS = 256
+LAST_Q_TOKENS = 16
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. " * 40
 
 
@@ -37,12 +41,15 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. " 
 def trianglemix_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     run_dir = tmp_path_factory.mktemp("trianglemix")
     stats_dir = run_dir / "stats"
-    settings = ServerSettings(workers=1, kv_cache_space_gib=1, max_model_len=2048)
+    settings = ServerSettings(
+        workers=1, kv_cache_space_gib=1, max_model_len=2048,
+        worker_extra_args=["--max-num-batched-tokens", str(CHUNK_TOKENS)],
+    )
     env = {
         "TESSERA_ATTENTION_METHOD": "trianglemix",
         "TESSERA_ATTENTION_SINK_TOKENS": "4",
         "TESSERA_ATTENTION_WINDOW_TOKENS": "64",
-        "TESSERA_ATTENTION_LAST_Q_TOKENS": "16",
+        "TESSERA_ATTENTION_LAST_Q_TOKENS": str(LAST_Q_TOKENS),
         "TESSERA_ATTENTION_STATS_DIR": str(stats_dir),
     }
     worker = start_worker(settings, resolve_model_path(settings), 0, port=free_port(),
@@ -97,3 +104,31 @@ def test_long_prompt_runs_the_triangle_path_in_deep_layers(
     for layer in range(DENSE_FIRST_LAYERS, NUM_LAYERS):
         # The whole long prefill went through the sparse kernel, not vLLM's dense one.
         assert usage[layer].get("triangle", 0) >= prompt_tokens, f"layer {layer}: {usage[layer]}"
+
+
+def test_chunked_prefill_runs_only_the_prompts_own_last_rows_dense(
+    trianglemix_gateway: tuple[str, Path],
+) -> None:
+    url, stats_dir = trianglemix_gateway
+    before = _usage_after(stats_dir, min_steps=1)
+    # A new first sentence: no prefix-cache hit on the earlier tests' filler.
+    prompt = "Chapter seven begins here. " + FILLER + "The pass key is 12345. The pass key is"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    prompt_tokens = response.json()["usage"]["prompt_tokens"]
+    assert prompt_tokens > 3 * CHUNK_TOKENS  # at least 4 prefill chunks
+
+    def grown(usage: dict[int, dict[str, int]], layer: int, path: str) -> int:
+        return usage[layer].get(path, 0) - before.get(layer, {}).get(path, 0)
+
+    deadline = time.monotonic() + 10
+    usage = _usage_after(stats_dir, min_steps=1)
+    while grown(usage, NUM_LAYERS - 1, "triangle") < prompt_tokens and time.monotonic() < deadline:
+        time.sleep(0.2)
+        usage = _usage_after(stats_dir, min_steps=1)
+    for layer in range(DENSE_FIRST_LAYERS, NUM_LAYERS):
+        assert grown(usage, layer, "triangle") == prompt_tokens, usage[layer]
+        # Only the prompt's last 16 rows ran as full rows; when each chunk's end was taken
+        # for the prompt's end, every one of the >= 4 chunks added 16.
+        assert grown(usage, layer, "triangle_last_rows") == LAST_Q_TOKENS, usage[layer]

@@ -32,6 +32,9 @@ def test_split_carries_each_prefills_prompt_length() -> None:
     )
     assert split.prefill.prompt_lens.tolist() == [4000, 6]
     assert split.prefill.prompt_lens.dtype == torch.int32
+    # last 4 prompt rows: none in seq1's chunk (positions 0-2 of 4000), all 2 of seq3's
+    assert split.prefill.rows_in_last(4) == 2
+    assert split.prefill.rows_in_last(4000) == 5
 
 
 def test_without_prompt_lengths_the_chunk_end_stands_in() -> None:
