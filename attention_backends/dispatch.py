@@ -20,6 +20,9 @@ class SubBatch:
     seq_lens: torch.Tensor  # [S_sub] int32
     block_table: torch.Tensor  # [S_sub, max_blocks] int32
     prompt_lens: torch.Tensor  # [S_sub] int32: whole prompt (decides TriangleMix's last rows)
+    # (first, end) when the rows are one contiguous run (a lone prefill, or decodes that
+    # vLLM put first): kernels then read and write slices instead of gathered copies
+    row_range: tuple[int, int] | None
     # host copies, for counting without a device sync
     seq_lens_host: np.ndarray
     query_lens_host: np.ndarray
@@ -73,6 +76,10 @@ def _sub_batch(
         seq_lens=to_device(seq_lens[seq_ids], torch.int32),
         block_table=block_table[to_device(seq_ids, torch.int64)],
         prompt_lens=to_device(prompt_lens[seq_ids], torch.int32),
+        row_range=(
+            (int(token_rows[0]), int(token_rows[-1]) + 1)
+            if token_rows[-1] - token_rows[0] + 1 == token_rows.size else None
+        ),
         seq_lens_host=seq_lens[seq_ids],
         query_lens_host=ends - starts,
         prompt_lens_host=np.asarray(prompt_lens[seq_ids], dtype=np.int64),

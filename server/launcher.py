@@ -62,7 +62,22 @@ def worker_command(settings: ServerSettings, model_path: Path, host: str, port: 
     ]
     if settings.enforce_eager:
         command.append("--enforce-eager")
-    return command + list(settings.worker_extra_args)
+    extra = list(settings.worker_extra_args)
+    if "--attention-backend" not in extra and _cuda_host():
+        # On CUDA, vLLM runs tessera's backend only when asked for (on CPU the plugin
+        # replaces CPU_ATTN by itself).
+        from attention_backends.plugin import CUDA_BACKEND_ARGS
+
+        command += list(CUDA_BACKEND_ARGS)
+    return command + extra
+
+
+def _cuda_host() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def worker_env(settings: ServerSettings, worker_index: int) -> dict[str, str]:

@@ -20,6 +20,7 @@ def test_split_separates_interleaved_prefills_and_decodes() -> None:
     assert split.decode.token_rows.tolist() == [0, 4]
     assert split.decode.seq_lens.tolist() == [10, 20]
     assert split.decode.max_query_len == 1
+    assert split.prefill.row_range is None and split.decode.row_range is None  # interleaved
 
 
 def test_split_carries_each_prefills_prompt_length() -> None:
@@ -58,3 +59,4 @@ def test_split_of_pure_prefill_has_no_decode() -> None:
                                  torch.tensor([5], dtype=torch.int32),
                                  torch.zeros(1, 1, dtype=torch.int32))
     assert split.decode is None and split.prefill.num_seqs == 1
+    assert split.prefill.row_range == (0, 5)

@@ -1,0 +1,185 @@
+"""tessera's attention backend on vLLM's CUDA platform (thin glue; vLLM 0.26).
+
+Registered as vLLM's ``CUSTOM`` backend (served with ``--attention-backend CUSTOM``; the
+``tessera worker`` launcher passes it on CUDA). It is vLLM's FlashAttention backend with one
+decision per layer: dense layers, and every step without a prefill, run FlashAttention
+exactly as vLLM does (decode CUDA graphs are still captured through this class); in sparse
+layers the step's prefill rows run ``kernels.sparse_prefill`` (the Gluon/Triton kernels)
+and its decode rows FlashAttention on their own sub-batch. vLLM writes the new tokens' K/V
+into the cache before ``forward`` (``forward_includes_kv_cache_update`` is False), so both
+read the same paged cache: ``[num_blocks, Hkv, block_size, 2 * D]``, K and V side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.v1.attention.backends import flash_attn as vllm_flash_attn
+from vllm.v1.attention.backends.flash_attn import (
+    FlashAttentionBackend,
+    FlashAttentionImpl,
+    FlashAttentionMetadata,
+    FlashAttentionMetadataBuilder,
+)
+
+from attention_backends import prompt_lengths
+from attention_backends.dispatch import PrefillDecodeSplit, SubBatch, split_prefill_decode
+from attention_backends.vllm_layers import (
+    attention_settings,
+    attention_usage,
+    layer_pattern,
+    served_model,
+)
+
+BACKEND_NAME = "tessera-cuda"
+# The Gluon streaming kernel needs cache blocks holding whole 64-key tiles
+# (benchmarks/trianglemix_NOTES.md); vLLM's default block is 16 tokens.
+TRIANGLEMIX_BLOCK_SIZE = 64
+
+
+def _usage():
+    return attention_usage(BACKEND_NAME)
+
+
+@dataclass
+class TesseraFlashAttentionMetadata(FlashAttentionMetadata):
+    """vLLM's FlashAttention metadata plus the step's prefill/decode split."""
+
+    split: PrefillDecodeSplit | None = None
+
+
+class TesseraFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        prompt_lengths.install_runner_hooks()  # the runner publishes each step's prompts
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        base = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        metadata = TesseraFlashAttentionMetadata(**base.__dict__)
+        if attention_settings().method == "dense" or base.max_query_len <= 1:
+            return metadata  # decode-only steps (and their CUDA graphs) stay vLLM's
+        num_reqs = common_attn_metadata.num_reqs
+        query_start_loc = common_attn_metadata.query_start_loc_cpu[: num_reqs + 1].numpy()
+        seq_lens = common_attn_metadata.seq_lens_cpu_upper_bound  # exact for prefill rows
+        if seq_lens is None:
+            seq_lens = common_attn_metadata.seq_lens.cpu()
+        seq_lens = seq_lens[:num_reqs].numpy()
+        metadata.split = split_prefill_decode(
+            query_start_loc, seq_lens, base.block_table[:num_reqs],
+            prompt_lengths.prompt_lens_for_batch(query_start_loc, seq_lens),
+        )
+        return metadata
+
+
+def _rows(tensor: torch.Tensor, sub: SubBatch) -> torch.Tensor:
+    if sub.row_range is not None:
+        return tensor[sub.row_range[0] : sub.row_range[1]]
+    return tensor[sub.token_rows]
+
+
+class TesseraFlashAttentionImpl(FlashAttentionImpl):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        served = served_model()  # vLLM's config is current while the model is built
+        self.policy = served.policy
+        self.last_layer_index = served.num_layers - 1
+        self.layer_index: int | None = None
+        self.pattern = None
+
+    def forward(
+        self,
+        layer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: FlashAttentionMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        split = getattr(attn_metadata, "split", None)
+        if split is None or split.prefill is None:
+            # Profile runs, CUDA-graph capture and decode-only steps: vLLM's own path, with
+            # nothing added (these are the replayed graphs).
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        if self.pattern is None:
+            self.layer_index, self.pattern = layer_pattern(self, layer.layer_name, self.policy)
+        usage = _usage()
+        if self.pattern.is_dense:
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                            output_scale, output_block_scale)
+            usage.record(self.layer_index, "dense", attn_metadata.num_actual_tokens)
+        else:
+            self._forward_sparse(layer, query, kv_cache, attn_metadata, output, split)
+        if self.layer_index == self.last_layer_index:
+            usage.end_step()
+        return output
+
+    def _forward_sparse(self, layer, query, kv_cache, attn_metadata, output, split) -> None:
+        from attention_backends.kernels import sparse_prefill
+
+        pattern = self.pattern
+        usage = _usage()
+        heads_out = output.view(-1, self.num_heads, self.head_size)
+        # [num_blocks, Hkv, block_size, D] views of K and V (unit stride on D)
+        key_cache, value_cache = kv_cache[..., : self.head_size], kv_cache[..., self.head_size :]
+
+        prefill = split.prefill
+        prefill_out = _rows(heads_out, prefill) if prefill.row_range is not None else None
+        result = sparse_prefill(
+            _rows(query, prefill), key_cache, value_cache, prefill.block_table,
+            prefill.query_start_loc, prefill.seq_lens, prefill.prompt_lens, pattern, self.scale,
+            out=prefill_out,
+        )  # fmt: skip
+        if prefill_out is None:
+            heads_out[prefill.token_rows] = result
+        usage.record(self.layer_index, pattern.name, int(prefill.query_lens_host.sum()))
+        usage.record(self.layer_index, f"{pattern.name}_last_rows",
+                     prefill.rows_in_last(getattr(pattern, "last_q_tokens", 0)))
+
+        decode = split.decode
+        if decode is None:
+            return
+        # The step's decode rows: FlashAttention over their own sub-batch, as vLLM's forward
+        # would compute them (no AOT schedule: it was planned for the whole batch).
+        fa_key, fa_value = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        decode_out = _rows(heads_out, decode) if decode.row_range is not None else None
+        decode_query = _rows(query, decode)
+        target = decode_out if decode_out is not None else torch.empty_like(decode_query)
+        vllm_flash_attn.flash_attn_varlen_func(
+            q=decode_query, k=fa_key, v=fa_value, out=target,
+            cu_seqlens_q=decode.query_start_loc, max_seqlen_q=1,
+            seqused_k=decode.seq_lens, max_seqlen_k=int(decode.seq_lens_host.max()),
+            softmax_scale=self.scale, causal=True, window_size=[-1, -1],
+            block_table=decode.block_table, softcap=0.0,
+            fa_version=self.vllm_flash_attn_version,
+        )  # fmt: skip
+        if decode_out is None:
+            heads_out[decode.token_rows] = target
+        usage.record(self.layer_index, "dense", decode.num_seqs)
+
+
+class TesseraFlashAttentionBackend(FlashAttentionBackend):
+    """Registered as ``CUSTOM``; its KV layout and cache writes are FlashAttention's."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type[TesseraFlashAttentionImpl]:
+        return TesseraFlashAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[TesseraFlashAttentionMetadataBuilder]:
+        return TesseraFlashAttentionMetadataBuilder
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        # Unless --block-size is given: TriangleMix runs its Gluon kernel on 64-token blocks.
+        if attention_settings().method == "trianglemix":
+            return max(default_block_size, TRIANGLEMIX_BLOCK_SIZE)
+        return super().get_preferred_block_size(default_block_size)
