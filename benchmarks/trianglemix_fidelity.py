@@ -70,6 +70,14 @@ REPEAT_DOC = "/usr/share/common-licenses/GFDL-1.3"
 CASE_KEY = ("task", "target_tokens", "index")
 
 
+_out_json = OUT_JSON
+
+
+def out_json() -> Path:
+    """The results file of this run (``--out``); the PNG sits beside it."""
+    return _out_json
+
+
 def log(message: str) -> None:
     print(f"[fidelity {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -222,7 +230,7 @@ def lost_cases(dense_rows: list[dict], method_rows: list[dict]) -> list[dict]:
 
 def save(result: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    OUT_JSON.write_text(json.dumps(result, indent=2))
+    out_json().write_text(json.dumps(result, indent=2))
 
 
 def plot(result: dict) -> None:
@@ -282,7 +290,7 @@ def plot(result: dict) -> None:
                     title="completion-style retrieval (hatched: dense < 80%, not counted)")
         axes[2].legend(loc="lower left")
     fig.tight_layout()
-    fig.savefig(RESULTS / "trianglemix_fidelity.png", dpi=120)
+    fig.savefig(out_json().with_suffix(".png"), dpi=120)
 
 
 # --- merge mode
@@ -337,7 +345,7 @@ def choose_split(result: dict) -> None:
 def load_result() -> dict:
     """The stored result; files written before task rows were kept per split hold only the
     chosen split's rows."""
-    result = json.loads(OUT_JSON.read_text())
+    result = json.loads(out_json().read_text())
     result.setdefault("task_rows_by_split",
                       {str(result["chosen_split"]): result["trianglemix_rows"]})
     return result
@@ -359,18 +367,21 @@ def record_run(result: dict, args: argparse.Namespace) -> dict:
 
 def check_prompts(cases: list, dense_rows: list[dict], count_tokens: TokenCounter) -> None:
     """The rebuilt cases must be the stored dense cases: the same case keys, and per case the
-    same answer, needle depth and prompt length in tokens, and the prompt hash where the row
-    has one (rows written before it was recorded do not)."""
+    same answer, needle depth, prompt length in tokens and prompt sha256. Rows stored without
+    a hash cannot be checked byte for byte: their dense run must be repeated."""
     dense = {case_key(row): row for row in dense_rows}
     rebuilt = {(case.task, case.target_tokens, case.index): case for case in cases}
     if rebuilt.keys() != dense.keys():
         raise SystemExit("rebuilt cases are not the stored dense cases")
 
+    unhashed = [key for key, row in dense.items() if "prompt_sha256" not in row]
+    if unhashed:
+        raise SystemExit(f"{len(unhashed)} stored dense rows have no prompt sha256 (e.g. "
+                         f"{unhashed[:2]}): run dense again (a fresh run) to store them")
+
     def matches(case, row: dict) -> bool:
-        digest = prompt_sha256(case.prompt)
-        return ((case.answer, case.depth, count_tokens(case.prompt), digest)
-                == (row["answer"], row["depth"], row["prompt_tokens"],
-                    row.get("prompt_sha256", digest)))
+        return ((case.answer, case.depth, count_tokens(case.prompt), prompt_sha256(case.prompt))
+                == (row["answer"], row["depth"], row["prompt_tokens"], row["prompt_sha256"]))
 
     differ = [key for key, case in rebuilt.items() if not matches(case, dense[key])]
     if differ:
@@ -401,8 +412,8 @@ def tasks_at_split(args: argparse.Namespace, settings: ServerSettings, model_pat
         row["dense_first_layers"] = split
     result["task_rows_by_split"][str(split)] = rows
     run["tasks"] = {"split": split, "cases": len(rows), "dense": "stored rows, not re-run",
-                    "prompt_check": ("case keys, answers, depths, prompt tokens (and prompt "
-                                     "sha256 where stored) match the stored dense rows"),
+                    "prompt_check": ("case keys, answers, depths, prompt tokens and prompt "
+                                     "sha256 match the stored dense rows"),
                     "cpu_seconds": {"trianglemix": sum(r["seconds"] for r in rows)},
                     "wall_seconds": wall}
     run["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -491,7 +502,11 @@ def main() -> None:
                         help="split for --add-tasks (default: the stored chosen split)")
     parser.add_argument("--tasks-at-split", type=int, metavar="N",
                         help="merge mode: the stored task suite at split N, vs the stored dense")
+    parser.add_argument("--out", type=Path, default=OUT_JSON,
+                        help="results JSON (the PNG is written beside it)")
     args = parser.parse_args()
+    global _out_json
+    _out_json = args.out
 
     settings = ServerSettings(workers=1, kv_cache_space_gib=2, max_model_len=8192)
     model_path = resolve_model_path(settings)
@@ -504,7 +519,10 @@ def main() -> None:
     result: dict = {"benchmark": "trianglemix_fidelity", "model": MODEL,
                     "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "pattern": {"sink_tokens": 8, "window_tokens": 512, "last_q_tokens": 128},
-                    "args": vars(args)}
+                    "last_q_rows": ("the prompt's own last rows (the backend reads prompt "
+                                    "lengths from vLLM's model runner; chunked prefill, 2048 "
+                                    "tokens a step, included)"),
+                    "args": {key: str(value) for key, value in vars(args).items()}}
     with served(settings, model_path, {"TESSERA_ATTENTION_METHOD": "dense"}) as url:
         count_tokens = token_counter(url)
         docs = load_documents(url, args.doc_tokens)
