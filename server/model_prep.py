@@ -60,10 +60,15 @@ def prepare_model(data_dir: Path) -> Path:
     target = model_dir(data_dir)
     if is_prepared(data_dir):
         return target
+    return convert_gguf(find_gguf_file(), target)
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> Path:
+    """Dequantise a GGUF file into a bf16 safetensors model directory ``target`` (also used
+    on the GPU host, where the GGUF travels as a file: scripts/gpu/)."""
     # Block every hub download path before transformers is imported.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    gguf_path = find_gguf_file()
     _progress(f"converting {gguf_path.name} -> {target} (one time, ~1 min)")
     started = time.monotonic()
 

@@ -1,0 +1,186 @@
+"""TTFT of real vLLM 0.26 on the GPU host: tessera's TriangleMix backend vs vLLM's own FA3.
+
+Llama-3.1-8B shape, dummy weights (`--load-format dummy`: speed does not depend on the
+values), bf16, 131072-token context, 64-token KV blocks, chunked prefill (8192 tokens a step),
+prefix caching on, CUDA graphs on, identical server settings except `--attention-backend`
+(FLASH_ATTN vs CUSTOM with TriangleMix, the paper's split: layers 0-15 dense, 16-31 sparse).
+Both servers share the GPU with a fixed KV budget each; each also sits behind a tessera
+gateway. TTFT = send to first streamed token, `max_tokens=1`, random-token prompts distinct
+per request (no prefix-cache hit); the four paths (fa3 / tessera, direct / gateway)
+alternate within every repeat. Inter-token latency: streamed decode of 64 tokens after a
+32K prompt, alternating. Servers outlive one call (own sessions) so a run can span two calls:
+
+    python3 benchmarks/gpu_serving_ttft.py --out $OUT --sizes 32768 65536 --itl      # call 1
+    python3 benchmarks/gpu_serving_ttft.py --out $OUT --sizes 130048 --stop          # call 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_servers import GpuServer, grep_log, wait_healthy  # noqa: E402
+
+from attention_backends.usage import read_usage  # noqa: E402
+
+MODEL = "llama8b-dummy"
+STATE = Path("/root/ttft_servers.json")
+STATS_DIR = Path("/root/ttft_stats")
+COMMON_ARGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "131072",
+               "--block-size", "64", "--gpu-memory-utilization", "0.45",
+               "--kv-cache-memory-bytes", str(40 << 30)]
+
+
+def make_servers() -> list[GpuServer]:
+    return [
+        GpuServer("fa3", 8411, [*COMMON_ARGS, "--attention-backend", "FLASH_ATTN"]),
+        GpuServer("tessera", 8412, [*COMMON_ARGS, "--attention-backend", "CUSTOM"],
+                  {"TESSERA_ATTENTION_METHOD": "trianglemix",
+                   "TESSERA_ATTENTION_DENSE_FIRST_LAYERS": "16",
+                   "TESSERA_ATTENTION_STATS_DIR": str(STATS_DIR)}),
+    ]
+
+
+def up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_gateway(port: int, worker_url: str, log_path: Path) -> subprocess.Popen:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "gateway", "--port", str(port),
+             "--worker-url", worker_url], stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+
+def stream(url: str, prompt: list[int], max_tokens: int) -> dict:
+    """TTFT and per-token arrival times of one streamed completion."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    started = time.perf_counter()
+    arrivals = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=900) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {response.status_code} {response.read()[:300]!r}")
+        for line in response.iter_lines():
+            if line.startswith("data:") and line.strip() != "data: [DONE]":
+                chunk = json.loads(line[5:])
+                if chunk.get("choices"):
+                    arrivals.append(time.perf_counter() - started)
+    return {"ttft_s": arrivals[0], "arrivals": arrivals}
+
+
+def prompt_tokens(size: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(100, 49000) for _ in range(size)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="/root/models/llama8b")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32768, 65536, 130048])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--itl", action="store_true", help="also time decode (64 tokens)")
+    parser.add_argument("--stop", action="store_true", help="stop the servers at the end")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    servers = make_servers()
+    gateways = {"fa3": "http://127.0.0.1:8421", "tessera": "http://127.0.0.1:8422"}
+    result: dict = {"benchmark": "gpu_serving_ttft", "date": time.strftime("%Y-%m-%d"),
+                    "server_args": COMMON_ARGS, "sizes": args.sizes, "repeats": args.repeats}
+    fresh = [s for s in servers if not up(s.url)]
+    for server in fresh:
+        server.start(args.model, MODEL, Path("/root"))
+    if fresh:
+        wait_healthy(fresh, timeout_s=400)
+        result["healthy_after_s"] = {s.name: s.healthy_after_s for s in fresh}
+        for server in fresh:
+            result.setdefault("backend_log_lines", {})[server.name] = grep_log(
+                server, "Using AttentionBackendEnum", "tessera", "block size",
+                "FlashAttention version", "KV cache size", "CUDA graph")
+        STATE.write_text(json.dumps({s.name: s.process.pid for s in servers}))
+    for (name, gateway_url), server in zip(gateways.items(), servers, strict=True):
+        if not up(gateway_url):
+            port = int(gateway_url.rsplit(":", 1)[1])
+            start_gateway(port, server.url, Path(f"/root/gateway-{name}.log"))
+    deadline = time.monotonic() + 60
+    while not all(up(url) for url in gateways.values()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(Path("/root/gateway-tessera.log").read_text()[-2000:])
+        time.sleep(0.5)
+
+    paths = {"fa3_direct": servers[0].url, "tessera_direct": servers[1].url,
+             "fa3_gateway": gateways["fa3"], "tessera_gateway": gateways["tessera"]}
+    print("[ttft] warm-up (first long prefill: kernels compile)", flush=True)
+    for url in paths.values():
+        stream(url, prompt_tokens(32768, seed=hash(url) & 0xFFFF), 1)
+    runs = []
+    for size in args.sizes:
+        for repeat in range(args.repeats):
+            order = list(paths.items())
+            if repeat % 2:
+                order.reverse()  # alternate who goes first
+            for name, url in order:
+                seed = size * 1000 + repeat * 10 + list(paths).index(name)
+                ttft = stream(url, prompt_tokens(size, seed), 1)["ttft_s"]
+                runs.append({"path": name, "tokens": size, "repeat": repeat, "ttft_s": ttft})
+                print(f"  {size:6d} r{repeat} {name:16s} {ttft:.3f} s", flush=True)
+    result["runs"] = runs
+    result["ttft_median_s"] = {
+        f"{name}@{size}": statistics.median(r["ttft_s"] for r in runs
+                                            if r["path"] == name and r["tokens"] == size)
+        for size in args.sizes for name in paths}
+    for size in args.sizes:
+        for where in ("direct", "gateway"):
+            fa3 = result["ttft_median_s"][f"fa3_{where}@{size}"]
+            ours = result["ttft_median_s"][f"tessera_{where}@{size}"]
+            result.setdefault("ttft_change_pct", {})[f"{where}@{size}"] = 100 * (ours / fa3 - 1)
+    if args.itl:
+        itl_runs = []
+        for repeat in range(args.repeats):
+            for name in ("fa3_direct", "tessera_direct")[:: 1 if repeat % 2 == 0 else -1]:
+                arrivals = stream(paths[name], prompt_tokens(32768, 777 + repeat * 7), 64)[
+                    "arrivals"]
+                gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+                itl_runs.append({"path": name, "repeat": repeat,
+                                 "itl_median_ms": 1000 * statistics.median(gaps),
+                                 "tokens": len(arrivals)})
+        result["itl_runs"] = itl_runs
+        result["itl_median_ms"] = {
+            name: statistics.median(r["itl_median_ms"] for r in itl_runs if r["path"] == name)
+            for name in ("fa3_direct", "tessera_direct")}
+    usage: dict[str, dict[str, int]] = {}
+    for snapshot in read_usage(STATS_DIR):
+        for layer, counts in snapshot["layers"].items():
+            for path, count in counts.items():
+                usage.setdefault(layer, {}).setdefault(path, 0)
+                usage[layer][path] += count
+    result["tessera_usage"] = dict(sorted(usage.items(), key=lambda item: int(item[0])))
+    tag = "_".join(str(s) for s in args.sizes)
+    (args.out / f"gpu_serving_ttft_{tag}.json").write_text(json.dumps(result, indent=1))
+    print("[ttft] medians:", json.dumps(result["ttft_median_s"], indent=1))
+    print("[ttft] change vs fa3 (%):", json.dumps(result["ttft_change_pct"], indent=1))
+    if args.itl:
+        print("[ttft] ITL median ms:", result["itl_median_ms"])
+    if args.stop:
+        subprocess.run(["pkill", "-f", "vllm.entrypoints.openai.api_server"], check=False)
+        subprocess.run(["pkill", "-f", "server.cli gateway"], check=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# GPU host, work call (see scripts/gpu/README.md): 8B-shape TTFT, tessera vs vLLM FA3.
+# Usage: run_ttft.sh SIZE... [--stop]. Without --stop: decode ITL too (servers stay up for
+# the next call). With --stop: the servers are stopped, then the GPU tests run.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+. scripts/gpu/setup.sh || exit 2
+sizes=(); stop=0
+for a in "$@"; do if [ "$a" = "--stop" ]; then stop=1; else sizes+=("$a"); fi; done
+flags=(--itl); [ $stop = 1 ] && flags=(--stop)
+timeout 420 python3 benchmarks/gpu_serving_ttft.py --out "$OUT" --sizes "${sizes[@]}" \
+  "${flags[@]}" 2>&1 | tail -45
+cp /root/server-*.log /root/gateway-*.log "$OUT/" 2>/dev/null || true
+if [ $stop = 1 ]; then
+  echo "== tests/gpu"; timeout 150 python3 -m pytest -q tests/gpu 2>&1 | tail -4
+fi
