@@ -42,3 +42,28 @@ def test_plain_decoder_layer_may_run_sparse() -> None:
 ])
 def test_unsupported_feature_falls_back_to_dense(features: dict, reason: str) -> None:
     assert reason in sparse_fallback_reason(**features)
+
+
+class _Impl:
+    """The attributes vLLM's CPU and FlashAttention impls carry, set as a plain layer has."""
+
+    attn_type = "decoder"
+    sliding_window = (-1, -1)
+    alibi_slopes = None
+    logits_soft_cap = 0
+    sinks = None
+    kv_cache_dtype = "auto"
+
+
+def test_glue_runs_a_plain_deep_layer_sparse_and_a_windowed_one_dense() -> None:
+    from attention_backends.policy import LayerPatternPolicy
+    from attention_backends.vllm_layers import layer_pattern
+
+    policy = LayerPatternPolicy.from_values("triangle", dense_first_layers=2)
+    assert layer_pattern(_Impl(), "transformer.h.3.attn", policy)[1].name == "triangle"
+    assert layer_pattern(_Impl(), "transformer.h.1.attn", policy)[1].is_dense
+    windowed = _Impl()
+    windowed.sliding_window = (4095, 0)
+    assert layer_pattern(windowed, "model.layers.5.self_attn.attn", policy)[1].is_dense
+    index, pattern = layer_pattern(_Impl(), "model.norm.attn", policy)
+    assert index == -1 and pattern.is_dense
