@@ -42,11 +42,20 @@ class GpuServer:
             self.process = subprocess.Popen(command, env=os.environ | self.env, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
 
+    def is_up(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        if self.process is None:  # started by an earlier call: find it by its port
+            subprocess.run(["pkill", "-f", f"--port {self.port}"], check=False)
+            return
+        if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=30)
@@ -56,7 +65,7 @@ class GpuServer:
 
 def wait_healthy(servers: list[GpuServer], timeout_s: float = 420) -> None:
     """Poll every server's /health; raise with the log tail of one that exits or times out."""
-    pending = list(servers)
+    pending = [server for server in servers if server.process is not None]
     deadline = time.monotonic() + timeout_s
     while pending:
         for server in list(pending):
@@ -77,5 +86,7 @@ def wait_healthy(servers: list[GpuServer], timeout_s: float = 420) -> None:
 
 
 def grep_log(server: GpuServer, *needles: str, limit: int = 12) -> list[str]:
+    if server.log_path is None or not server.log_path.exists():
+        return []
     lines = server.log_path.read_text(errors="replace").splitlines()
     return [line[-300:] for line in lines if any(n in line for n in needles)][:limit]

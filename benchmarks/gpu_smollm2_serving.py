@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ from longctx_suite import build_cases  # noqa: E402
 from attention_backends.usage import read_usage  # noqa: E402
 
 MODEL = fid.MODEL
+LOG_DIR = Path("/root/smollm2_logs")
 NUM_LAYERS = 30
 COMMON_ARGS = ["--dtype", "bfloat16", "--max-model-len", "8192",
                "--max-num-batched-tokens", "2048", "--gpu-memory-utilization", "0.06",
@@ -152,11 +154,15 @@ def main() -> None:
     def save() -> None:
         out_json.write_text(json.dumps(result, indent=1))
 
-    servers = servers_for(args.splits, args.out / "stats", args.base_port)
+    servers = servers_for(args.splits, LOG_DIR / "stats", args.base_port)
     by_name = {server.name: server for server in servers}
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
     try:
         for server in servers:
-            server.start(args.model, MODEL, args.out)
+            if server.is_up():  # left running by an earlier call (own session)
+                server.log_path = LOG_DIR / f"server-{server.name}.log"
+            else:
+                server.start(args.model, MODEL, LOG_DIR)
         wait_healthy(servers)
         result["healthy_after_s"] = {s.name: s.healthy_after_s for s in servers}
         result["backend_log_lines"] = {
@@ -164,7 +170,14 @@ def main() -> None:
                              "block size", "FlashAttention version")
             for s in servers}
         dense_url = by_name["dense"].url
-        count_tokens = fid.token_counter(dense_url)
+        # Counting in-process with the served tokenizer (the same tokenizer.json and special
+        # tokens as the server's /tokenize), not over HTTP: the case builder counts often.
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+
+        def count_tokens(text: str) -> int:
+            return len(tokenizer(text)["input_ids"])
         print("[smollm2] building cases", flush=True)
         cases = [case for task in args.tasks for length in args.lengths
                  for case in build_cases(task, length, args.cases, count_tokens)]
@@ -214,7 +227,7 @@ def main() -> None:
         result["split_rule"] = ("smallest dense_first_layers with text top-1 >= 0.95, repeat "
                                 "perplexity within 10% of dense, and no task case lost")
         time.sleep(1)
-        result["usage"] = {s.name: usage_summary(args.out / "stats" / s.name)
+        result["usage"] = {s.name: usage_summary(LOG_DIR / "stats" / s.name)
                            for s in servers if s.name != "fa3"}
         save()
         eq = result["equality_fa3_vs_tessera_dense"]
@@ -228,6 +241,9 @@ def main() -> None:
         for server in servers:
             server.stop()
         save()
+        # One archive of logs and usage files: the device returns at most 8 files.
+        subprocess.run(["tar", "-czf", str(args.out / "smollm2_logs.tar.gz"), "-C",
+                        str(LOG_DIR.parent), LOG_DIR.name], check=False)
 
 
 if __name__ == "__main__":
