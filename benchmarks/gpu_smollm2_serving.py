@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -144,6 +145,8 @@ def main() -> None:
                         default=["passkey", "needle_prose", "variable_lookup", "multi_key"])
     parser.add_argument("--base-port", type=int, default=8300)
     args = parser.parse_args()
+    # `timeout` sends SIGTERM: leave through `finally` (stop servers, save, archive logs).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.out.mkdir(parents=True, exist_ok=True)
     fid.TEXT_DOC, fid.REPEAT_DOC = str(args.docs / "GPL-3"), str(args.docs / "GFDL-1.3")
     result: dict = {"benchmark": "gpu_smollm2_serving", "date": time.strftime("%Y-%m-%d"),
