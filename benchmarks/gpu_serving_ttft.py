@@ -97,8 +97,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--itl", action="store_true", help="also time decode (64 tokens)")
     parser.add_argument("--stop", action="store_true", help="stop the servers at the end")
+    parser.add_argument("--fresh", action="store_true", help="stop other vLLM servers first")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.fresh:
+        # Servers of another benchmark would share the GPU: stop every vLLM server first.
+        subprocess.run(["pkill", "-f", "vllm.entrypoints.openai.api_server"], check=False)
+        time.sleep(8)
     servers = make_servers()
     gateways = {"fa3": "http://127.0.0.1:8421", "tessera": "http://127.0.0.1:8422"}
     result: dict = {"benchmark": "gpu_serving_ttft", "date": time.strftime("%Y-%m-%d"),
@@ -129,7 +134,8 @@ def main() -> None:
     print("[ttft] warm-up (first long prefill: kernels compile)", flush=True)
     for url in paths.values():
         stream(url, prompt_tokens(32768, seed=hash(url) & 0xFFFF), 1)
-    runs = []
+    runs: list[dict] = []
+    tag = "_".join(str(s) for s in args.sizes)
     for size in args.sizes:
         for repeat in range(args.repeats):
             order = list(paths.items())
@@ -140,6 +146,8 @@ def main() -> None:
                 ttft = stream(url, prompt_tokens(size, seed), 1)["ttft_s"]
                 runs.append({"path": name, "tokens": size, "repeat": repeat, "ttft_s": ttft})
                 print(f"  {size:6d} r{repeat} {name:16s} {ttft:.3f} s", flush=True)
+        result["runs"] = runs
+        (args.out / f"gpu_serving_ttft_{tag}.json").write_text(json.dumps(result, indent=1))
     result["runs"] = runs
     result["ttft_median_s"] = {
         f"{name}@{size}": statistics.median(r["ttft_s"] for r in runs
@@ -171,7 +179,6 @@ def main() -> None:
                 usage.setdefault(layer, {}).setdefault(path, 0)
                 usage[layer][path] += count
     result["tessera_usage"] = dict(sorted(usage.items(), key=lambda item: int(item[0])))
-    tag = "_".join(str(s) for s in args.sizes)
     (args.out / f"gpu_serving_ttft_{tag}.json").write_text(json.dumps(result, indent=1))
     print("[ttft] medians:", json.dumps(result["ttft_median_s"], indent=1))
     print("[ttft] change vs fa3 (%):", json.dumps(result["ttft_change_pct"], indent=1))

@@ -7,8 +7,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 . scripts/gpu/setup.sh || exit 2
 sizes=(); stop=0
 for a in "$@"; do if [ "$a" = "--stop" ]; then stop=1; else sizes+=("$a"); fi; done
-flags=(--itl); [ $stop = 1 ] && flags=(--stop)
-timeout 420 python3 benchmarks/gpu_serving_ttft.py --out "$OUT" --sizes "${sizes[@]}" \
+flags=(--itl --fresh); [ $stop = 1 ] && flags=(--stop)
+[ "${ALL_IN_ONE:-0}" = 1 ] && flags=(--itl --fresh --stop)
+timeout 560 python3 benchmarks/gpu_serving_ttft.py --out "$OUT" --sizes "${sizes[@]}" \
   "${flags[@]}" 2>&1 | tail -45
 cp /root/server-*.log /root/gateway-*.log "$OUT/" 2>/dev/null || true
 if [ $stop = 1 ]; then
