@@ -7,7 +7,8 @@
 S=/root/stash
 [ -f .gpu_bundle/vllm026.tar.xz.part1 ] && cp .gpu_bundle/vllm026.tar.xz.part1 $S/
 [ -f .gpu_bundle/SHA256SUMS ] && cp .gpu_bundle/SHA256SUMS $S/
-(cd $S && sha256sum -c --quiet SHA256SUMS) || {
+(cd $S && [ -f vllm026.tar.xz.part0 ] && [ -f vllm026.tar.xz.part1 ] \
+  && sha256sum -c --quiet --ignore-missing SHA256SUMS) || {
   echo "FATAL: bundle chunks missing or corrupt in $S (the host was recycled?): run the stash calls again"
   return 2 2>/dev/null || exit 2; }
 mkdir -p /tmp/site
@@ -18,12 +19,12 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} VLLM_USE_FLASHINFER_SAMPL
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade \
   --target /tmp/site . 2>&1 | grep -v "already exists\|WARNING: Target" | tail -3
 mkdir -p /root/models
-if [ ! -f /root/models/smollm2/.tessera-complete ]; then
+if [ ! -f /root/models/smollm2/.tessera-complete ] && [ -f $S/smollm2.gguf.part1 ]; then
   cat $S/smollm2.gguf.part0 $S/smollm2.gguf.part1 > /root/smollm2.gguf
   python3 -c "from pathlib import Path; from server.model_prep import convert_gguf; \
 convert_gguf(Path('/root/smollm2.gguf'), Path('/root/models/smollm2'))"
 fi
-if [ ! -f /root/models/llama8b/tokenizer.json ]; then
+if [ ! -f /root/models/llama8b/tokenizer.json ] && [ -d $S/llama8b ]; then
   rm -rf /root/models/llama8b && cp -r $S/llama8b /root/models/llama8b
   xz -dk /root/models/llama8b/tokenizer.json.xz
 fi
