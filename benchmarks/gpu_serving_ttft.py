@@ -89,6 +89,38 @@ def prompt_tokens(size: int, seed: int) -> list[int]:
     return [rng.randrange(100, 49000) for _ in range(size)]
 
 
+def plot(result: dict, png: Path) -> None:
+    """TTFT medians per length and path, with the change vs FA3 (run where matplotlib is)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = result["sizes"]
+    medians = result["ttft_median_s"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.2
+    for offset, name in enumerate(["fa3_direct", "tessera_direct", "fa3_gateway",
+                                   "tessera_gateway"]):
+        xs = [i + (offset - 1.5) * width for i in range(len(sizes))]
+        left.bar(xs, [medians[f"{name}@{size}"] for size in sizes], width, label=name)
+    left.set_xticks(range(len(sizes)), [f"{size // 1024}K" for size in sizes])
+    left.set_ylabel("TTFT, median of 5 (s)")
+    left.set_title("vLLM 0.26, Llama-3.1-8B shape, H200")
+    left.legend(fontsize=8)
+    for where, marker in (("direct", "o-"), ("gateway", "s--")):
+        right.plot([f"{size // 1024}K" for size in sizes],
+                   [result["ttft_change_pct"][f"{where}@{size}"] for size in sizes], marker,
+                   label=f"TriangleMix vs FA3, {where}")
+    right.axhline(-25, color="gray", lw=0.8, ls=":")
+    right.axhline(-35, color="gray", lw=0.8, ls=":")
+    right.set_ylabel("TTFT change (%)")
+    right.set_title("targets: -25% at 64K, -35% at 128K (dotted)")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -98,7 +130,11 @@ def main() -> None:
     parser.add_argument("--itl", action="store_true", help="also time decode (64 tokens)")
     parser.add_argument("--stop", action="store_true", help="stop the servers at the end")
     parser.add_argument("--fresh", action="store_true", help="stop other vLLM servers first")
+    parser.add_argument("--plot-only", type=Path, help="draw the PNG of a result JSON, run nothing")
     args = parser.parse_args()
+    if args.plot_only is not None:
+        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     if args.fresh:
         # Servers of another benchmark would share the GPU: stop every vLLM server first.
