@@ -47,7 +47,10 @@ def _depths(num_cases: int) -> list[float]:
 def _fill_to(units: list[str], needle: str, depth: float, tail: str, target_tokens: int,
              count_tokens: TokenCounter) -> str:
     """Join haystack units around `needle` at `depth` so the prompt is ~target_tokens."""
-    per_unit = max(count_tokens("".join(units[:50])) / 50, 1.0)
+    sample = units[:50]
+    # Tokens per unit from the sample's real size (it was divided by 50 whatever the size,
+    # which made one-unit haystacks start 50x too long and shrink for ~130 rounds).
+    per_unit = max(count_tokens("".join(sample)) / len(sample), 1.0)
     budget = target_tokens - count_tokens(needle) - count_tokens(tail)
     count = max(int(budget / per_unit), 1)
     haystack = [units[i % len(units)] for i in range(count)]
