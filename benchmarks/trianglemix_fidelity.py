@@ -101,8 +101,8 @@ def trianglemix_env(dense_first_layers: int, **overrides: int) -> dict[str, str]
 
 def token_counter(url: str) -> TokenCounter:
     def count_tokens(text: str) -> int:
-        return len(httpx.post(f"{url}/tokenize",
-                              json={"model": MODEL, "prompt": text}).json()["tokens"])
+        return len(httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": text},
+                              timeout=300).json()["tokens"])
 
     return count_tokens
 
