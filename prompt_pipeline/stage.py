@@ -1,12 +1,17 @@
 """The request pipeline: ordered stages that may rewrite a request before it reaches a worker.
 
 A stage is any object with a `name` and `async __call__(request, context) -> request`.
+A stage may also define `async after_response(request, context, outcome)`, which the
+gateway calls once the answer is complete (streamed answers once their last chunk has been
+relayed), after the client has it: memory writes never delay an answer. A failed or
+cancelled answer reaches the hook with `outcome.completed = False`.
 Stages know nothing of HTTP (no FastAPI import): tests call them directly, and the gateway
-runs them through `Pipeline.run`, timing each one.
+runs them through `Pipeline.run` and `Pipeline.after_response`, timing each one.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +31,15 @@ class RequestContext:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ResponseOutcome:
+    """What an after-response hook learns about the answer."""
+
+    text: str  # the assistant's whole answer (first choice), as the client received it
+    completed: bool  # False when the worker failed or the client went away
+    finish_reason: str | None = None
+
+
 class Stage(Protocol):
     name: str
 
@@ -34,6 +48,8 @@ class Stage(Protocol):
 
 StageTimer = Callable[[str, float], None]
 
+
+logger = logging.getLogger("tessera.pipeline")
 
 TOTAL_STAGE = "total"  # the label under which the whole pipeline's time is reported
 
@@ -57,6 +73,23 @@ class Pipeline:
             self._report(stage.name, started)
         self._report(TOTAL_STAGE, pipeline_started)
         return request
+
+    async def after_response(self, request: Request, context: RequestContext,
+                             outcome: ResponseOutcome) -> None:
+        """Every stage's after-response hook, in order; a hook's failure is logged and
+        counted under ``after:<stage>`` timing but never reaches the client (it has its
+        answer already)."""
+        for stage in self.stages:
+            hook = getattr(stage, "after_response", None)
+            if hook is None:
+                continue
+            started = time.perf_counter()
+            try:
+                await hook(request, context, outcome)
+            except Exception:  # the answer is delivered; a lost memory write is logged
+                logger.exception("after-response hook of stage %s failed (request %s)",
+                                 stage.name, context.request_id)
+            self._report(f"after:{stage.name}", started)
 
     def _report(self, stage: str, started: float) -> None:
         if self._on_stage_done is not None:
