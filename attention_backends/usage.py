@@ -50,3 +50,14 @@ def read_usage(stats_dir: Path) -> list[dict]:
     """Every worker process's latest snapshot in ``stats_dir``."""
     snapshots = sorted(stats_dir.glob("attention-usage-*.json"))
     return [json.loads(path.read_text()) for path in snapshots]
+
+
+def total_usage(stats_dir: Path) -> dict[str, dict[str, int]]:
+    """Rows per layer and path, summed over every worker process's snapshot, layers in order."""
+    totals: dict[str, dict[str, int]] = {}
+    for snapshot in read_usage(stats_dir):
+        for layer, paths in snapshot["layers"].items():
+            for path, count in paths.items():
+                totals.setdefault(layer, {}).setdefault(path, 0)
+                totals[layer][path] += count
+    return dict(sorted(totals.items(), key=lambda item: int(item[0])))

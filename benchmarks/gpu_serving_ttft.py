@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_servers import GpuServer, grep_log, wait_healthy  # noqa: E402
 
-from attention_backends.usage import read_usage  # noqa: E402
+from attention_backends.usage import total_usage  # noqa: E402
 
 MODEL = "llama8b-dummy"
 STATE = Path("/root/ttft_servers.json")
@@ -208,13 +208,7 @@ def main() -> None:
         result["itl_median_ms"] = {
             name: statistics.median(r["itl_median_ms"] for r in itl_runs if r["path"] == name)
             for name in ("fa3_direct", "tessera_direct")}
-    usage: dict[str, dict[str, int]] = {}
-    for snapshot in read_usage(STATS_DIR):
-        for layer, counts in snapshot["layers"].items():
-            for path, count in counts.items():
-                usage.setdefault(layer, {}).setdefault(path, 0)
-                usage[layer][path] += count
-    result["tessera_usage"] = dict(sorted(usage.items(), key=lambda item: int(item[0])))
+    result["tessera_usage"] = total_usage(STATS_DIR)
     (args.out / f"gpu_serving_ttft_{tag}.json").write_text(json.dumps(result, indent=1))
     print("[ttft] medians:", json.dumps(result["ttft_median_s"], indent=1))
     print("[ttft] change vs fa3 (%):", json.dumps(result["ttft_change_pct"], indent=1))

@@ -36,7 +36,7 @@ import trianglemix_fidelity as fid  # noqa: E402
 from gpu_servers import GpuServer, grep_log, wait_healthy  # noqa: E402
 from longctx_suite import build_cases  # noqa: E402
 
-from attention_backends.usage import read_usage  # noqa: E402
+from attention_backends.usage import total_usage  # noqa: E402
 
 MODEL = fid.MODEL
 LOG_DIR = Path("/root/smollm2_logs")
@@ -121,16 +121,6 @@ def lost_cases(dense_rows: list[dict], method_rows: list[dict]) -> list[dict]:
             lost.append({"case": list(key), "dense": row["completion"],
                          "method": other["completion"]})
     return lost
-
-
-def usage_summary(stats_dir: Path) -> dict[str, dict[str, int]]:
-    totals: dict[str, dict[str, int]] = {}
-    for snapshot in read_usage(stats_dir):
-        for layer, paths in snapshot["layers"].items():
-            for path, count in paths.items():
-                totals.setdefault(layer, {}).setdefault(path, 0)
-                totals[layer][path] += count
-    return dict(sorted(totals.items(), key=lambda item: int(item[0])))
 
 
 def main() -> None:
@@ -235,7 +225,7 @@ def main() -> None:
         result["split_rule"] = ("smallest dense_first_layers with text top-1 >= 0.95, repeat "
                                 "perplexity within 10% of dense, and no task case lost")
         time.sleep(1)
-        result["usage"] = {s.name: usage_summary(LOG_DIR / "stats" / s.name)
+        result["usage"] = {s.name: total_usage(LOG_DIR / "stats" / s.name)
                            for s in servers if s.name != "fa3"}
         save()
         eq = result["equality_fa3_vs_tessera_dense"]
