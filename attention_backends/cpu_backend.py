@@ -24,12 +24,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from attention_backends import prompt_lengths
 from attention_backends.dispatch import PrefillDecodeSplit, split_prefill_decode
-from attention_backends.vllm_layers import (
-    attention_settings,
-    attention_usage,
-    layer_pattern,
-    served_model,
-)
+from attention_backends.vllm_layers import PerLayerPattern, attention_settings, attention_usage
 
 BACKEND_NAME = "tessera-cpu"
 
@@ -116,14 +111,10 @@ class TesseraCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         return metadata
 
 
-class TesseraCPUAttentionImpl(CPUAttentionBackendImpl):
+class TesseraCPUAttentionImpl(PerLayerPattern, CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        served = served_model()  # vLLM's config is current while the model is built
-        self.policy = served.policy
-        self.last_layer_index = served.num_layers - 1
-        self.layer_index: int | None = None
-        self.pattern = None
+        self.init_per_layer()
 
     def forward(
         self,
@@ -140,9 +131,7 @@ class TesseraCPUAttentionImpl(CPUAttentionBackendImpl):
         if attn_metadata is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
-        if self.pattern is None:
-            self.layer_index, self.pattern = layer_pattern(self, layer.layer_name, self.policy)
-        pattern = self.pattern
+        pattern = self.layer_pattern_of(layer)
         split = getattr(attn_metadata, "split", None)
         usage = _usage()
         if pattern.is_dense or split is None or split.prefill is None:
@@ -151,8 +140,7 @@ class TesseraCPUAttentionImpl(CPUAttentionBackendImpl):
             usage.record(self.layer_index, "dense", attn_metadata.num_actual_tokens)
         else:
             self._forward_sparse(layer, query, kv_cache, attn_metadata, output, pattern)
-        if self.layer_index == self.last_layer_index:
-            usage.end_step()
+        self.end_step_if_last(usage)
         return output
 
     def _forward_sparse(self, layer, query, kv_cache, attn_metadata, output, pattern) -> None:
@@ -174,10 +162,7 @@ class TesseraCPUAttentionImpl(CPUAttentionBackendImpl):
             query[prefill.token_rows], key_cache_tokens, value_cache, prefill.block_table,
             prefill.query_start_loc, prefill.seq_lens, prefill.prompt_lens, pattern, self.scale,
         ).to(output.dtype)
-        usage.record(self.layer_index, pattern.name, int(prefill.token_rows.numel()))
-        last_q_tokens = getattr(pattern, "last_q_tokens", 0)
-        usage.record(self.layer_index, f"{pattern.name}_last_rows",
-                     prefill.rows_in_last(last_q_tokens))
+        self.record_sparse_prefill(usage, prefill)
 
         decode = split.decode
         if decode is not None:

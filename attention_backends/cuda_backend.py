@@ -25,12 +25,7 @@ from vllm.v1.attention.backends.flash_attn import (
 
 from attention_backends import prompt_lengths
 from attention_backends.dispatch import PrefillDecodeSplit, SubBatch, split_prefill_decode
-from attention_backends.vllm_layers import (
-    attention_settings,
-    attention_usage,
-    layer_pattern,
-    served_model,
-)
+from attention_backends.vllm_layers import PerLayerPattern, attention_settings, attention_usage
 
 BACKEND_NAME = "tessera-cuda"
 # The Gluon streaming kernel needs cache blocks holding whole 64-key tiles
@@ -80,14 +75,10 @@ def _rows(tensor: torch.Tensor, sub: SubBatch) -> torch.Tensor:
     return tensor[sub.token_rows]
 
 
-class TesseraFlashAttentionImpl(FlashAttentionImpl):
+class TesseraFlashAttentionImpl(PerLayerPattern, FlashAttentionImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        served = served_model()  # vLLM's config is current while the model is built
-        self.policy = served.policy
-        self.last_layer_index = served.num_layers - 1
-        self.layer_index: int | None = None
-        self.pattern = None
+        self.init_per_layer()
 
     def forward(
         self,
@@ -107,17 +98,15 @@ class TesseraFlashAttentionImpl(FlashAttentionImpl):
             # nothing added (these are the replayed graphs).
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
-        if self.pattern is None:
-            self.layer_index, self.pattern = layer_pattern(self, layer.layer_name, self.policy)
+        pattern = self.layer_pattern_of(layer)
         usage = _usage()
-        if self.pattern.is_dense:
+        if pattern.is_dense:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                             output_scale, output_block_scale)
             usage.record(self.layer_index, "dense", attn_metadata.num_actual_tokens)
         else:
             self._forward_sparse(layer, query, kv_cache, attn_metadata, output, split)
-        if self.layer_index == self.last_layer_index:
-            usage.end_step()
+        self.end_step_if_last(usage)
         return output
 
     def _forward_sparse(self, layer, query, kv_cache, attn_metadata, output, split) -> None:
@@ -138,9 +127,7 @@ class TesseraFlashAttentionImpl(FlashAttentionImpl):
         )  # fmt: skip
         if prefill_out is None:
             heads_out[prefill.token_rows] = result
-        usage.record(self.layer_index, pattern.name, int(prefill.query_lens_host.sum()))
-        usage.record(self.layer_index, f"{pattern.name}_last_rows",
-                     prefill.rows_in_last(getattr(pattern, "last_q_tokens", 0)))
+        self.record_sparse_prefill(usage, prefill)
 
         decode = split.decode
         if decode is None:

@@ -85,3 +85,31 @@ def layer_pattern(
                        "the %s kernels", index, layer_name, reason, pattern.name)
         return index, DensePattern()
     return index, pattern
+
+
+class PerLayerPattern:
+    """Mixin of tessera's CPU and CUDA attention impls: the served model's policy, the
+    layer's pattern decided at its first forward, and its usage counts."""
+
+    def init_per_layer(self) -> None:
+        served = served_model()  # vLLM's config is current while the model is built
+        self.policy = served.policy
+        self.last_layer_index = served.num_layers - 1
+        self.layer_index: int | None = None
+        self.pattern: AttentionPattern | None = None
+
+    def layer_pattern_of(self, layer) -> AttentionPattern:
+        if self.pattern is None:
+            self.layer_index, self.pattern = layer_pattern(self, layer.layer_name, self.policy)
+        return self.pattern
+
+    def record_sparse_prefill(self, usage: AttentionUsage, prefill) -> None:
+        """Rows of a sparse prefill, and how many of them ran as full last rows."""
+        pattern = self.pattern
+        usage.record(self.layer_index, pattern.name, int(prefill.query_lens_host.sum()))
+        usage.record(self.layer_index, f"{pattern.name}_last_rows",
+                     prefill.rows_in_last(getattr(pattern, "last_q_tokens", 0)))
+
+    def end_step_if_last(self, usage: AttentionUsage) -> None:
+        if self.layer_index == self.last_layer_index:
+            usage.end_step()
