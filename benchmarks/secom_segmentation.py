@@ -1,0 +1,131 @@
+"""SeCom segmentation through the served model vs the embedding fallback (issue 21).
+
+Sessions of the generated corpus (`secom_corpus.py`, true topic runs known) are segmented:
+1. by SmolLM2 served by vLLM (chat endpoint, temperature 0) with the paper's batch prompt,
+   parsed strictly (`parse_batch_segments`); and, on a few sessions, with the incremental
+   Yes/No prompt, one call per new exchange;
+2. by TextTiling over MiniLM embeddings (what the gateway falls back to).
+Reported: how often the model's answer parses, boundary F1 of each segmenter, and of the
+combination the gateway runs (the model where it parses, else TextTiling).
+
+    .venv/bin/python benchmarks/secom_segmentation.py [--sessions 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from secom_corpus import make_corpus  # noqa: E402
+
+from prompt_pipeline.secom.embeddings import SentenceEncoder  # noqa: E402
+from prompt_pipeline.secom.segmentation import (  # noqa: E402
+    batch_prompt,
+    boundary_f1,
+    incremental_prompt,
+    parse_batch_segments,
+    parse_continues,
+    segment_by_embeddings,
+)
+from server.config import ServerSettings  # noqa: E402
+from server.launcher import (  # noqa: E402
+    free_port,
+    resolve_model_path,
+    start_worker,
+    stop_workers,
+    wait_until_healthy,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODEL = "smollm2-135m-instruct"
+
+
+def chat(url: str, prompt: str, max_tokens: int) -> str:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
+    response.raise_for_status()
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def session_truth(topics: list[str]) -> list[tuple[int, int]]:
+    segments, start = [], 0
+    for index in range(len(topics)):
+        if index == len(topics) - 1 or topics[index + 1] != topics[index]:
+            segments.append((start, index))
+            start = index + 1
+    return segments
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--incremental-sessions", type=int, default=3)
+    args = parser.parse_args()
+    corpus = make_corpus(args.sessions, seed=2, sessions=1)
+    encoder = SentenceEncoder(threads=1)
+    settings = ServerSettings(workers=1, kv_cache_space_gib=1, max_model_len=8192)
+    worker = start_worker(settings, resolve_model_path(settings), 0, port=free_port())
+    rows = []
+    try:
+        wait_until_healthy([worker], timeout_s=600)
+        for number, conversation in enumerate(corpus):
+            texts = [f"[user]: {u}\n[assistant]: {a}" for u, a in conversation.sessions[0]]
+            truth = session_truth(conversation.topics)
+            reply = chat(worker.url, batch_prompt(texts), 400)
+            parsed = parse_batch_segments(reply, len(texts))
+            tiled = segment_by_embeddings(encoder.encode(texts))
+            row = {"session": number, "exchanges": len(texts), "true_segments": len(truth),
+                   "model_reply": reply[:600], "model_parsed": parsed is not None,
+                   "f1_model": boundary_f1(parsed, truth) if parsed else None,
+                   "f1_texttiling": boundary_f1(tiled, truth),
+                   "f1_gateway": boundary_f1(parsed or tiled, truth)}
+            if number < args.incremental_sessions:
+                answers, segments, start = [], [], 0
+                for index in range(1, len(texts)):
+                    verdict = parse_continues(chat(
+                        worker.url, incremental_prompt(texts[start:index], texts[index]), 3))
+                    answers.append(verdict)
+                    if verdict is False:
+                        segments.append((start, index - 1))
+                        start = index
+                segments.append((start, len(texts) - 1))
+                row["incremental_parsed_share"] = sum(a is not None for a in answers) / len(
+                    answers)
+                row["f1_incremental"] = boundary_f1(segments, truth)
+            rows.append(row)
+            print(f"[segmentation] session {number + 1}/{len(corpus)}: parsed "
+                  f"{row['model_parsed']}, F1 TextTiling {row['f1_texttiling']:.2f}",
+                  file=sys.stderr, flush=True)
+    finally:
+        stop_workers([worker])
+    parsed_rows = [r for r in rows if r["model_parsed"]]
+    result = {
+        "benchmark": "secom_segmentation", "date": time.strftime("%Y-%m-%d"), "model": MODEL,
+        "sessions": len(rows),
+        "batch_prompt_parsed_share": len(parsed_rows) / len(rows),
+        "f1_model_where_parsed": (statistics.mean(r["f1_model"] for r in parsed_rows)
+                                  if parsed_rows else None),
+        "f1_texttiling": statistics.mean(r["f1_texttiling"] for r in rows),
+        "f1_gateway_combination": statistics.mean(r["f1_gateway"] for r in rows),
+        "incremental": [{k: r[k] for k in ("session", "incremental_parsed_share",
+                                           "f1_incremental")} for r in rows
+                        if "f1_incremental" in r],
+        "rows": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "secom_segmentation.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
