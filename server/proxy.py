@@ -1,9 +1,11 @@
-"""Forwarding one generation request to a worker: retries, streaming relay, error mapping.
+"""Forwarding one request to a worker: which failures are retried, streaming relay, errors.
 
-Non-streamed requests are retried once on another worker when the first one cannot be
-reached or dies before answering. A streamed request is retried only if it failed before
-any byte reached the client; after that, a worker failure ends the stream with an error
-event, because a client cannot un-read tokens it already showed.
+A request is retried on another worker only when it provably never reached the first one
+(the connection could not be made). Once the request was sent, a failure is not retried: the
+worker may already be generating, and a second run elsewhere would duplicate the work (and
+for a stream, tokens the client already showed). Those failures become OpenAI-shaped
+502/504s. The gateway's own connection pool running dry is a 503 of the gateway, not a
+worker failure.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from fastapi.responses import Response, StreamingResponse
@@ -20,49 +22,33 @@ from fastapi.responses import Response, StreamingResponse
 from server.errors import OpenAIError, error_body, no_healthy_worker_error
 from server.metrics import GatewayMetrics
 from server.router import Worker, WorkerPool
+from server.sse import EventSplitter
+from server.upstream_errors import normalise_upstream_error
 
 logger = logging.getLogger("tessera.gateway")
 
-# Failures that mean "this worker is gone": safe to retry elsewhere, since nothing was answered.
-WORKER_GONE_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)
+# The connection was never established: nothing reached the worker, so another may try.
+NEVER_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
 MAX_ATTEMPTS = 2
 
 
 @dataclass
 class ForwardRequest:
-    route: str  # metric label: "chat" | "completions"
+    route: str  # metric label: "chat" | "completions" | "responses" | ...
     path: str  # upstream path, e.g. "/v1/chat/completions"
-    body: dict
+    body: bytes  # the JSON body, already encoded
     stream: bool
     request_id: str
     started: float  # perf_counter at arrival, for end-to-end and TTFT metrics
+    model: str | None = None  # only workers serving it are chosen
+    fingerprints: list[int] = field(default_factory=list)  # prompt prefixes, for affinity
+    method: str = "POST"
     on_stream_end: Callable[[], None] | None = None  # called once a relayed stream ends
 
 
-def normalise_upstream_error(status_code: int, payload: bytes) -> OpenAIError:
-    """Turn a worker's error response into OpenAI's shape and status classes.
-
-    vLLM answers `{"error": {"message", "type": "BadRequestError", "param", "code": 400}}`;
-    OpenAI clients expect string types such as `invalid_request_error`, and a too-long prompt
-    is known to them as code `context_length_exceeded`.
-    """
-    try:
-        detail = json.loads(payload).get("error", {})
-        message = str(detail.get("message") or "")
-        param = detail.get("param")
-        upstream_code = detail.get("code")
-    except (ValueError, AttributeError):
-        message, param, upstream_code = payload.decode(errors="replace")[:500], None, None
-    if 400 <= status_code < 500:
-        code = upstream_code if isinstance(upstream_code, str) else None
-        lowered = message.lower()
-        if "context length" in lowered or "maximum context" in lowered or "too long" in lowered:
-            code, param = "context_length_exceeded", param or "messages"
-        kind = "not_found_error" if status_code == 404 else "invalid_request_error"
-        return OpenAIError(status_code, message or "Invalid request.", type=kind, param=param,
-                           code=code)
-    return OpenAIError(502, f"The worker failed: {message or status_code}", type="server_error",
-                       code="upstream_error")
+def _gateway_busy() -> OpenAIError:
+    return OpenAIError(503, "The gateway has no free upstream connection; try again shortly.",
+                       type="server_error", code="gateway_overloaded")
 
 
 class Forwarder:
@@ -76,7 +62,8 @@ class Forwarder:
     async def forward(self, request: ForwardRequest) -> Response:
         tried: set[str] = set()
         for _attempt in range(MAX_ATTEMPTS):
-            worker = self._pool.choose(exclude=tried)
+            worker = self._pool.choose(exclude=tried, model=request.model,
+                                       fingerprints=request.fingerprints)
             if worker is None:
                 break
             tried.add(worker.url)
@@ -86,20 +73,25 @@ class Forwarder:
         raise no_healthy_worker_error()
 
     async def _try_worker(self, worker: Worker, request: ForwardRequest) -> Response | None:
-        """The response from this worker, or None when it is gone and another may be tried."""
+        """The response from this worker, or None when it could not be reached at all."""
+        headers = {"x-request-id": request.request_id}
+        if request.method == "POST":
+            headers["content-type"] = "application/json"
         upstream = self._client.build_request(
-            "POST", f"{worker.url}{request.path}", json=request.body,
-            headers={"x-request-id": request.request_id},
+            request.method, f"{worker.url}{request.path}",
+            content=request.body if request.method == "POST" else None, headers=headers,
         )
         self._pool.track_start(worker)
         handed_to_stream = False
         try:
             response = await self._client.send(upstream, stream=True)
-            if response.status_code != 200:
+            if not 200 <= response.status_code < 300:
                 payload = await response.aread()
                 await response.aclose()
-                raise normalise_upstream_error(response.status_code, payload)
-            if request.stream:
+                raise normalise_upstream_error(response.status_code, payload, request.route,
+                                               f"{request.method} {request.path}")
+            if request.stream and response.headers.get("content-type", "").startswith(
+                    "text/event-stream"):
                 handed_to_stream = True
                 return StreamingResponse(
                     self._relay(worker, response, request),
@@ -108,17 +100,26 @@ class Forwarder:
                 )
             payload = await response.aread()
             await response.aclose()
-            return Response(payload, media_type="application/json",
+            return Response(payload, status_code=response.status_code,
+                            media_type=response.headers.get("content-type", "application/json"),
                             headers={"x-request-id": request.request_id})
-        except WORKER_GONE_ERRORS as exc:
+        except httpx.PoolTimeout as exc:
+            # Our own pool is exhausted: the worker is fine and never saw the request.
+            raise _gateway_busy() from exc
+        except NEVER_SENT_ERRORS as exc:
             self._pool.mark_failed(worker, type(exc).__name__)
-            logger.warning("request_id=%s worker %s failed (%s); retrying elsewhere",
+            logger.warning("request_id=%s worker %s unreachable (%s); trying another",
                            request.request_id, worker.url, type(exc).__name__)
             return None
-        except httpx.TimeoutException as exc:
+        except httpx.TimeoutException as exc:  # read or write timeout: sent, no answer in time
             self._metrics.upstream_errors.labels(worker.url, "timeout").inc()
             raise OpenAIError(504, f"The worker did not answer in time ({type(exc).__name__}).",
                               type="server_error", code="upstream_timeout") from exc
+        except httpx.HTTPError as exc:
+            # Sent, then the connection broke (the worker died or spoke garbage): not retried.
+            self._pool.mark_failed(worker, type(exc).__name__)
+            raise OpenAIError(502, f"The worker failed while answering ({type(exc).__name__}).",
+                              type="server_error", code="upstream_error") from exc
         finally:
             if not handed_to_stream:
                 self._pool.track_end(worker)
@@ -126,20 +127,31 @@ class Forwarder:
     async def _relay(
         self, worker: Worker, response: httpx.Response, request: ForwardRequest
     ) -> AsyncIterator[bytes]:
-        """Pass SSE bytes through as they arrive; closing `response` aborts the generation."""
-        first_chunk = True
+        """Pass whole SSE events through as they arrive; closing `response` aborts upstream.
+
+        Only complete events are relayed, so a worker dying mid-event leaves no torn line
+        for the client to misparse; the error event then starts on a line of its own.
+        """
+        first_event = True
+        events = EventSplitter()
         try:
             async for chunk in response.aiter_raw():
-                if first_chunk:
+                complete = events.feed(chunk)
+                if not complete:
+                    continue
+                if first_event:
                     self._metrics.time_to_first_token.labels(request.route).observe(
                         time.perf_counter() - request.started)
-                    first_chunk = False
-                yield chunk
+                    first_event = False
+                yield complete
+            tail = events.rest()
+            if tail.strip():
+                yield tail + b"\n\n"  # a last event without its blank line: still whole
         except (httpx.HTTPError, OSError) as exc:
             self._pool.mark_failed(worker, type(exc).__name__)
-            body = error_body(f"The worker failed mid-stream ({type(exc).__name__}).",
-                              "server_error", code="upstream_error")
-            yield f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
+            logger.warning("request_id=%s worker %s failed mid-stream (%s)",
+                           request.request_id, worker.url, type(exc).__name__)
+            yield _stream_error_event(request.route, type(exc).__name__)
         finally:
             # Runs on normal end, on error, and when the client disconnects (the task is
             # cancelled): closing the upstream connection makes vLLM abort the request.
@@ -148,3 +160,12 @@ class Forwarder:
             if request.on_stream_end is not None:
                 request.on_stream_end()
 
+
+def _stream_error_event(route: str, failure: str) -> bytes:
+    message = f"The worker failed mid-stream ({failure})."
+    if route == "responses":
+        # The Responses API streams typed events; its error event carries the fields flat.
+        event = {"type": "error", "code": "upstream_error", "message": message, "param": None}
+        return f"event: error\ndata: {json.dumps(event)}\n\n".encode()
+    body = error_body(message, "server_error", code="upstream_error")
+    return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
