@@ -12,6 +12,7 @@ from collections import Counter as Tally
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import aiohttp
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -31,7 +32,7 @@ from server.errors import (
 )
 from server.metrics import GatewayMetrics
 from server.middleware import RequestIdMiddleware
-from server.proxy import Forwarder, ForwardRequest
+from server.proxy import ConnectionBudget, Forwarder, ForwardRequest
 from server.router import WorkerPool
 from server.schemas import (
     ChatCompletionRequest,
@@ -90,19 +91,24 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
-        timeout = httpx.Timeout(
-            connect=self.settings.upstream_connect_timeout_s,
-            read=self.settings.upstream_read_timeout_s,
-            write=30.0,
-            pool=self.settings.upstream_connect_timeout_s,
-        )
+        settings = self.settings
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.upstream_connect_timeout_s,
+            sock_read=settings.upstream_read_timeout_s)
         # Idle upstream connections are dropped after 2 s, before vLLM's uvicorn closes them
         # (its keep-alive is 5 s): a request never goes out on a connection being closed.
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200,
-                              keepalive_expiry=2.0)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        # The connection limit is ConnectionBudget's, so the connector itself has none.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0)
+        budget = ConnectionBudget(settings.upstream_max_connections,
+                                  settings.upstream_connect_timeout_s)
+        # Health probes (a few per second) stay on httpx; requests go through aiohttp.
+        async with (
+            httpx.AsyncClient(timeout=5.0) as client,
+            aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                  skip_auto_headers=("User-Agent",)) as session,
+        ):
             self.client = client
-            self.forwarder = Forwarder(client, self.pool, self.metrics)
+            self.forwarder = Forwarder(session, self.pool, self.metrics, budget)
             await self.pool.probe_all(client)
             checker = asyncio.create_task(
                 self.pool.run_health_checks(client, self.settings.health_interval_s)

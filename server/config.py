@@ -81,8 +81,9 @@ class ServerSettings(TesseraSettings):
         False, description="Ask for an API key on /metrics too (its labels name worker URLs). "
         "Off by default so a Prometheus without credentials can scrape.",
     )
-    gateway_workers: int = Field(
-        1, ge=1, description="Gateway processes sharing the port (SO_REUSEPORT).",
+    upstream_max_connections: int = Field(
+        1000, ge=1, description="Upstream connections in use at once; a request that finds "
+        "none free within the connect timeout gets 503 gateway_overloaded.",
     )
     shutdown_grace_s: float = Field(30.0, description="In-flight requests get this long on stop.")
     log_level: str = Field("info", description="Gateway log level.")

@@ -10,13 +10,14 @@ worker failure.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 from fastapi.responses import Response, StreamingResponse
 
 from server.errors import OpenAIError, error_body, no_healthy_worker_error
@@ -28,7 +29,7 @@ from server.upstream_errors import normalise_upstream_error
 logger = logging.getLogger("tessera.gateway")
 
 # The connection was never established: nothing reached the worker, so another may try.
-NEVER_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+NEVER_SENT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 MAX_ATTEMPTS = 2
 
 
@@ -42,7 +43,6 @@ class ForwardRequest:
     started: float  # perf_counter at arrival, for end-to-end and TTFT metrics
     model: str | None = None  # only workers serving it are chosen
     fingerprints: list[int] = field(default_factory=list)  # prompt prefixes, for affinity
-    method: str = "POST"
     on_stream_end: Callable[[], None] | None = None  # called once a relayed stream ends
 
 
@@ -51,13 +51,42 @@ def _gateway_busy() -> OpenAIError:
                        type="server_error", code="gateway_overloaded")
 
 
+class ConnectionBudget:
+    """The gateway's own limit on upstream connections in use, with a bounded wait.
+
+    Kept apart from the HTTP client so that running out of it is told apart from a worker
+    that does not answer: the first is the gateway's 503, the second a 504.
+    """
+
+    def __init__(self, limit: int, wait_s: float) -> None:
+        self._free = asyncio.Semaphore(limit)
+        self._wait_s = wait_s
+
+    async def take(self) -> None:
+        if not self._free.locked():
+            await self._free.acquire()  # returns at once: no timer needed
+            return
+        try:
+            await asyncio.wait_for(self._free.acquire(), self._wait_s)
+        except TimeoutError as exc:
+            raise _gateway_busy() from exc
+
+    def give_back(self) -> None:
+        self._free.release()
+
+
 class Forwarder:
+    """Sends requests to workers over aiohttp (chosen by profile: httpx's pool cost more CPU
+    per request than the whole rest of the gateway; see benchmarks/gateway_NOTES.md)."""
+
     def __init__(
-        self, client: httpx.AsyncClient, pool: WorkerPool, metrics: GatewayMetrics
+        self, session: aiohttp.ClientSession, pool: WorkerPool, metrics: GatewayMetrics,
+        budget: ConnectionBudget,
     ) -> None:
-        self._client = client
+        self._session = session
         self._pool = pool
         self._metrics = metrics
+        self._budget = budget
 
     async def forward(self, request: ForwardRequest) -> Response:
         tried: set[str] = set()
@@ -74,58 +103,54 @@ class Forwarder:
 
     async def _try_worker(self, worker: Worker, request: ForwardRequest) -> Response | None:
         """The response from this worker, or None when it could not be reached at all."""
-        headers = {"x-request-id": request.request_id}
-        if request.method == "POST":
-            headers["content-type"] = "application/json"
-        upstream = self._client.build_request(
-            request.method, f"{worker.url}{request.path}",
-            content=request.body if request.method == "POST" else None, headers=headers,
-        )
+        await self._budget.take()
         self._pool.track_start(worker)
         handed_to_stream = False
+        response: aiohttp.ClientResponse | None = None
         try:
-            response = await self._client.send(upstream, stream=True)
-            if not 200 <= response.status_code < 300:
-                payload = await response.aread()
-                await response.aclose()
-                raise normalise_upstream_error(response.status_code, payload, request.route,
-                                               f"{request.method} {request.path}")
-            if request.stream and response.headers.get("content-type", "").startswith(
-                    "text/event-stream"):
+            response = await self._session.post(
+                f"{worker.url}{request.path}", data=request.body,
+                headers={"x-request-id": request.request_id,
+                         "content-type": "application/json"},
+            )
+            if not 200 <= response.status < 300:
+                payload = await response.read()
+                raise normalise_upstream_error(response.status, payload, request.route,
+                                               f"POST {request.path}")
+            content_type = response.headers.get("content-type", "application/json")
+            if request.stream and content_type.startswith("text/event-stream"):
                 handed_to_stream = True
                 return StreamingResponse(
                     self._relay(worker, response, request),
                     media_type="text/event-stream",
                     headers={"x-request-id": request.request_id, "cache-control": "no-cache"},
                 )
-            payload = await response.aread()
-            await response.aclose()
-            return Response(payload, status_code=response.status_code,
-                            media_type=response.headers.get("content-type", "application/json"),
+            payload = await response.read()
+            return Response(payload, status_code=response.status, media_type=content_type,
                             headers={"x-request-id": request.request_id})
-        except httpx.PoolTimeout as exc:
-            # Our own pool is exhausted: the worker is fine and never saw the request.
-            raise _gateway_busy() from exc
         except NEVER_SENT_ERRORS as exc:
             self._pool.mark_failed(worker, type(exc).__name__)
             logger.warning("request_id=%s worker %s unreachable (%s); trying another",
                            request.request_id, worker.url, type(exc).__name__)
             return None
-        except httpx.TimeoutException as exc:  # read or write timeout: sent, no answer in time
+        except TimeoutError as exc:  # sent, no answer within the read timeout
             self._metrics.upstream_errors.labels(worker.url, "timeout").inc()
-            raise OpenAIError(504, f"The worker did not answer in time ({type(exc).__name__}).",
+            raise OpenAIError(504, "The worker did not answer in time.",
                               type="server_error", code="upstream_timeout") from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             # Sent, then the connection broke (the worker died or spoke garbage): not retried.
             self._pool.mark_failed(worker, type(exc).__name__)
             raise OpenAIError(502, f"The worker failed while answering ({type(exc).__name__}).",
                               type="server_error", code="upstream_error") from exc
         finally:
             if not handed_to_stream:
+                if response is not None:
+                    _finish(response)
                 self._pool.track_end(worker)
+                self._budget.give_back()
 
     async def _relay(
-        self, worker: Worker, response: httpx.Response, request: ForwardRequest
+        self, worker: Worker, response: aiohttp.ClientResponse, request: ForwardRequest
     ) -> AsyncIterator[bytes]:
         """Pass whole SSE events through as they arrive; closing `response` aborts upstream.
 
@@ -135,7 +160,7 @@ class Forwarder:
         first_event = True
         events = EventSplitter()
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.content.iter_any():
                 complete = events.feed(chunk)
                 if not complete:
                     continue
@@ -147,18 +172,29 @@ class Forwarder:
             tail = events.rest()
             if tail.strip():
                 yield tail + b"\n\n"  # a last event without its blank line: still whole
-        except (httpx.HTTPError, OSError) as exc:
-            self._pool.mark_failed(worker, type(exc).__name__)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            if not isinstance(exc, TimeoutError):  # slow is not dead
+                self._pool.mark_failed(worker, type(exc).__name__)
             logger.warning("request_id=%s worker %s failed mid-stream (%s)",
                            request.request_id, worker.url, type(exc).__name__)
             yield _stream_error_event(request.route, type(exc).__name__)
         finally:
             # Runs on normal end, on error, and when the client disconnects (the task is
-            # cancelled): closing the upstream connection makes vLLM abort the request.
-            await response.aclose()
+            # cancelled): closing an unfinished upstream response makes vLLM abort it.
+            _finish(response)
             self._pool.track_end(worker)
+            self._budget.give_back()
             if request.on_stream_end is not None:
                 request.on_stream_end()
+
+
+def _finish(response: aiohttp.ClientResponse) -> None:
+    """Read to the end: the connection goes back to the pool. Otherwise (a client went away,
+    a worker broke) it is closed, which makes vLLM abort the generation."""
+    if response.content.at_eof():
+        response.release()
+    else:
+        response.close()
 
 
 def _stream_error_event(route: str, failure: str) -> bytes:
