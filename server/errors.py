@@ -88,7 +88,10 @@ def validation_error(errors: list[dict], payload: object = None) -> OpenAIError:
     if errors[0].get("type") == "json_invalid":
         return OpenAIError(400, "We could not parse the JSON body of your request.",
                            code="invalid_json")
-    first = max(errors, key=lambda error: len(error.get("loc", ())))
+    # Deepest first; at equal depth a broken constraint ("must be >= 0") says more than a
+    # union member's type mismatch ("should be a string").
+    first = max(errors, key=lambda error: (len(error.get("loc", ())),
+                                           not str(error.get("type", "")).endswith("_type")))
     param = _field_path(first, payload)
     where = f" at '{param}'" if param else ""
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")

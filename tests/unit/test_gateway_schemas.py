@@ -77,12 +77,14 @@ def test_message_rules_per_role(message: dict, param: str) -> None:
 
 @pytest.mark.parametrize("message", [
     {"role": "assistant", "content": None,
-     "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+     "tool_calls": [{"id": "c1", "type": "function",
+                     "function": {"name": "f", "arguments": "{}"}}]},
     {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
     {"role": "tool", "content": "42", "tool_call_id": "c1"},
     {"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
     {"role": "user", "content": [{"type": "text", "text": "see"},
-                                 {"type": "image_url", "image_url": {"url": "data:,", "detail": "low"}}]},
+                                 {"type": "image_url",
+                                  "image_url": {"url": "data:,", "detail": "low"}}]},
     {"role": "user", "content": [{"type": "video_url", "video_url": {"url": "v"}}]},
     {"role": "function", "content": None, "name": "f"},
     {"role": "user", "content": "x", "name": "ann", "custom_field": 1},
