@@ -1,13 +1,17 @@
 """Gateway overhead: the same requests sent straight to a vLLM worker and through the gateway.
 
 One run starts one real worker (SmolLM2, CPU) and a gateway over it, then:
-1. latency: N sequential completion requests (max_tokens=1), alternating direct / gateway so
-   drift hits both alike; added latency = per-pair difference, reported as p50/p99;
+1. latency: `--rounds` rounds of N sequential completion requests (max_tokens=1), alternating
+   direct / gateway so drift hits both alike; added latency = per-pair difference, p50/p99
+   per round, median over rounds (also: p99 through the gateway minus p99 direct);
 2. throughput: closed-loop load at several concurrencies for a fixed time against each
    target; max req/s of each and their ratio.
-Writes benchmarks/results/gateway_overhead.json and .png.
+With `--pin` the worker's OpenMP threads run on core 0 and the gateway on core 1 (taskset),
+so the worker's spinning threads do not preempt the gateway; without it both float.
+Writes benchmarks/results/<output>.json and .png.
 
-    .venv/bin/python benchmarks/gateway_overhead.py [--requests 300] [--seconds 10]
+    flock -x /tmp/tessera-cpu-timing.lock .venv/bin/python benchmarks/gateway_overhead.py \
+        [--requests 200] [--rounds 5] [--seconds 10] [--pin] [--gateway-src CHECKOUT]
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -24,7 +29,8 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from server.config import ServerSettings  # noqa: E402
 from server.launcher import (  # noqa: E402
@@ -46,7 +52,30 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(int(q / 100 * len(ordered)), len(ordered) - 1)]
 
 
-async def measure_latency(direct: str, gateway: str, count: int) -> dict:
+async def measure_latency(direct: str, gateway: str, count: int, rounds: int) -> dict:
+    per_round = [await measure_latency_round(direct, gateway, count) for _ in range(rounds)]
+
+    def median_of(*keys: str) -> float:
+        values = []
+        for row in per_round:
+            for key in keys:
+                row = row[key]
+            values.append(row)
+        return statistics.median(values)
+
+    return {
+        "rounds": rounds, "requests_per_target_per_round": count,
+        "added_ms": {"p50": median_of("added_ms", "p50"), "p99": median_of("added_ms", "p99"),
+                     "mean": median_of("added_ms", "mean"),
+                     "p99_gateway_minus_p99_direct": median_of("added_ms", "p99_difference")},
+        "direct_ms": {"p50": median_of("direct_ms", "p50"), "p99": median_of("direct_ms", "p99")},
+        "gateway_ms": {"p50": median_of("gateway_ms", "p50"),
+                       "p99": median_of("gateway_ms", "p99")},
+        "per_round": per_round,
+    }
+
+
+async def measure_latency_round(direct: str, gateway: str, count: int) -> dict:
     direct_ms, gateway_ms = [], []
     async with httpx.AsyncClient(timeout=60) as client:
         for url in (direct, gateway):  # warm both paths (connections, first-request costs)
@@ -67,7 +96,8 @@ async def measure_latency(direct: str, gateway: str, count: int) -> dict:
         "direct_ms": {"p50": percentile(direct_ms, 50), "p99": percentile(direct_ms, 99)},
         "gateway_ms": {"p50": percentile(gateway_ms, 50), "p99": percentile(gateway_ms, 99)},
         "added_ms": {"p50": statistics.median(added), "p99": percentile(added, 99),
-                     "mean": statistics.fmean(added)},
+                     "mean": statistics.fmean(added),
+                     "p99_difference": percentile(gateway_ms, 99) - percentile(direct_ms, 99)},
         "raw": {"direct_ms": direct_ms, "gateway_ms": gateway_ms},
     }
 
@@ -96,7 +126,7 @@ def plot(result: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, key in (("direct to worker", "direct_ms"), ("through gateway", "gateway_ms")):
-        values = sorted(result["latency"]["raw"][key])
+        values = sorted(v for row in result["latency"]["per_round"] for v in row["raw"][key])
         left.plot(values, [i / len(values) for i in range(len(values))], label=name)
     added = result["latency"]["added_ms"]
     left.set(xlabel="request latency (ms), max_tokens=1", ylabel="CDF",
@@ -120,27 +150,39 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--pin", action="store_true",
+                        help="worker on core 0, gateway on core 1 (taskset)")
+    parser.add_argument("--gateway-src", type=Path, default=ROOT,
+                        help="checkout whose server/ runs as the gateway (default: this one)")
+    parser.add_argument("--output", default="gateway_overhead")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()
     settings = ServerSettings(workers=1, kv_cache_space_gib=1, max_model_len=2048)
     model_path = resolve_model_path(settings)
-    worker = start_worker(settings, model_path, 0, port=free_port())
+    pin_env = {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    worker = start_worker(settings, model_path, 0, port=free_port(),
+                          extra_env=pin_env if args.pin else None)
     gateway_port = free_port()
     gateway = None
     try:
         wait_until_healthy([worker], timeout_s=600)
+        pin = ["taskset", "-c", "1"] if args.pin else []
         gateway = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "gateway", "--port", str(gateway_port),
+            [*pin, sys.executable, "-m", "server.cli", "gateway", "--port", str(gateway_port),
              "--worker-url", worker.url, "--log-level", "warning"],
+            cwd=args.gateway_src, env=os.environ | {"PYTHONPATH": str(args.gateway_src)},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         gateway_url = f"http://127.0.0.1:{gateway_port}"
         wait_for_health(gateway_url, gateway, timeout_s=20)
         print("measuring latency...", file=sys.stderr)
-        latency = asyncio.run(measure_latency(worker.url, gateway_url, args.requests))
+        latency = asyncio.run(measure_latency(worker.url, gateway_url, args.requests,
+                                              args.rounds))
         throughput = []
         for concurrency in args.concurrency:
             print(f"measuring throughput at concurrency {concurrency}...", file=sys.stderr)
@@ -158,17 +200,20 @@ def main() -> None:
     result = {
         "benchmark": "gateway_overhead",
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
+        "command": " ".join(sys.argv), "gateway_src": str(args.gateway_src),
+        "pinned": args.pin,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "request": BODY,
-        "target_added_p50_ms": 5.0,
+        "target_added_ms": {"p50": 2.0, "p99": 10.0},
         "latency": latency,
         "throughput": throughput,
         "max_rps": {"direct": max(row["direct_rps"] for row in throughput),
                     "gateway": max(row["gateway_rps"] for row in throughput)},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "gateway_overhead.json").write_text(json.dumps(result, indent=2))
-    plot(result, RESULTS / "gateway_overhead.png")
+    (RESULTS / f"{args.output}.json").write_text(json.dumps(result, indent=2))
+    plot(result, RESULTS / f"{args.output}.png")
     added = latency["added_ms"]
     print(f"added latency p50 {added['p50']:.2f} ms, p99 {added['p99']:.2f} ms; "
           f"max req/s direct {result['max_rps']['direct']:.0f}, "
