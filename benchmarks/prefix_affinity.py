@@ -10,7 +10,7 @@ from the client the time to first token (streamed) of every turn.
 Writes benchmarks/results/prefix_affinity.json and .png.
 
     flock -x /tmp/tessera-cpu-timing.lock .venv/bin/python benchmarks/prefix_affinity.py \\
-        [--conversations 16] [--turns 8] [--system-tokens 1500]
+        [--conversations 16] [--turns 8] [--system-tokens 1500] [--doc-tokens 0]
 """
 
 from __future__ import annotations
@@ -73,15 +73,28 @@ def vllm_counters(worker_url: str) -> dict[str, float]:
     return counters
 
 
+def document(index: int, tokens: int) -> str:
+    """A conversation's own document (an order history, a contract...): unique per index."""
+    rng = random.Random(1000 + index)
+    words = ["invoice", "parcel", "dispatched", "Tuesday", "courier", "fragile", "blue",
+             "size", "large", "paid", "card", "address", "street", "code", "sealed", "box"]
+    text: list[str] = []
+    while len(text) * 1.3 < tokens:
+        text.append(rng.choice(words))
+    return f"Document of customer {index}: " + " ".join(text)
+
+
 async def conversation(client: httpx.AsyncClient, gateway: str, system: str, index: int,
-                       turns: int, reply_tokens: int, ttfts: list[float]) -> None:
+                       args: argparse.Namespace, ttfts: list[float]) -> None:
     topic = TOPICS[index % len(TOPICS)]
     messages = [{"role": "system", "content": system}]
-    for turn in range(turns):
-        messages.append({"role": "user",
-                         "content": f"Conversation {index}, question {turn + 1}: tell me one "
-                                    f"short fact about {topic}, number {turn + 1}."})
-        body = {"model": MODEL, "messages": messages, "max_tokens": reply_tokens,
+    for turn in range(args.turns):
+        question = (f"Conversation {index}, question {turn + 1}: tell me one short fact "
+                    f"about {topic}, number {turn + 1}.")
+        if turn == 0 and args.doc_tokens:
+            question = document(index, args.doc_tokens) + "\n\n" + question
+        messages.append({"role": "user", "content": question})
+        body = {"model": MODEL, "messages": messages, "max_tokens": args.reply_tokens,
                 "temperature": 0, "stream": True, "ignore_eos": True}
         started = time.perf_counter()
         first: float | None = None
@@ -111,8 +124,7 @@ async def run_policy(gateway: str, workers: list[str], system: str, args: argpar
     started = time.perf_counter()
     limits = httpx.Limits(max_connections=args.conversations + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await asyncio.gather(*(conversation(client, gateway, system, index, args.turns,
-                                            args.reply_tokens, ttfts)
+        await asyncio.gather(*(conversation(client, gateway, system, index, args, ttfts)
                                for index in range(args.conversations)))
     wall = time.perf_counter() - started
     after = [vllm_counters(url) for url in workers]
@@ -153,9 +165,12 @@ def plot(result: dict, path: Path) -> None:
     right.set(xlabel="worker", ylabel="requests served", title="balance")
     right.set_xticks(range(2))
     right.legend()
-    fig.suptitle(f"{result['workload']['conversations']} conversations x "
-                 f"{result['workload']['turns']} turns, ~{result['workload']['system_tokens']}"
-                 "-token shared system prompt, 2 SmolLM2 CPU workers")
+    workload = result["workload"]
+    doc = (f", ~{workload['doc_tokens_approx']}-token document per conversation"
+           if workload["doc_tokens_approx"] else "")
+    fig.suptitle(f"{workload['conversations']} conversations x {workload['turns']} turns, "
+                 f"{workload['system_tokens']}-token shared system prompt{doc}, "
+                 "2 SmolLM2 CPU workers")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -166,6 +181,8 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--system-tokens", type=int, default=1500)
     parser.add_argument("--reply-tokens", type=int, default=16)
+    parser.add_argument("--doc-tokens", type=int, default=0,
+                        help="a document of its own in each conversation's first turn")
     parser.add_argument("--output", default="prefix_affinity")
     args = parser.parse_args()
 
@@ -214,6 +231,7 @@ def main() -> None:
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "workload": {"conversations": args.conversations, "turns": args.turns,
                      "system_tokens": system_tokens, "reply_tokens": args.reply_tokens,
+                     "doc_tokens_approx": args.doc_tokens,
                      "workers": 2, "worker_cores": 1, "max_model_len": 4096,
                      "kv_cache_space_gib_per_worker": 2},
         "policies": results,
