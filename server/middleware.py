@@ -7,9 +7,9 @@ stream is measured to its last byte and a client disconnect still reaches the ro
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -43,7 +43,7 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
             if _VALID_REQUEST_ID.fullmatch(value):
                 return value.decode("ascii")
             break
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # what uuid4().hex carries, without building a UUID
 
 
 class RequestIdMiddleware:
