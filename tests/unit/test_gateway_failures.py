@@ -6,9 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import pytest
 
+from server.app import create_app
+from server.config import ServerSettings
 from server.launcher import free_port
+from server.schemas import SystemMessage
 from server.upstream_errors import normalise_upstream_error
 from tests.unit.gateway_stubs import (
     MODEL,
@@ -189,3 +193,29 @@ def test_worker_errors_map_by_status_and_vllm_type(status: int, payload: bytes, 
                                                    expected: tuple) -> None:
     error = normalise_upstream_error(status, payload, route)
     assert (error.status_code, error.type, error.code, error.param) == expected
+
+
+class _SystemNote:
+    """A stage that rewrites the request, as SecurityLingua's will."""
+
+    name = "system-note"
+
+    async def __call__(self, request, context):  # noqa: ANN001, ANN204 - Stage protocol
+        note = SystemMessage(role="system", content=f"note for {context.request_id}")
+        return request.model_copy(update={"messages": [note, *request.messages]})
+
+
+async def test_pipeline_stages_rewrite_what_the_worker_receives() -> None:
+    async with StubWorker(echo_body) as worker:
+        app = create_app(ServerSettings(workers=0, worker_urls=[worker.url],
+                                        health_interval_s=3600), stages=[_SystemNote()])
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                         base_url="http://gw") as client:
+                body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                        "top_k": 3}
+                forwarded = (await client.post("/v1/chat/completions", json=body,
+                                               headers={"x-request-id": "r-1"})).json()
+    assert forwarded["messages"][0] == {"role": "system", "content": "note for r-1"}
+    assert forwarded["messages"][1] == {"role": "user", "content": "hi"}
+    assert forwarded["top_k"] == 3
