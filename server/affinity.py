@@ -15,9 +15,12 @@ characters (up to hash collisions, 2^-64). Only whole chunks count, like vLLM's 
 a trailing partial chunk would change as a conversation grows.
 
 Choice (bounded loads, Mirrokni et al. 2018): a worker may take the request only while its
-outstanding requests stay within `load_factor` x the mean; among those, the one holding the
-longest prefix wins, ties to the least loaded. The least loaded worker always qualifies, so
-affinity can delay no request behind a hot worker by more than the load factor allows.
+outstanding requests stay within ceil(`load_factor` x the mean); among those, the one
+holding the longest prefix wins, ties to the least loaded. The least loaded worker always
+qualifies, so affinity can delay no request behind a hot worker by more than the bound
+allows. The default factor is 1.0, not the paper's 1.25: with two CPU workers 1.25 lets a
+split of 16 conversations settle at 11:5 (a smoke run put 2 conversations on one worker),
+and a CPU worker's prefill time grows with every request it holds.
 """
 
 from __future__ import annotations

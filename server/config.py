@@ -74,8 +74,8 @@ class ServerSettings(TesseraSettings):
         "holds the prompt's longest prefix in its KV cache (bounded by load).",
     )
     prefix_affinity_load_factor: float = Field(
-        1.25, ge=1.0, description="prefix_affinity: a worker takes a request only while its "
-        "in-flight requests stay within this factor of the mean.",
+        1.0, ge=1.0, description="prefix_affinity: a worker takes a request only while its "
+        "in-flight requests stay within this factor of the mean (rounded up).",
     )
     metrics_require_key: bool = Field(
         False, description="Ask for an API key on /metrics too (its labels name worker URLs). "

@@ -34,7 +34,7 @@ class Worker:
 class WorkerPool:
     def __init__(
         self, urls: list[str], metrics: GatewayMetrics,
-        routing: RoutingPolicy = "least_outstanding", load_factor: float = 1.25,
+        routing: RoutingPolicy = "least_outstanding", load_factor: float = 1.0,
     ) -> None:
         self.workers = [Worker(url.rstrip("/")) for url in urls]
         self._metrics = metrics

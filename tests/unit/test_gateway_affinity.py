@@ -9,8 +9,10 @@ from server.router import WorkerPool
 SYSTEM = "You are a careful assistant. " * 40  # ~1,200 chars: four whole chunks
 
 
-def _pool(routing: str = "prefix_affinity", workers: int = 2) -> WorkerPool:
-    pool = WorkerPool([f"http://w{i}" for i in range(workers)], GatewayMetrics(), routing)
+def _pool(routing: str = "prefix_affinity", workers: int = 2,
+          load_factor: float = 1.0) -> WorkerPool:
+    pool = WorkerPool([f"http://w{i}" for i in range(workers)], GatewayMetrics(), routing,
+                      load_factor)
     for worker in pool.workers:
         worker.healthy, worker.models = True, ["m"]
     return pool
@@ -48,16 +50,24 @@ def test_record_forgets_least_recently_used_beyond_capacity() -> None:
 def test_a_conversation_stays_on_the_worker_holding_its_prefix() -> None:
     pool = _pool()
     first = pool.choose(model="m", fingerprints=_chat("tell me about chunk " * 20))
-    other = next(w for w in pool.workers if w is not first)
-    first.outstanding = 1  # busier than the other one, yet within the load bound
+    for worker in pool.workers:
+        worker.outstanding = 3  # balanced: affinity decides
     later = pool.choose(model="m", fingerprints=_chat("tell me about chunk " * 20, "and more"))
-    assert later is first and other.outstanding == 0
+    assert later is first
+
+
+def test_a_busier_worker_keeps_its_conversation_within_a_looser_bound() -> None:
+    for busier, kept in ((1, True), (2, False)):  # the other worker is idle
+        pool = _pool(load_factor=1.25)
+        first = pool.choose(model="m", fingerprints=_chat("y" * 600))
+        first.outstanding = busier  # bound: ceil(1.25 * (busier + 1) / 2) = 2
+        assert (pool.choose(model="m", fingerprints=_chat("y" * 600)) is first) is kept
 
 
 def test_the_load_bound_overrides_affinity() -> None:
     pool = _pool()
     first = pool.choose(model="m", fingerprints=_chat("x" * 600))
-    first.outstanding = 4  # bound with 2 workers: ceil(1.25 * 5 / 2) = 4 -> no room
+    first.outstanding = 1  # bound with 2 workers: ceil(1.0 * 2 / 2) = 1 -> no room
     assert pool.choose(model="m", fingerprints=_chat("x" * 600)) is not first
 
 
