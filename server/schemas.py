@@ -17,6 +17,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    TypeAdapter,
     field_validator,
     model_validator,
 )
@@ -173,12 +174,34 @@ class FunctionMessage(_NotAssistant):
     name: str
 
 
-ChatMessage = Annotated[
+RoleMessage = Annotated[
     Annotated[SystemMessage, Tag("system")] | Annotated[DeveloperMessage, Tag("developer")]
     | Annotated[UserMessage, Tag("user")] | Annotated[AssistantMessage, Tag("assistant")]
     | Annotated[ToolMessage, Tag("tool")] | Annotated[FunctionMessage, Tag("function")],
     Discriminator("role"),
 ]
+_ROLE_RULES: TypeAdapter[Any] = TypeAdapter(RoleMessage)
+
+
+class ChatMessage(_Strict):
+    """One chat message as pipeline stages see it: any role, content a string or a list of
+    part dicts, other fields (`tool_calls`, `tool_call_id`, ...) as extras, so a stage can
+    read parts with `.get` and build `ChatMessage(role="system", content=...)`.
+
+    Validation is stricter than this shape: every message must also pass the model of its
+    role above (errors then name e.g. `messages.2.tool_call_id`).
+    """
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _follows_its_role(cls, data: Any, handler: Any) -> ChatMessage:
+        if isinstance(data, dict):
+            _ROLE_RULES.validate_python(data)
+        return handler(data)
 
 
 # --- request bodies

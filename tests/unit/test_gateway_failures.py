@@ -12,7 +12,7 @@ import pytest
 from server.app import create_app
 from server.config import ServerSettings
 from server.launcher import free_port
-from server.schemas import SystemMessage
+from server.schemas import ChatMessage
 from server.upstream_errors import normalise_upstream_error
 from tests.unit.gateway_stubs import (
     MODEL,
@@ -201,7 +201,7 @@ class _SystemNote:
     name = "system-note"
 
     async def __call__(self, request, context):  # noqa: ANN001, ANN204 - Stage protocol
-        note = SystemMessage(role="system", content=f"note for {context.request_id}")
+        note = ChatMessage(role="system", content=f"note for {context.request_id}")
         return request.model_copy(update={"messages": [note, *request.messages]})
 
 

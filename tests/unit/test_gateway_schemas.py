@@ -108,3 +108,15 @@ def test_messages_openai_accepts_are_accepted(message: dict) -> None:
 def test_other_routes_validate_strictly(model: type[BaseModel], body: dict,
                                         param: str | None) -> None:
     assert _error(model, body).param == param
+
+
+def test_stages_see_one_message_class_with_part_dicts() -> None:
+    # What pipeline stages rely on (SecurityLingua reads parts with .get and adds a system
+    # message built from the first message's class).
+    body = _chat(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+    first = ChatCompletionRequest.model_validate(body).messages[0]
+    assert first.content[0].get("text") == "hi"
+    system = type(first)(role="system", content="note")
+    assert system.role == "system"
+    with pytest.raises(ValidationError):
+        type(first)(role="tool", content="x")  # still the tool rules: no tool_call_id
