@@ -281,6 +281,9 @@ async def _unless_client_leaves(receive: Receive, forwarding: object) -> Respons
     watch_task = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait((forward_task, watch_task), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler itself cancelled (shutdown): take the forward along
+        forward_task.cancel()
+        raise
     finally:
         watch_task.cancel()
     if forward_task.done():

@@ -120,9 +120,15 @@ class Forwarder:
             content_type = response.headers.get("content-type", "application/json")
             if request.stream and content_type.startswith("text/event-stream"):
                 handed_to_stream = True
+                relay = self._relay(worker, response, request)
+                # Start the relay before handing it over: a started generator's `finally`
+                # (which frees the worker, the connection and the key's slot) runs however
+                # the response ends, even if the client leaves before the first byte; an
+                # unstarted one would just be dropped. It also keeps the disconnect watch
+                # of the caller in force during prefill.
+                first = await anext(relay, b"")
                 return StreamingResponse(
-                    self._relay(worker, response, request),
-                    media_type="text/event-stream",
+                    _prepend(first, relay), media_type="text/event-stream",
                     headers={"x-request-id": request.request_id, "cache-control": "no-cache"},
                 )
             payload = await response.read()
@@ -186,6 +192,13 @@ class Forwarder:
             self._budget.give_back()
             if request.on_stream_end is not None:
                 request.on_stream_end()
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in rest:
+        yield chunk
 
 
 def _finish(response: aiohttp.ClientResponse) -> None:

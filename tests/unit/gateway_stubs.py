@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import httpx
 
@@ -52,6 +52,7 @@ class StubWorker:
                     writer.write(respond(200, b"{}"))
                 else:
                     self.posts += 1
+                    writer.peer_reader = reader  # type: ignore[attr-defined]  # for EOF checks
                     await self.on_post(body, writer)
                     if writer.is_closing():
                         return
@@ -103,8 +104,30 @@ def die_mid_event(events: bytes, torn: bytes) -> Behaviour:
     return behave
 
 
+class SlowFirstEvent:
+    """An SSE answer whose first event comes after `seconds` (a long prefill); records
+    whether the gateway closed the connection meanwhile (what makes vLLM abort)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.closed_by_gateway = asyncio.Event()
+
+    async def __call__(self, body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n")
+        await writer.drain()
+        deadline = asyncio.get_running_loop().time() + self.seconds
+        while asyncio.get_running_loop().time() < deadline:
+            if writer.peer_reader.at_eof() or writer.transport.is_closing():  # type: ignore[attr-defined]
+                self.closed_by_gateway.set()
+                return
+            await asyncio.sleep(0.02)
+        event = b"data: {}\n\n"
+        writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n0\r\n\r\n")
+
+
 @contextlib.contextmanager
-def unaccepting_listener() -> AsyncIterator[str]:
+def unaccepting_listener() -> Iterator[str]:
     """A port whose accept queue is full: connecting to it hangs until the client's timeout."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -135,4 +158,5 @@ async def gateway_over(urls: list[str], **overrides: object) -> AsyncIterator[ht
         async with httpx.AsyncClient(transport=transport, base_url="http://gw",
                                      timeout=30) as client:
             client.gateway = app.state.gateway  # type: ignore[attr-defined]
+            client.app = app  # type: ignore[attr-defined]
             yield client

@@ -16,6 +16,7 @@ from server.schemas import ChatMessage
 from server.upstream_errors import normalise_upstream_error
 from tests.unit.gateway_stubs import (
     MODEL,
+    SlowFirstEvent,
     StubWorker,
     answer_ok,
     close_after_reading,
@@ -219,3 +220,33 @@ async def test_pipeline_stages_rewrite_what_the_worker_receives() -> None:
     assert forwarded["messages"][0] == {"role": "system", "content": "note for r-1"}
     assert forwarded["messages"][1] == {"role": "user", "content": "hi"}
     assert forwarded["top_k"] == 3
+
+
+async def test_stream_left_during_prefill_frees_worker_slot_and_upstream() -> None:
+    """Drives the ASGI app directly: the client's disconnect arrives while the worker is
+    still before its first event."""
+    prefill = SlowFirstEvent(seconds=3.0)
+    async with StubWorker(prefill) as worker, \
+            gateway_over([worker.url], max_concurrent_per_key=1) as client:
+        body = json.dumps(COMPLETION | {"stream": True}).encode()
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            if pending:
+                return pending.pop()
+            await asyncio.sleep(0.3)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            pass
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/completions",
+                 "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1), "server": ("gw", 80)}
+        await asyncio.wait_for(client.app(scope, receive, send), 2.0)  # type: ignore[attr-defined]
+        await asyncio.wait_for(prefill.closed_by_gateway.wait(), 2.0)
+        gateway = client.gateway  # type: ignore[attr-defined]
+        assert gateway.pool.workers[0].outstanding == 0
+        assert gateway.in_flight_per_key["-"] == 0
