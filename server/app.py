@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import time
-import uuid
 from collections import Counter as Tally
 from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from dataclasses import dataclass
 
+import aiohttp
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from pydantic import BaseModel, ValidationError
+from starlette.types import Receive
 
 from prompt_pipeline.stage import Pipeline, RequestContext, Stage
+from server.affinity import prefix_fingerprints, prompt_text
+from server.body import parse_json_object
 from server.config import ServerSettings
 from server.errors import (
     OpenAIError,
@@ -28,12 +31,44 @@ from server.errors import (
     validation_error,
 )
 from server.metrics import GatewayMetrics
-from server.proxy import Forwarder, ForwardRequest
+from server.middleware import RequestIdMiddleware
+from server.proxy import ConnectionBudget, Forwarder, ForwardRequest
 from server.router import WorkerPool
-from server.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    GenerationRequest,
+    ResponsesRequest,
+    TokenizeRequest,
+)
 
 logger = logging.getLogger("tessera.gateway")
-GenerationModel = TypeVar("GenerationModel", bound=GenerationRequest)
+
+# A client that went away before its answer: nginx's convention, seen only in metrics/logs.
+CLIENT_CLOSED_REQUEST = 499
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """One forwarded route: how its body is validated and what its limits apply to."""
+
+    route: str  # metric label and pipeline context route
+    path: str  # the same path on the worker
+    model_cls: type[BaseModel]
+    max_tokens_field: str | None = None  # where the max_tokens ceiling goes as a default
+    runs_pipeline: bool = False  # stages rewrite chat/completions requests only
+
+
+FORWARDED_ROUTES = (
+    RouteSpec("chat", "/v1/chat/completions", ChatCompletionRequest, "max_tokens", True),
+    RouteSpec("completions", "/v1/completions", CompletionRequest, "max_tokens", True),
+    RouteSpec("responses", "/v1/responses", ResponsesRequest, "max_output_tokens"),
+    RouteSpec("embeddings", "/v1/embeddings", EmbeddingRequest),
+    RouteSpec("tokenize", "/tokenize", TokenizeRequest),
+    RouteSpec("detokenize", "/detokenize", DetokenizeRequest),
+)
 
 
 class Gateway:
@@ -43,9 +78,11 @@ class Gateway:
         self.settings = settings
         self.metrics = GatewayMetrics()
         urls = settings.local_worker_urls() + settings.worker_urls
-        self.pool = WorkerPool(urls, self.metrics)
+        self.pool = WorkerPool(urls, self.metrics, settings.routing,
+                               settings.prefix_affinity_load_factor)
         self.pipeline = Pipeline(stages or [], on_stage_done=self._observe_stage)
         self.in_flight_per_key: Tally[str] = Tally()
+        self._api_keys = [key.encode() for key in settings.api_keys]
         self.client: httpx.AsyncClient | None = None
         self.forwarder: Forwarder | None = None
 
@@ -54,16 +91,24 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
-        timeout = httpx.Timeout(
-            connect=self.settings.upstream_connect_timeout_s,
-            read=self.settings.upstream_read_timeout_s,
-            write=30.0,
-            pool=self.settings.upstream_connect_timeout_s,
-        )
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        settings = self.settings
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.upstream_connect_timeout_s,
+            sock_read=settings.upstream_read_timeout_s)
+        # Idle upstream connections are dropped after 2 s, before vLLM's uvicorn closes them
+        # (its keep-alive is 5 s): a request never goes out on a connection being closed.
+        # The connection limit is ConnectionBudget's, so the connector itself has none.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0)
+        budget = ConnectionBudget(settings.upstream_max_connections,
+                                  settings.upstream_connect_timeout_s)
+        # Health probes (a few per second) stay on httpx; requests go through aiohttp.
+        async with (
+            httpx.AsyncClient(timeout=5.0) as client,
+            aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                  skip_auto_headers=("User-Agent",)) as session,
+        ):
             self.client = client
-            self.forwarder = Forwarder(client, self.pool, self.metrics)
+            self.forwarder = Forwarder(session, self.pool, self.metrics, budget)
             await self.pool.probe_all(client)
             checker = asyncio.create_task(
                 self.pool.run_health_checks(client, self.settings.health_interval_s)
@@ -77,21 +122,28 @@ class Gateway:
 
     # --- request checks, in the order a request meets them
     def authenticate(self, request: Request) -> str | None:
-        keys = self.settings.api_keys
-        if not keys:
+        if not self._api_keys:
             return None
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
+        token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise OpenAIError(
                 401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
-                code="missing_api_key",
+                type="authentication_error", code="missing_api_key",
             )
-        if token.strip() not in keys:
-            raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
-        return token.strip()
+        # Header values arrive latin-1 decoded; back to their bytes for a byte comparison.
+        given = token.encode("latin-1")
+        # Constant time, and every key compared: timing reveals neither a prefix nor which key.
+        matched = False
+        for key in self._api_keys:
+            matched |= hmac.compare_digest(given, key)
+        if not matched:
+            raise OpenAIError(401, "Incorrect API key provided.", type="authentication_error",
+                              code="invalid_api_key")
+        return token
 
-    async def read_json_body(self, request: Request) -> object:
+    async def read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -103,29 +155,22 @@ class Gateway:
             if received > limit:
                 raise self._body_too_large(limit)
             chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise OpenAIError(
-                400, "We could not parse the JSON body of your request.", code="invalid_json"
-            ) from exc
+        return b"".join(chunks)
 
     @staticmethod
     def _body_too_large(limit: int) -> OpenAIError:
         return OpenAIError(413, f"Request body exceeds the limit of {limit} bytes.",
                            param=None, code="request_too_large")
 
-    def parse(self, payload: object, model_cls: type[GenerationModel]) -> GenerationModel:
-        if not isinstance(payload, dict):
-            raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
+    def validate(self, payload: dict, spec: RouteSpec) -> BaseModel:
         try:
-            parsed = model_cls.model_validate(payload)
+            parsed = spec.model_cls.model_validate(payload)
         except ValidationError as exc:
-            raise validation_error(list(exc.errors())) from exc
-        self._check_limits(parsed)
+            raise validation_error(list(exc.errors()), payload) from exc
+        self._check_limits(parsed, spec)
         return parsed
 
-    def _check_limits(self, parsed: GenerationRequest) -> None:
+    def _check_limits(self, parsed: BaseModel, spec: RouteSpec) -> None:
         if isinstance(parsed, ChatCompletionRequest) and (
             len(parsed.messages) > self.settings.max_messages
         ):
@@ -134,15 +179,33 @@ class Gateway:
                 param="messages", code="too_many_messages",
             )
         ceiling = self.settings.max_tokens_ceiling
-        asked = parsed.requested_max_tokens()
-        if ceiling is not None and asked is not None and asked > ceiling:
-            raise OpenAIError(400, f"max_tokens {asked} exceeds this server's limit of {ceiling}.",
-                              param="max_tokens", code="max_tokens_exceeded")
+        if ceiling is not None and spec.max_tokens_field is not None:
+            asked = parsed.requested_max_tokens()  # type: ignore[attr-defined]
+            if asked is not None and asked > ceiling:
+                raise OpenAIError(
+                    400, f"{spec.max_tokens_field} {asked} exceeds this server's limit of "
+                    f"{ceiling}.", param=spec.max_tokens_field, code="max_tokens_exceeded")
         if not self.pool.healthy():
             raise no_healthy_worker_error()
-        if parsed.model not in self.pool.served_models():
-            raise OpenAIError(404, f"The model `{parsed.model}` does not exist.", param="model",
-                              code="model_not_found")
+        model = getattr(parsed, "model", None)
+        if model is not None and model not in self.pool.served_models():
+            raise OpenAIError(404, f"The model `{model}` does not exist.", param="model",
+                              type="not_found_error", code="model_not_found")
+
+    def apply_ceiling_default(self, parsed: BaseModel, payload: dict, spec: RouteSpec) -> bool:
+        """Set the max_tokens ceiling on a request that omitted its limit; True if set.
+
+        Omitted means "as long as the context allows" to vLLM: the ceiling must bound that
+        too (per choice, so a request for `n` choices stays bounded as well).
+        """
+        ceiling = self.settings.max_tokens_ceiling
+        if ceiling is None or spec.max_tokens_field is None:
+            return False
+        if parsed.requested_max_tokens() is not None:  # type: ignore[attr-defined]
+            return False
+        payload[spec.max_tokens_field] = ceiling
+        setattr(parsed, spec.max_tokens_field, ceiling)
+        return True
 
     def acquire_slot(self, api_key: str | None) -> Callable[[], None]:
         """Take one of the key's concurrent-request slots; returns an idempotent release.
@@ -166,29 +229,78 @@ class Gateway:
 
         return release
 
-    # --- the two generation routes share this
-    async def generate(
-        self, request: Request, route: str, path: str, model_cls: type[GenerationModel]
-    ) -> Response:
+    # --- every forwarded route goes through here
+    async def forward(self, request: Request, spec: RouteSpec) -> Response:
         started = time.perf_counter()
         request_id = request.state.request_id
         api_key = self.authenticate(request)
-        parsed = self.parse(await self.read_json_body(request), model_cls)
-        context = RequestContext(request_id=request_id, route=route, api_key=api_key)
+        raw = await self.read_body(request)
+        payload = parse_json_object(raw)
+        parsed = self.validate(payload, spec)
+        defaulted = self.apply_ceiling_default(parsed, payload, spec)
         release_slot = self.acquire_slot(api_key)
         try:
-            parsed = await self.pipeline.run(parsed, context)
+            # The client's own bytes go upstream unless something changed the request: no
+            # re-encoding of a large body, and unknown fields stay byte-for-byte as sent.
+            body = json.dumps(payload).encode() if defaulted else raw
+            if spec.runs_pipeline:
+                context = RequestContext(request_id=request_id, route=spec.route,
+                                         api_key=api_key)
+                parsed = await self.pipeline.run(parsed, context)
+                if self.pipeline.stages:
+                    assert isinstance(parsed, GenerationRequest)
+                    payload = parsed.upstream_body()
+                    body = json.dumps(payload).encode()
+            fingerprints: list[int] = []
+            if self.pool.routing == "prefix_affinity":
+                text = prompt_text(spec.route, payload)
+                fingerprints = prefix_fingerprints(text) if text else []
             assert self.forwarder is not None, "lifespan not started"
-            response = await self.forwarder.forward(ForwardRequest(
-                route=route, path=path, body=parsed.upstream_body(), stream=parsed.stream,
-                request_id=request_id, started=started, on_stream_end=release_slot,
-            ))
+            response = await _unless_client_leaves(request.receive, self.forwarder.forward(
+                ForwardRequest(
+                    route=spec.route, path=spec.path, body=body,
+                    stream=bool(getattr(parsed, "stream", False)), request_id=request_id,
+                    started=started, model=getattr(parsed, "model", None),
+                    fingerprints=fingerprints, on_stream_end=release_slot,
+                )))
         except BaseException:
             release_slot()
             raise
-        if not isinstance(response, StreamingResponse):
+        if response.media_type != "text/event-stream":
             release_slot()
         return response
+
+
+async def _unless_client_leaves(receive: Receive, forwarding: object) -> Response:
+    """Await the forward, but cancel it when the client disconnects first.
+
+    Cancelling closes the upstream connection, which makes vLLM abort the generation and
+    frees the worker and the key's concurrency slot at once instead of at the read timeout.
+    """
+    forward_task = asyncio.ensure_future(forwarding)  # type: ignore[arg-type]
+    watch_task = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((forward_task, watch_task), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler itself cancelled (shutdown): take the forward along
+        forward_task.cancel()
+        raise
+    finally:
+        watch_task.cancel()
+    if forward_task.done():
+        return forward_task.result()
+    forward_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        response = await forward_task
+        if isinstance(response, Response) and hasattr(response, "body_iterator"):
+            await response.body_iterator.aclose()  # type: ignore[attr-defined]
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+async def _disconnected(receive: Receive) -> None:
+    # The body has been read, so the next message is the disconnect (or nothing, until the
+    # response is complete, when this task is cancelled).
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_app(
@@ -198,28 +310,26 @@ def create_app(
     app = FastAPI(title="tessera-serve gateway", lifespan=gateway.lifespan)
     app.state.gateway = gateway
     install_error_handlers(app)
-
     app.add_middleware(RequestIdMiddleware, metrics=gateway.metrics)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await gateway.generate(request, "chat", "/v1/chat/completions",
-                                      ChatCompletionRequest)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await gateway.generate(request, "completions", "/v1/completions",
-                                      CompletionRequest)
+    for spec in FORWARDED_ROUTES:
+        app.add_api_route(spec.path, _forwarding_endpoint(gateway, spec), methods=["POST"],
+                          name=spec.route)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> JSONResponse:
         gateway.authenticate(request)
         created = int(time.time())
-        data = [
-            {"id": model, "object": "model", "created": created, "owned_by": "tessera-serve"}
-            for model in sorted(gateway.pool.served_models())
-        ]
+        data = [_model_card(model, created) for model in sorted(gateway.pool.served_models())]
         return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(request: Request, model_id: str) -> JSONResponse:
+        gateway.authenticate(request)
+        if model_id not in gateway.pool.served_models():
+            raise OpenAIError(404, f"The model `{model_id}` does not exist.", param="model",
+                              type="not_found_error", code="model_not_found")
+        return JSONResponse(_model_card(model_id, int(time.time())))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -229,60 +339,21 @@ def create_app(
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        if gateway.settings.metrics_require_key:
+            gateway.authenticate(request)
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
-_KNOWN_ROUTES = {
-    "/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/models": "models",
-    "/health": "health", "/metrics": "metrics",
-}
+def _forwarding_endpoint(gateway: Gateway, spec: RouteSpec) -> Callable:
+    async def endpoint(request: Request) -> Response:
+        return await gateway.forward(request, spec)
+
+    endpoint.__name__ = f"forward_{spec.route}"
+    return endpoint
 
 
-def _route_label(path: str) -> str:
-    # Bounded label values: unknown paths share one label instead of one series each.
-    return _KNOWN_ROUTES.get(path, "other")
-
-
-
-class RequestIdMiddleware:
-    """Pure ASGI: gives every request an id (`x-request-id` in and out) and records its
-    status and duration. Unlike BaseHTTPMiddleware it does not buffer or detach streaming
-    bodies, so the duration of a stream is measured to its last byte and a client
-    disconnect still reaches the route."""
-
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode() or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        started = time.perf_counter()
-        status = 500
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                extra = [(b"x-request-id", request_id.encode())]
-                message["headers"] = [
-                    (k, v) for k, v in message.get("headers", []) if k != b"x-request-id"
-                ] + extra
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            route = _route_label(scope["path"])
-            elapsed = time.perf_counter() - started
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.request_duration.labels(route).observe(elapsed)
-            logger.info("request_id=%s %s %s -> %d in %.1f ms", request_id, scope["method"],
-                        scope["path"], status, elapsed * 1e3)
+def _model_card(model: str, created: int) -> dict:
+    return {"id": model, "object": "model", "created": created, "owned_by": "tessera-serve"}

@@ -9,7 +9,7 @@ SmolLM2 model on a small CPU machine.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -68,6 +68,23 @@ class ServerSettings(TesseraSettings):
         600.0, description="Longest wait for worker bytes before a 504."
     )
     health_interval_s: float = Field(2.0, description="Seconds between worker health checks.")
+    routing: Literal["least_outstanding", "prefix_affinity"] = Field(
+        "least_outstanding",
+        description="How a worker is chosen: fewest requests in flight, or the worker that "
+        "holds the prompt's longest prefix in its KV cache (bounded by load).",
+    )
+    prefix_affinity_load_factor: float = Field(
+        1.0, ge=1.0, description="prefix_affinity: a worker takes a request only while its "
+        "in-flight requests stay within this factor of the mean (rounded up).",
+    )
+    metrics_require_key: bool = Field(
+        False, description="Ask for an API key on /metrics too (its labels name worker URLs). "
+        "Off by default so a Prometheus without credentials can scrape.",
+    )
+    upstream_max_connections: int = Field(
+        1000, ge=1, description="Upstream connections in use at once; a request that finds "
+        "none free within the connect timeout gets 503 gateway_overloaded.",
+    )
     shutdown_grace_s: float = Field(30.0, description="In-flight requests get this long on stop.")
     log_level: str = Field("info", description="Gateway log level.")
 

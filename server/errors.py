@@ -51,17 +51,52 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def validation_error(errors: list[dict]) -> OpenAIError:
-    """The 400 for a failed pydantic validation, naming the first bad field as `param`."""
-    first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid":
+def _field_path(error: dict, payload: object) -> str | None:
+    """OpenAI-style `param` ("messages.0.content") for a pydantic error.
+
+    Pydantic puts union member labels and discriminator tags into `loc` ("user", "str",
+    "list[...]"); walking the payload keeps only the steps that exist in the request, plus
+    the name of a missing field or of the discriminator that did not match.
+    """
+    loc = [step for step in error.get("loc", ()) if step != "body"]
+    parts: list[str] = []
+    node = payload
+    for step in loc:
+        if isinstance(node, dict) and isinstance(step, str) and step in node:
+            node = node[step]
+            parts.append(step)
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            node = node[step]
+            parts.append(str(step))
+    kind = error.get("type")
+    if kind == "missing" and loc:
+        parts.append(str(loc[-1]))
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):
+        discriminator = str(error.get("ctx", {}).get("discriminator", ""))
+        parts.append("role" if "role" in discriminator else "type")
+    return ".".join(parts) or None
+
+
+def validation_error(errors: list[dict], payload: object = None) -> OpenAIError:
+    """The 400 for a failed pydantic validation, naming the bad field as `param`.
+
+    For a value that matches no member of a union, the deepest error is the useful one
+    (`messages.0.content.0.text` is not a string), not the first member's complaint.
+    """
+    if not errors:
+        return OpenAIError(400, "Invalid request.", code="invalid_value")
+    if errors[0].get("type") == "json_invalid":
         return OpenAIError(400, "We could not parse the JSON body of your request.",
                            code="invalid_json")
-    # FastAPI locations look like ("body", "messages", 0, "role"); OpenAI names the field path.
-    param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
+    # Deepest first; at equal depth a broken constraint ("must be >= 0") says more than a
+    # union member's type mismatch ("should be a string").
+    first = max(errors, key=lambda error: (len(error.get("loc", ())),
+                                           not str(error.get("type", "")).endswith("_type")))
+    param = _field_path(first, payload)
     where = f" at '{param}'" if param else ""
-    return OpenAIError(400, f"Invalid request{where}: {first.get('msg', 'invalid value')}",
-                       param=param, code="invalid_value")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return OpenAIError(400, f"Invalid request{where}: {message}", param=param,
+                       code="invalid_value")
 
 
 def no_healthy_worker_error() -> OpenAIError:

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import httpx
 
+from server.affinity import PrefixRecord, choose_with_affinity
 from server.metrics import GatewayMetrics
+
+RoutingPolicy = Literal["least_outstanding", "prefix_affinity"]
 
 logger = logging.getLogger("tessera.gateway")
 
@@ -27,9 +32,16 @@ class Worker:
 
 
 class WorkerPool:
-    def __init__(self, urls: list[str], metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, urls: list[str], metrics: GatewayMetrics,
+        routing: RoutingPolicy = "least_outstanding", load_factor: float = 1.0,
+    ) -> None:
         self.workers = [Worker(url.rstrip("/")) for url in urls]
         self._metrics = metrics
+        self.routing = routing
+        self.load_factor = load_factor
+        # What each worker was sent, for prefix affinity (see server/affinity.py).
+        self._prefixes: dict[str, PrefixRecord] = {}
         for worker in self.workers:
             metrics.worker_healthy.labels(worker.url).set(0)
             metrics.worker_outstanding.labels(worker.url).set(0)
@@ -51,11 +63,24 @@ class WorkerPool:
     def healthy(self) -> list[Worker]:
         return [worker for worker in self.workers if worker.healthy]
 
-    def choose(self, exclude: set[str] = frozenset()) -> Worker | None:
-        """The healthy worker with the fewest requests in flight (first listed on ties)."""
-        candidates = [w for w in self.healthy() if w.url not in exclude]
+    def choose(
+        self, exclude: set[str] = frozenset(), model: str | None = None,
+        fingerprints: Sequence[int] = (),
+    ) -> Worker | None:
+        """A healthy worker serving `model`, not in `exclude`; None if there is none.
+
+        least_outstanding: the one with the fewest requests in flight (first listed on ties).
+        prefix_affinity: the one holding the longest prefix of the prompt, within a load bound.
+        """
+        candidates = [w for w in self.healthy() if w.url not in exclude
+                      and (model is None or model in w.models)]
         if not candidates:
             return None
+        if self.routing == "prefix_affinity" and fingerprints:
+            chosen = choose_with_affinity(candidates, fingerprints, self._prefixes,
+                                          self.load_factor)
+            self._prefixes.setdefault(chosen.url, PrefixRecord()).add(fingerprints)
+            return chosen
         return min(candidates, key=lambda worker: worker.outstanding)
 
     def served_models(self) -> set[str]:
@@ -77,6 +102,8 @@ class WorkerPool:
         worker.healthy = False
         worker.consecutive_failures += 1
         self._metrics.worker_healthy.labels(worker.url).set(0)
+        # A worker that failed may come back restarted, with an empty prefix cache.
+        self._prefixes.pop(worker.url, None)
 
     def _mark_healthy(self, worker: Worker, models: list[str]) -> None:
         if not worker.healthy:

@@ -1,6 +1,8 @@
 """One real stack for the whole integration suite: two vLLM CPU workers serving SmolLM2,
-a gateway over them, and a second gateway that requires API keys. All real processes, real
-HTTP on 127.0.0.1. Start-up takes about a minute; every test shares it.
+a third serving it as an embedding model (vLLM's pooling runner), a gateway over all three,
+a second gateway that requires API keys (and caps max_tokens), and a third with tight
+limits. All real processes, real HTTP on 127.0.0.1. Start-up takes about a minute; every
+test shares it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ from server.launcher import (
 )
 
 MODEL = "smollm2-135m-instruct"
+# The same weights served by vLLM's pooling runner: a generative worker has no /v1/embeddings.
+EMBED_MODEL = "smollm2-135m-embed"
+EMBED_WORKER_ARGS = ["--runner", "pooling", "--convert", "embed"]
 API_KEY = "sk-test-integration"
+KEYED_MAX_TOKENS_CEILING = 8
 LIMITS_READ_TIMEOUT_S = 2.0
 # Short context so the too-long-prompt case costs only tokenisation.
 TEST_MAX_MODEL_LEN = 2048
@@ -37,9 +43,10 @@ TEST_MAX_MODEL_LEN = 2048
 @dataclass
 class Stack:
     gateway_url: str
-    keyed_gateway_url: str
+    keyed_gateway_url: str  # API key required, on /metrics too; max_tokens ceiling 8
     limits_gateway_url: str  # short upstream read timeout, one request per key at a time
-    workers: list[WorkerProcess]
+    workers: list[WorkerProcess]  # the two generative workers
+    embed_worker: WorkerProcess
     stats_dir: Path
 
     @property
@@ -75,18 +82,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for index in range(2):
             # Ports chosen free one by one (base + i may be taken on a shared machine).
             workers.append(start_worker(settings, model_path, index, port=free_port()))
+        embed_settings = settings.model_copy(update={"served_model_name": EMBED_MODEL,
+                                                     "worker_extra_args": EMBED_WORKER_ARGS})
+        workers.append(start_worker(
+            embed_settings, model_path, 2, port=free_port(),
+            extra_env={"TESSERA_ATTENTION_STATS_DIR": str(run_dir / "embed-stats")}))
         wait_until_healthy(workers, timeout_s=600)
-        urls = [worker.url for worker in workers]
+        urls = [worker.url for worker in workers[:2]]
         port, keyed_port, limits_port = free_port(), free_port(), free_port()
-        gateways.append(_start_gateway(urls, port, run_dir / "gateway.log", []))
-        gateways.append(_start_gateway(urls, keyed_port, run_dir / "gateway-keyed.log",
-                                       ["--api-keys", API_KEY]))
+        gateways.append(_start_gateway([*urls, workers[2].url], port, run_dir / "gateway.log",
+                                       []))
+        gateways.append(_start_gateway(
+            urls, keyed_port, run_dir / "gateway-keyed.log",
+            ["--api-keys", API_KEY, "--metrics-require-key",
+             "--max-tokens-ceiling", str(KEYED_MAX_TOKENS_CEILING)]))
         gateways.append(_start_gateway(
             urls, limits_port, run_dir / "gateway-limits.log",
             ["--upstream-read-timeout-s", str(LIMITS_READ_TIMEOUT_S),
              "--max-concurrent-per-key", "1"]))
         stack = Stack(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{keyed_port}",
-                      f"http://127.0.0.1:{limits_port}", workers, stats_dir)
+                      f"http://127.0.0.1:{limits_port}", workers[:2], workers[2], stats_dir)
         for url, gateway in zip((stack.gateway_url, stack.keyed_gateway_url,
                                  stack.limits_gateway_url), gateways, strict=True):
             wait_for_health(url, gateway)

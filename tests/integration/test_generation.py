@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 
-from tests.integration.conftest import MODEL, Stack
+from tests.integration.conftest import EMBED_MODEL, MODEL, Stack
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -64,9 +64,9 @@ def test_unknown_fields_reach_the_worker(client: httpx.Client) -> None:
     assert response.json()["usage"]["completion_tokens"] == 12
 
 
-def test_models_lists_the_served_model(stack: Stack) -> None:
+def test_models_lists_the_served_models(stack: Stack) -> None:
     client = openai.OpenAI(base_url=stack.base_url, api_key="unused")
-    assert [model.id for model in client.models.list()] == [MODEL]
+    assert [model.id for model in client.models.list()] == sorted([EMBED_MODEL, MODEL])
 
 
 def test_request_id_is_echoed_and_forwarded(client: httpx.Client) -> None:

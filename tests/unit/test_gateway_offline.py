@@ -9,8 +9,8 @@ from prompt_pipeline.stage import Pipeline, RequestContext
 from server.app import create_app
 from server.config import ServerSettings
 from server.metrics import GatewayMetrics
-from server.proxy import normalise_upstream_error
 from server.router import WorkerPool
+from server.upstream_errors import normalise_upstream_error
 
 
 def test_router_picks_the_least_outstanding_healthy_worker() -> None:
