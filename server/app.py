@@ -19,6 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from prompt_pipeline.config import PipelineSettings, build_stages
+from prompt_pipeline.errors import PipelineError, PipelineResponse
 from prompt_pipeline.stage import Pipeline, RequestContext, Stage
 from server.config import ServerSettings
 from server.errors import (
@@ -44,7 +46,10 @@ class Gateway:
         self.metrics = GatewayMetrics()
         urls = settings.local_worker_urls() + settings.worker_urls
         self.pool = WorkerPool(urls, self.metrics)
-        self.pipeline = Pipeline(stages or [], on_stage_done=self._observe_stage)
+        if stages is None:  # stages given in code win; otherwise tessera.yaml's `pipeline:`
+            stages = build_stages(PipelineSettings(), self.metrics.registry,
+                                  self.metrics.securitylingua_flagged)
+        self.pipeline = Pipeline(stages, on_stage_done=self._observe_stage)
         self.in_flight_per_key: Tally[str] = Tally()
         self.client: httpx.AsyncClient | None = None
         self.forwarder: Forwarder | None = None
@@ -198,6 +203,8 @@ def create_app(
     app = FastAPI(title="tessera-serve gateway", lifespan=gateway.lifespan)
     app.state.gateway = gateway
     install_error_handlers(app)
+    app.add_exception_handler(PipelineError, _on_pipeline_error)
+    app.add_exception_handler(PipelineResponse, _on_pipeline_response)
 
     app.add_middleware(RequestIdMiddleware, metrics=gateway.metrics)
 
@@ -233,6 +240,20 @@ def create_app(
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _on_pipeline_error(_: Request, exc: PipelineError) -> Response:
+    return OpenAIError(exc.status_code, exc.message, type=exc.type, param=exc.param,
+                       code=exc.code).response()
+
+
+async def _on_pipeline_response(_: Request, exc: PipelineResponse) -> Response:
+    # A stage answered itself (e.g. SecurityLingua's refusal message), as JSON or as SSE.
+    if exc.stream_chunks is None:
+        return JSONResponse(exc.body)
+    events = [f"data: {json.dumps(chunk)}\n\n" for chunk in exc.stream_chunks]
+    return StreamingResponse(iter([*events, "data: [DONE]\n\n"]),
+                             media_type="text/event-stream")
 
 
 _KNOWN_ROUTES = {
