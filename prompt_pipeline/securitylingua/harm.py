@@ -24,7 +24,9 @@ EMBED_WINDOW = 256  # all-MiniLM-L6-v2's max_seq_length
 class SentenceEmbedder:
     def __init__(self) -> None:
         from transformers import BertModel
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.set_verbosity_error()  # its load report lists the unused pooler as noise
         self.model = BertModel.from_pretrained(str(base_encoder_dir()), add_pooling_layer=False,
                                                local_files_only=True).eval()
         self.tokenizer = load_tokenizer()
