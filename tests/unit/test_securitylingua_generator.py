@@ -13,7 +13,6 @@ from prompt_pipeline.securitylingua.generator import (
 )
 from prompt_pipeline.securitylingua.templates import FAMILIES
 
-
 UNLEET = str.maketrans("431057", "aeiost")  # obfuscation writes some letters as digits
 
 
