@@ -9,6 +9,7 @@ kind; rates and epochs are ours, sized for a 2-core CPU.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -45,6 +46,8 @@ class TrainConfig:
     checkpoint_every: int = 50
     threads: int = 2
     eval_limit: int | None = None  # held-out prompts scored at the end (None = all)
+    train_limit: int | None = None  # use only the first N generated prompts (tests)
+    stop_after_steps: int | None = None  # checkpoint and return early (tests, time boxes)
 
 
 def _batches(chunks: list[Chunk], batch_tokens: int, rng: random.Random) -> list[list[int]]:
@@ -77,6 +80,19 @@ def _collate(chunks: list[Chunk], pad_id: int) -> tuple[torch.Tensor, ...]:
     return input_ids, mask, labels
 
 
+def run_fingerprint(config: TrainConfig, chunks: list[Chunk]) -> str:
+    """What a checkpoint must match to be resumed: the data and every setting that shapes
+    the run (not the thread count, which changes speed only)."""
+    digest = hashlib.sha256()
+    settings = {key: str(value) for key, value in vars(config).items()
+                if key not in ("threads", "out_dir", "eval_limit", "stop_after_steps")}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for chunk in chunks:
+        digest.update(chunk.input_ids.tobytes())
+        digest.update(chunk.labels.tobytes())
+    return digest.hexdigest()
+
+
 def train(config: TrainConfig) -> dict:
     """Trains, saves the artifact in `config.out_dir`, returns its metrics."""
     torch.set_num_threads(config.threads)
@@ -86,7 +102,9 @@ def train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer()
     pad_id = tokenizer.token_to_id("[PAD]")
-    chunks = all_chunks(train_samples(config.seed), tokenizer, config.max_chunk_tokens)
+    samples = train_samples(config.seed)[:config.train_limit]
+    chunks = all_chunks(samples, tokenizer, config.max_chunk_tokens)
+    fingerprint = run_fingerprint(config, chunks)
     model = build_encoder(config.encoder, from_base=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
@@ -102,6 +120,9 @@ def train(config: TrainConfig) -> dict:
     epoch, step_in_epoch, done_seconds = 0, 0, 0.0
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=False)
+        if state.get("fingerprint") != fingerprint:
+            raise RuntimeError(f"{checkpoint_path} is from a run with other data or settings; "
+                               "delete it or choose another --out")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -115,6 +136,7 @@ def train(config: TrainConfig) -> dict:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": next_epoch,
                     "step_in_epoch": next_step, "torch_rng": torch.get_rng_state(),
+                    "fingerprint": fingerprint,
                     "seconds": done_seconds + time.perf_counter() - started}, tmp)
         tmp.replace(checkpoint_path)  # atomic: a kill mid-save leaves the old checkpoint
 
@@ -138,6 +160,10 @@ def train(config: TrainConfig) -> dict:
             progress.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
             if (step + 1) % config.checkpoint_every == 0:
                 save_checkpoint(epoch, step + 1)
+            if config.stop_after_steps is not None and progress.n >= config.stop_after_steps:
+                save_checkpoint(epoch, step + 1)
+                progress.close()
+                return {"stopped_at_step": progress.n}
         epoch, step_in_epoch = epoch + 1, 0
         save_checkpoint(epoch, 0)
     progress.close()
