@@ -14,6 +14,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from prompt_pipeline.securitylingua.evaluate import extraction_metrics
 from prompt_pipeline.securitylingua.features import IGNORE, Chunk, all_chunks
-from prompt_pipeline.securitylingua.generator import eval_samples, train_samples
+from prompt_pipeline.securitylingua.generator import Sample, eval_samples, train_samples
 from prompt_pipeline.token_classifier import TokenClassifier
 from prompt_pipeline.token_classifier.artifact import ArtifactConfig, save_artifact
 from prompt_pipeline.token_classifier.classifier import load_tokenizer
@@ -93,8 +94,10 @@ def run_fingerprint(config: TrainConfig, chunks: list[Chunk]) -> str:
     return digest.hexdigest()
 
 
-def train(config: TrainConfig) -> dict:
-    """Trains, saves the artifact in `config.out_dir`, returns its metrics."""
+def train(config: TrainConfig, samples: Sequence[Sample] | None = None,
+          held_out: Sequence[Sample] | None = None) -> dict:
+    """Trains, saves the artifact in `config.out_dir`, returns its metrics. Defaults to
+    SecurityLingua's generated pairs; another task (SeCom) passes its own labelled samples."""
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
     random.seed(config.seed)
@@ -102,7 +105,8 @@ def train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer()
     pad_id = tokenizer.token_to_id("[PAD]")
-    samples = train_samples(config.seed)[:config.train_limit]
+    samples = list(samples if samples is not None else train_samples(config.seed))
+    samples = samples[:config.train_limit]
     chunks = all_chunks(samples, tokenizer, config.max_chunk_tokens)
     fingerprint = run_fingerprint(config, chunks)
     model = build_encoder(config.encoder, from_base=True)
@@ -172,7 +176,7 @@ def train(config: TrainConfig) -> dict:
     train_seconds = done_seconds + time.perf_counter() - started
     artifact = ArtifactConfig(config.encoder, config.max_chunk_tokens)
     classifier = TokenClassifier(model, tokenizer, config.max_chunk_tokens)
-    held_out = eval_samples()
+    held_out = list(held_out if held_out is not None else eval_samples())
     if config.eval_limit is not None:
         held_out = held_out[:config.eval_limit]
     metrics = extraction_metrics(classifier, held_out)

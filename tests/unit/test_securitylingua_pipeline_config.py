@@ -100,3 +100,17 @@ async def test_an_exception_inside_a_working_stage_is_a_failure_too() -> None:
     with pytest.raises(PipelineError):
         await GuardedStage(Broken(), "closed", counter)(request(), RequestContext("r", "chat"))
     assert failures(registry, "closed") == 1
+
+
+def test_a_config_file_without_a_pipeline_section_means_no_stages(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.config import ServerSettings
+
+    only_server = tmp_path / "server-only.yaml"
+    only_server.write_text("server:\n  port: 9001\n")
+    monkeypatch.setenv("TESSERA_CONFIG", str(only_server))
+    assert PipelineSettings().stages == []
+    only_pipeline = tmp_path / "pipeline-only.yaml"
+    only_pipeline.write_text("pipeline:\n  stages: [securitylingua]\n")
+    monkeypatch.setenv("TESSERA_CONFIG", str(only_pipeline))
+    assert ServerSettings().port == 8000
