@@ -36,7 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("variants", nargs="+", help="NAME=ARTIFACT_DIR")
+    parser.add_argument("variants", nargs="+", help="NAME=ARTIFACT_DIR[:int8]")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -47,15 +47,16 @@ def main() -> None:
                     platform.machine(), "held_out_families": list(EVAL_FAMILIES),
                     "held_out_prompts": len(held_out), "variants": {}}
     for variant in args.variants:
-        name, directory = variant.split("=", 1)
-        classifier = TokenClassifier.load(directory)
+        name, spec = variant.split("=", 1)
+        directory, _, quantize = spec.partition(":")
+        classifier = TokenClassifier.load(directory, quantize or None)
         config = json.loads((Path(directory) / "config.json").read_text())
         started = time.perf_counter()
         held = extraction_metrics(classifier, held_out)
         seen = extraction_metrics(classifier, seen_families)
         families = [held[f"family:{family}"] for family in EVAL_FAMILIES]
         report["variants"][name] = {
-            "artifact": directory, "encoder": config["encoder"],
+            "artifact": directory, "encoder": config["encoder"], "quantize": quantize or None,
             "training": config["extra"],
             "held_out": held,
             "held_out_macro_f1": sum(f["f1"] for f in families) / len(families),

@@ -56,7 +56,11 @@ class SecurityLinguaSettings(BaseModel):
     block_response: Literal["error", "refusal"] = Field(
         "error", description="error: OpenAI-shaped 400; refusal: a normal completion.")
     refusal_message: str = "I'm sorry, I can't help with that."
-    threads: int = Field(2, ge=1, description="torch threads for the classifiers.")
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: dynamic int8 Linear layers (faster, see the F1 cost).")
+    # One thread: on a shared 2-core host, two torch threads competing with the workers'
+    # threads were ~30x slower in our runs (benchmarks/securitylingua_overhead.json).
+    threads: int = Field(1, ge=1, description="torch threads for the classifiers.")
 
 
 class PipelineSettings(TesseraSettings):

@@ -166,8 +166,9 @@ def refusal_response(request: Any, context: RequestContext, message: str) -> Pip
 def build_securitylingua_stage(settings: SecurityLinguaSettings, registry: CollectorRegistry,
                                flagged: Counter | None) -> SecurityLinguaStage:
     """Loads the extractor (and, in block mode, the harm classifier) from local files."""
-    torch.set_num_threads(min(settings.threads, torch.get_num_threads()))
-    extractor = TokenClassifier.load(settings.artifact_dir or DEFAULT_EXTRACTOR_DIR)
+    torch.set_num_threads(settings.threads)
+    extractor = TokenClassifier.load(settings.artifact_dir or DEFAULT_EXTRACTOR_DIR,
+                                     None if settings.quantize == "none" else settings.quantize)
     harm = None
     if settings.mode == "block":
         from prompt_pipeline.securitylingua.harm import HarmClassifier

@@ -169,3 +169,17 @@ async def test_block_mode_annotates_what_it_lets_through() -> None:
     out = await make_stage(FixedHarm(0.1), mode="block")(
         chat([{"role": "user", "content": WRAPPED}]), context())
     assert out.messages[0].content == "INTENTION: bake bread"
+
+
+async def test_gateway_renders_a_streamed_refusal_as_sse() -> None:
+    from server.app import _on_pipeline_response
+
+    stage = make_stage(FixedHarm(0.9), mode="block", block_response="refusal")
+    with pytest.raises(PipelineResponse) as streamed:
+        await stage(chat([{"role": "user", "content": WRAPPED}], stream=True), context())
+    response = await _on_pipeline_response(None, streamed.value)
+    assert response.media_type == "text/event-stream"
+    body = "".join([chunk async for chunk in response.body_iterator])
+    events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[0])["choices"][0]["delta"]["content"].startswith("I'm sorry")
