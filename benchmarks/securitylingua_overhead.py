@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -103,9 +104,34 @@ def prefill_ms(client: httpx.Client, url: str, messages: list[dict], repeats: in
     return statistics.median(times)
 
 
+def time_variants(variants: list[str], text: str, runs: int) -> list[dict]:
+    """compress() alone (no asyncio hop), 1 thread, for extractors not shipped."""
+    from prompt_pipeline.token_classifier import TokenClassifier
+
+    torch.set_num_threads(1)
+    rows = []
+    for variant in variants:
+        name, spec = variant.split("=", 1)
+        directory, _, quantize = spec.partition(":")
+        classifier = TokenClassifier.load(directory, quantize or None)
+        for _ in range(3):
+            classifier.compress(text)
+        samples = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            classifier.compress(text)
+            samples.append((time.perf_counter() - started) * 1e3)
+        rows.append({"variant": name, "p50_ms": round(percentile(samples, 50), 2),
+                     "p99_ms": round(percentile(samples, 99), 2), "runs": runs})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--variants", nargs="*", default=[],
+                        help="also time compress() at 1K tokens for NAME=ARTIFACT_DIR[:int8]")
     args = parser.parse_args()
     settings = ServerSettings(workers=1)
     model_path = resolve_model_path(settings)
@@ -131,6 +157,7 @@ def main() -> None:
             print(variant, length, rows[-1]["stage_p50_ms"], rows[-1]["stage_p99_ms"],
                   flush=True)
 
+    variant_rows = time_variants(args.variants, prompt_of(1000, counter), args.runs // 4)
     worker = start_worker(settings, model_path, 0, port=free_port())
     try:
         wait_until_healthy([worker], timeout_s=600)
@@ -164,6 +191,7 @@ def main() -> None:
         "script": "benchmarks/securitylingua_overhead.py", "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared with other jobs",
         "runs_per_cell": args.runs, "rows": rows,
+        "extractor_variants_at_1k_tokens_1_thread": variant_rows,
         "targets": {"stage_p50_ms_at_1k": 20.0, "share_of_prefill": 0.05},
         "met": {row["variant"]: {
             "p50_at_1k": row["stage_p50_ms"] <= 20.0,
