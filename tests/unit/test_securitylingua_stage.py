@@ -183,3 +183,9 @@ async def test_gateway_renders_a_streamed_refusal_as_sse() -> None:
     events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert json.loads(events[0])["choices"][0]["delta"]["content"].startswith("I'm sorry")
+
+
+async def test_no_user_message_at_all_leaves_the_request_unchanged() -> None:
+    request = chat([{"role": "system", "content": "You are terse."},
+                    {"role": "assistant", "content": "Hello."}])
+    assert await make_stage()(request, context()) is request
