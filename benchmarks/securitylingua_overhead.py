@@ -133,7 +133,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=[],
                         help="also time compress() at 1K tokens for NAME=ARTIFACT_DIR[:int8]")
     args = parser.parse_args()
-    settings = ServerSettings(workers=1)
+    # Prefix caching off: repeated prompts would otherwise be cache hits, not prefills (our
+    # first run measured 0.07 s for 1K tokens that way).
+    settings = ServerSettings(workers=1, worker_extra_args=["--no-enable-prefix-caching"])
     model_path = resolve_model_path(settings)
     counter = Tokenizer.from_file(str(model_path / "tokenizer.json"))
     rows = []
