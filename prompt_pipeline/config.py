@@ -58,8 +58,9 @@ class SecurityLinguaSettings(BaseModel):
     refusal_message: str = "I'm sorry, I can't help with that."
     quantize: Literal["none", "int8"] = Field(
         "none", description="int8: dynamic int8 Linear layers (faster, see the F1 cost).")
-    # One thread: on a shared 2-core host, two torch threads competing with the workers'
-    # threads were ~30x slower in our runs (benchmarks/securitylingua_overhead.json).
+    # One thread: on the shared 2-core host, with other jobs busy, 2 torch threads made our
+    # training steps ~15x slower than 1 (spin-waiting threads); run alone, 2 threads gain
+    # only ~15% at 1K tokens (benchmarks/results/securitylingua_overhead.json).
     threads: int = Field(1, ge=1, description="torch threads for the classifiers.")
 
 
