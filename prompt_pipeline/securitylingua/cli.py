@@ -1,0 +1,98 @@
+"""`tessera securitylingua generate | train | eval`, registered by `server/cli.py`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from prompt_pipeline.securitylingua.artifacts import (
+    DEFAULT_EXTRACTOR_DIR,
+    DEFAULT_HARM_CLASSIFIER,
+)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from prompt_pipeline.securitylingua.generator import eval_samples, train_samples
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, samples in (("train", train_samples(args.seed)), ("eval", eval_samples())):
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as file:
+            for sample in samples:
+                file.write(json.dumps(sample.to_json(), ensure_ascii=False) + "\n")
+        print(f"{out / f'{name}.jsonl'}: {len(samples)} prompts")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from prompt_pipeline.securitylingua.train import TrainConfig, train
+    from prompt_pipeline.token_classifier.encoders import EncoderConfig
+
+    encoder = EncoderConfig(kind=args.encoder, layers=args.layers, hidden=args.hidden,
+                            heads=args.heads, ffn=args.ffn)
+    config = TrainConfig(out_dir=Path(args.out), encoder=encoder, epochs=args.epochs,
+                         learning_rate=args.lr, seed=args.seed, batch_tokens=args.batch_tokens,
+                         max_chunk_tokens=args.max_chunk_tokens, eval_limit=args.eval_limit,
+                         threads=args.threads)
+    print(json.dumps(train(config), indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from prompt_pipeline.securitylingua.evaluate import extraction_metrics
+    from prompt_pipeline.securitylingua.generator import eval_samples
+    from prompt_pipeline.token_classifier import TokenClassifier
+
+    torch.set_num_threads(2)
+    metrics = extraction_metrics(TokenClassifier.load(args.artifact), eval_samples(),
+                                 args.threshold)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_train_harm(args: argparse.Namespace) -> int:
+    from prompt_pipeline.securitylingua.harm import train_harm_classifier
+
+    print(json.dumps(train_harm_classifier(Path(args.out), args.seed), indent=2))
+    return 0
+
+
+def add_securitylingua_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("securitylingua", help="SecurityLingua: data, training, eval")
+    parser.set_defaults(config=None)  # `tessera` reads args.config for every command
+    sub = parser.add_subparsers(dest="securitylingua_command", required=True)
+
+    generate = sub.add_parser("generate", help="write the seeded train/eval prompts as JSONL")
+    generate.add_argument("--out", default="data/securitylingua")
+    generate.add_argument("--seed", type=int, default=42)
+    generate.set_defaults(func=_cmd_generate)
+
+    train = sub.add_parser("train", help="train the intention extractor (resumable)")
+    train.add_argument("--out", default=str(DEFAULT_EXTRACTOR_DIR),
+                       help="artifact directory; an unfinished run there is resumed")
+    train.add_argument("--encoder", choices=["compact", "minilm"], default="compact")
+    train.add_argument("--layers", type=int, default=2)
+    train.add_argument("--hidden", type=int, default=128)
+    train.add_argument("--heads", type=int, default=4)
+    train.add_argument("--ffn", type=int, default=256)
+    train.add_argument("--epochs", type=int, default=4)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--batch-tokens", type=int, default=4096)
+    train.add_argument("--max-chunk-tokens", type=int, default=512)
+    train.add_argument("--eval-limit", type=int, default=None)
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--threads", type=int, default=2, help="torch threads (<= 2 here)")
+    train.set_defaults(func=_cmd_train)
+
+    harm = sub.add_parser("train-harm", help="train block mode's harm classifier")
+    harm.add_argument("--out", default=str(DEFAULT_HARM_CLASSIFIER))
+    harm.add_argument("--seed", type=int, default=42)
+    harm.set_defaults(func=_cmd_train_harm)
+
+    evaluate = sub.add_parser("eval", help="extraction F1 on the held-out families")
+    evaluate.add_argument("--artifact", default=str(DEFAULT_EXTRACTOR_DIR))
+    evaluate.add_argument("--threshold", type=float, default=0.5)
+    evaluate.set_defaults(func=_cmd_eval)

