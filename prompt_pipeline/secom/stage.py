@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from prompt_pipeline.messages import user_text, with_system_note
 from prompt_pipeline.secom.memory import ConversationMemory
 from prompt_pipeline.secom.retrieval import render_context
 from prompt_pipeline.secom.store import ConversationKey
@@ -20,32 +21,6 @@ from prompt_pipeline.stage import RequestContext, ResponseOutcome
 
 CONVERSATION_NOTE = "conversation_id"
 KEY_NOTE = "secom_key"
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts: the text ones
-        return " ".join(part.get("text", "") for part in content
-                        if isinstance(part, dict) and part.get("type") == "text")
-    return ""
-
-
-def latest_user_text(messages: list[Any]) -> str:
-    for message in reversed(messages):
-        if message.role == "user":
-            return _text(message.content)
-    return ""
-
-
-def with_memory(messages: list[Any], block: str) -> list[Any]:
-    """The memory block appended to the first system message (one is created if none)."""
-    for index, message in enumerate(messages):
-        if message.role == "system":
-            content = f"{_text(message.content)}\n\n{block}"
-            return [*messages[:index], message.model_copy(update={"content": content}),
-                    *messages[index + 1:]]
-    return [type(messages[0])(role="system", content=block), *messages]
 
 
 class SecomStage:
@@ -66,13 +41,13 @@ class SecomStage:
         if key is None:
             return request
         context.notes[KEY_NOTE] = key
-        query = latest_user_text(request.messages)
+        query = user_text(request.messages, "latest")
         units = await asyncio.to_thread(self.memory.recall, key, query) if query else []
         context.notes["secom_units"] = len(units)
         if not units:
             return request
         return request.model_copy(
-            update={"messages": with_memory(request.messages, render_context(units))})
+            update={"messages": with_system_note(request.messages, render_context(units))})
 
     async def after_response(self, request: Any, context: RequestContext,
                              outcome: ResponseOutcome) -> None:
@@ -80,4 +55,4 @@ class SecomStage:
         if key is None or not outcome.completed:
             return
         await asyncio.to_thread(self.memory.remember, key, context.request_id,
-                                latest_user_text(request.messages), outcome.text)
+                                user_text(request.messages, "latest"), outcome.text)

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from prompt_pipeline.config import SecurityLinguaSettings
 from prompt_pipeline.errors import PipelineError, PipelineResponse
+from prompt_pipeline.messages import user_text, with_system_note
 from prompt_pipeline.securitylingua.artifacts import (
     DEFAULT_EXTRACTOR_DIR,
     DEFAULT_HARM_CLASSIFIER,
@@ -49,42 +50,6 @@ class SecurityLinguaMetrics:
                     registry=registry),
             flagged,
         )
-
-
-def message_text(content: Any) -> str:
-    """The text of a message's content: a string, or the text parts of a part list."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(part.get("text", "") for part in content
-                         if isinstance(part, dict) and part.get("type") == "text"
-                         and isinstance(part.get("text"), str))
-    return ""
-
-
-def user_text(messages: list[Any], turns: str) -> str:
-    texts = [message_text(m.content) for m in messages if m.role == "user"]
-    texts = [text for text in texts if text.strip()]
-    if not texts:
-        return ""
-    return "\n".join(texts) if turns == "all" else texts[-1]
-
-
-def with_system_note(messages: list[Any], note: str) -> list[Any]:
-    """Messages with `note` appended to the first system message, or a new system message
-    first; every other message object is passed through untouched."""
-    for index, message in enumerate(messages):
-        if message.role != "system":
-            continue
-        content = message.content
-        if isinstance(content, list):
-            updated = [*content, {"type": "text", "text": note}]
-        else:
-            updated = f"{content}\n\n{note}" if content else note
-        return [*messages[:index], message.model_copy(update={"content": updated}),
-                *messages[index + 1:]]
-    system = type(messages[0])(role="system", content=note)
-    return [system, *messages]
 
 
 class SecurityLinguaStage:
