@@ -82,9 +82,9 @@ class TesseraCPUMetadataBuilder(CPUAttentionMetadataBuilder):
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        metadata = TesseraCPUAttentionMetadata(**base.__dict__)
         if attention_settings().method == "dense" or base.max_query_len <= 1:
-            return metadata  # nothing sparse can run this step
+            return base  # nothing sparse can run this step: vLLM's metadata, uncopied
+        metadata = TesseraCPUAttentionMetadata(**base.__dict__)
         query_start_loc = base.query_start_loc.numpy()
         seq_lens = base.seq_lens.numpy()
         split = split_prefill_decode(
@@ -123,7 +123,7 @@ class TesseraCPUAttentionImpl(PerLayerPattern, CPUAttentionBackendImpl):
         key: torch.Tensor,
         value: torch.Tensor,
         kv_cache: torch.Tensor,
-        attn_metadata: TesseraCPUAttentionMetadata | None,
+        attn_metadata: CPUAttentionMetadata | None,
         output: torch.Tensor,
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,

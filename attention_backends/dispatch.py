@@ -62,6 +62,8 @@ def _sub_batch(
         return None
     device = block_table.device
     starts, ends = query_start_loc[seq_ids], query_start_loc[seq_ids + 1]
+    sub_seq_lens = seq_lens[seq_ids]
+    sub_prompt_lens = np.asarray(prompt_lens[seq_ids], dtype=np.int64)
     token_rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends, strict=True)])
     sub_start_loc = np.zeros(seq_ids.size + 1, dtype=np.int32)
     np.cumsum(ends - starts, out=sub_start_loc[1:])
@@ -73,16 +75,16 @@ def _sub_batch(
     return SubBatch(
         token_rows=to_device(token_rows, torch.int64),
         query_start_loc=to_device(sub_start_loc, torch.int32),
-        seq_lens=to_device(seq_lens[seq_ids], torch.int32),
+        seq_lens=to_device(sub_seq_lens, torch.int32),
         block_table=block_table[to_device(seq_ids, torch.int64)],
-        prompt_lens=to_device(prompt_lens[seq_ids], torch.int32),
+        prompt_lens=to_device(sub_prompt_lens, torch.int32),
         row_range=(
             (int(token_rows[0]), int(token_rows[-1]) + 1)
             if token_rows[-1] - token_rows[0] + 1 == token_rows.size else None
         ),
-        seq_lens_host=seq_lens[seq_ids],
+        seq_lens_host=sub_seq_lens,
         query_lens_host=ends - starts,
-        prompt_lens_host=np.asarray(prompt_lens[seq_ids], dtype=np.int64),
+        prompt_lens_host=sub_prompt_lens,
     )
 
 
