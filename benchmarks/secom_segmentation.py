@@ -37,13 +37,7 @@ from prompt_pipeline.secom.segmentation import (  # noqa: E402
     segment_by_embeddings,
 )
 from server.config import ServerSettings  # noqa: E402
-from server.launcher import (  # noqa: E402
-    free_port,
-    resolve_model_path,
-    start_worker,
-    stop_workers,
-    wait_until_healthy,
-)
+from server.launcher import one_worker  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "smollm2-135m-instruct"
@@ -74,14 +68,12 @@ def main() -> None:
     corpus = make_corpus(args.sessions, seed=2, sessions=1)
     encoder = SentenceEncoder(threads=1)
     settings = ServerSettings(workers=1, kv_cache_space_gib=1, max_model_len=8192)
-    worker = start_worker(settings, resolve_model_path(settings), 0, port=free_port())
     rows = []
-    try:
-        wait_until_healthy([worker], timeout_s=600)
+    with one_worker(settings) as url:
         for number, conversation in enumerate(corpus):
             texts = [f"[user]: {u}\n[assistant]: {a}" for u, a in conversation.sessions[0]]
             truth = session_truth(conversation.topics)
-            reply = chat(worker.url, batch_prompt(texts), 400)
+            reply = chat(url, batch_prompt(texts), 400)
             parsed = parse_batch_segments(reply, len(texts))
             tiled = segment_by_embeddings(encoder.encode(texts))
             row = {"session": number, "exchanges": len(texts), "true_segments": len(truth),
@@ -93,7 +85,7 @@ def main() -> None:
                 answers, segments, start = [], [], 0
                 for index in range(1, len(texts)):
                     verdict = parse_continues(chat(
-                        worker.url, incremental_prompt(texts[start:index], texts[index]), 3))
+                        url, incremental_prompt(texts[start:index], texts[index]), 3))
                     answers.append(verdict)
                     if verdict is False:
                         segments.append((start, index - 1))
@@ -106,8 +98,6 @@ def main() -> None:
             print(f"[segmentation] session {number + 1}/{len(corpus)}: parsed "
                   f"{row['model_parsed']}, F1 TextTiling {row['f1_texttiling']:.2f}",
                   file=sys.stderr, flush=True)
-    finally:
-        stop_workers([worker])
     parsed_rows = [r for r in rows if r["model_parsed"]]
     result = {
         "benchmark": "secom_segmentation", "date": time.strftime("%Y-%m-%d"), "model": MODEL,

@@ -39,8 +39,6 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -51,13 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from longctx_suite import TokenCounter, build_cases  # noqa: E402
 
 from server.config import ServerSettings  # noqa: E402
-from server.launcher import (  # noqa: E402
-    free_port,
-    resolve_model_path,
-    start_worker,
-    stop_workers,
-    wait_until_healthy,
-)
+from server.launcher import one_worker, resolve_model_path  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT_JSON = RESULTS / "trianglemix_fidelity.json"
@@ -80,16 +72,6 @@ def out_json() -> Path:
 
 def log(message: str) -> None:
     print(f"[fidelity {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-@contextmanager
-def served(settings: ServerSettings, model_path: Path, env: dict[str, str]) -> Iterator[str]:
-    worker = start_worker(settings, model_path, 0, port=free_port(), extra_env=env)
-    try:
-        wait_until_healthy([worker], timeout_s=600)
-        yield worker.url
-    finally:
-        stop_workers([worker])
 
 
 def trianglemix_env(dense_first_layers: int, **overrides: int) -> dict[str, str]:
@@ -168,7 +150,7 @@ def load_documents(url: str, doc_tokens: int) -> dict[str, str]:
 def split_fidelity(settings: ServerSettings, model_path: Path, split: int, docs: dict[str, str],
                    dense_logprobs: dict[str, list], targets: dict[str, list[int]]) -> dict:
     """Logit fidelity vs dense of one dense_first_layers split, on every document."""
-    with served(settings, model_path, trianglemix_env(split)) as url:
+    with one_worker(settings, model_path, trianglemix_env(split)) as url:
         entry: dict = {"dense_first_layers": split}
         for name, doc in docs.items():
             entry[name] = compare_logprobs(dense_logprobs[name], prompt_logprobs(url, doc),
@@ -399,7 +381,7 @@ def tasks_at_split(args: argparse.Namespace, settings: ServerSettings, model_pat
     tasks = list(dict.fromkeys(row["task"] for row in dense_rows))
     lengths = sorted({row["target_tokens"] for row in dense_rows})
     per_cell = max(row["index"] for row in dense_rows) + 1
-    with served(settings, model_path, trianglemix_env(split)) as url:
+    with one_worker(settings, model_path, trianglemix_env(split)) as url:
         count_tokens = token_counter(url)
         cases = [case for task in tasks for length in lengths
                  for case in build_cases(task, length, per_cell, count_tokens)]
@@ -432,7 +414,7 @@ def merge(args: argparse.Namespace, settings: ServerSettings, model_path: Path) 
     split = chosen if args.split is None else args.split
     run = record_run(result, args)
 
-    with served(settings, model_path, {"TESSERA_ATTENTION_METHOD": "dense"}) as url:
+    with one_worker(settings, model_path, {"TESSERA_ATTENTION_METHOD": "dense"}) as url:
         count_tokens = token_counter(url)
         cases = [case for task in args.add_tasks or [] for length in args.lengths
                  for case in build_cases(task, length, args.cases, count_tokens)]
@@ -446,7 +428,7 @@ def merge(args: argparse.Namespace, settings: ServerSettings, model_path: Path) 
 
     if cases:
         log(f"split {split}: {len(cases)} task cases")
-        with served(settings, model_path, trianglemix_env(split)) as url:
+        with one_worker(settings, model_path, trianglemix_env(split)) as url:
             method_rows = run_tasks(url, cases)
         for row in method_rows:
             row["dense_first_layers"] = split
@@ -523,7 +505,7 @@ def main() -> None:
                                     "lengths from vLLM's model runner; chunked prefill, 2048 "
                                     "tokens a step, included)"),
                     "args": {key: str(value) for key, value in vars(args).items()}}
-    with served(settings, model_path, {"TESSERA_ATTENTION_METHOD": "dense"}) as url:
+    with one_worker(settings, model_path, {"TESSERA_ATTENTION_METHOD": "dense"}) as url:
         count_tokens = token_counter(url)
         docs = load_documents(url, args.doc_tokens)
         targets = {name: actual_token_ids(url, doc) for name, doc in docs.items()}
@@ -554,14 +536,14 @@ def main() -> None:
     result["split_rule"] = ("smallest dense_first_layers with text top-1 agreement >= 0.95 and "
                             "repeat-document perplexity within 10% of dense; else the largest")
     log(f"chosen split: dense_first_layers={chosen}; tasks")
-    with served(settings, model_path, trianglemix_env(chosen)) as url:
+    with one_worker(settings, model_path, trianglemix_env(chosen)) as url:
         method_rows = run_tasks(url, cases)
     result["task_rows_by_split"] = {str(chosen): method_rows}
     refresh_tables(result)
     save(result)
 
     log("negative control: sinks + window only, every layer, passkey 4K")
-    with served(settings, model_path,
+    with one_worker(settings, model_path,
                 trianglemix_env(0, last_q_tokens=0)) as url:
         negative_rows = run_tasks(url, negative_cases)
     dense_negative = [row for row in dense_rows

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,20 @@ def start_worker(
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
     return WorkerProcess(f"http://{settings.worker_host}:{port}", process, log_path)
+
+
+@contextlib.contextmanager
+def one_worker(settings: ServerSettings, model_path: Path | None = None,
+               env: dict[str, str] | None = None) -> Iterator[str]:
+    """One vLLM worker on a free port for a benchmark or a test: yields its URL once it is
+    healthy, and stops its whole process group on the way out."""
+    path = model_path if model_path is not None else resolve_model_path(settings)
+    worker = start_worker(settings, path, 0, port=free_port(), extra_env=env)
+    try:
+        wait_until_healthy([worker], timeout_s=600)
+        yield worker.url
+    finally:
+        stop_workers([worker])
 
 
 def wait_for_health(url: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
