@@ -43,10 +43,7 @@ class GpuServer:
                                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def is_up(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return healthy(self.url)
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -63,6 +60,14 @@ class GpuServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
 
 
+def healthy(url: str) -> bool:
+    """Whether a server (vLLM or the gateway) answers its /health with 200 now."""
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def wait_healthy(servers: list[GpuServer], timeout_s: float = 420) -> None:
     """Poll every server's /health; raise with the log tail of one that exits or times out."""
     pending = [server for server in servers if server.process is not None]
@@ -71,14 +76,11 @@ def wait_healthy(servers: list[GpuServer], timeout_s: float = 420) -> None:
         for server in list(pending):
             if server.process.poll() is not None:
                 raise RuntimeError(f"{server.name} exited:\n{server.log_tail()}")
-            try:
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    server.healthy_after_s = round(time.monotonic() - server.started_at, 1)
-                    print(f"[servers] {server.name} healthy after {server.healthy_after_s} s",
-                          flush=True)
-                    pending.remove(server)
-            except httpx.HTTPError:
-                pass
+            if healthy(server.url):
+                server.healthy_after_s = round(time.monotonic() - server.started_at, 1)
+                print(f"[servers] {server.name} healthy after {server.healthy_after_s} s",
+                      flush=True)
+                pending.remove(server)
         if time.monotonic() > deadline:
             raise RuntimeError(f"not healthy in time: {[s.name for s in pending]}\n"
                                + pending[0].log_tail())

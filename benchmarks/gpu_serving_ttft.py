@@ -30,7 +30,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_servers import GpuServer, grep_log, wait_healthy  # noqa: E402
+from gpu_servers import GpuServer, grep_log, healthy, wait_healthy  # noqa: E402
 
 from attention_backends.usage import total_usage  # noqa: E402
 
@@ -50,13 +50,6 @@ def make_servers() -> list[GpuServer]:
                    "TESSERA_ATTENTION_DENSE_FIRST_LAYERS": "16",
                    "TESSERA_ATTENTION_STATS_DIR": str(STATS_DIR)}),
     ]
-
-
-def up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def start_gateway(port: int, worker_url: str, log_path: Path) -> subprocess.Popen:
@@ -144,7 +137,7 @@ def main() -> None:
     gateways = {"fa3": "http://127.0.0.1:8421", "tessera": "http://127.0.0.1:8422"}
     result: dict = {"benchmark": "gpu_serving_ttft", "date": time.strftime("%Y-%m-%d"),
                     "server_args": COMMON_ARGS, "sizes": args.sizes, "repeats": args.repeats}
-    fresh = [s for s in servers if not up(s.url)]
+    fresh = [s for s in servers if not healthy(s.url)]
     for server in fresh:
         server.start(args.model, MODEL, Path("/root"))
     if fresh:
@@ -156,11 +149,11 @@ def main() -> None:
                 "FlashAttention version", "KV cache size", "CUDA graph")
         STATE.write_text(json.dumps({s.name: s.process.pid for s in servers}))
     for (name, gateway_url), server in zip(gateways.items(), servers, strict=True):
-        if not up(gateway_url):
+        if not healthy(gateway_url):
             port = int(gateway_url.rsplit(":", 1)[1])
             start_gateway(port, server.url, Path(f"/root/gateway-{name}.log"))
     deadline = time.monotonic() + 60
-    while not all(up(url) for url in gateways.values()):
+    while not all(healthy(url) for url in gateways.values()):
         if time.monotonic() > deadline:
             raise RuntimeError(Path("/root/gateway-tessera.log").read_text()[-2000:])
         time.sleep(0.5)
