@@ -7,6 +7,7 @@ size after 20 warm-up calls; one torch thread (the gateway's setting). Target (i
 < 15 ms p50 at 10,000 units on the 2-core CPU. Run it alone on the machine:
 
     flock -x /tmp/tessera-cpu-timing.lock .venv/bin/python benchmarks/secom_overhead.py
+    .venv/bin/python benchmarks/secom_overhead.py --plot-only benchmarks/results/secom_overhead.json
 """
 
 from __future__ import annotations
@@ -39,7 +40,29 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(int(share * len(ordered)), len(ordered) - 1)]
 
 
+def plot(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(result["sizes"])
+    fig, axis = plt.subplots(figsize=(6, 4))
+    for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
+        axis.plot(sizes, [result["sizes"][n][key] for n in sizes], "o-", label=label)
+    axis.axhline(15, color="gray", ls=":", label="target p50 < 15 ms")
+    axis.set(xlabel="stored units", ylabel="recall + injection (ms)",
+             title=f"SeCom request-path overhead, 2-core CPU ({result['date']})")
+    axis.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--plot-only":
+        result = json.loads(Path(sys.argv[2]).read_text())
+        plot(result, Path(sys.argv[2]).with_suffix(".png"))
+        return
     encoder = SentenceEncoder(threads=1)
     corpus = make_corpus(60, seed=1)
     exchanges = [f"[user]: {u}\n[assistant]: {a}" for c in corpus for u, a in c.exchanges]
@@ -80,6 +103,7 @@ def main() -> None:
         result["met"] = result["sizes"]["10000"]["p50_ms"] < 15
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "secom_overhead.json").write_text(json.dumps(result, indent=1))
+    plot(result, RESULTS / "secom_overhead.png")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Reported: how often the model's answer parses, boundary F1 of each segmenter, an
 combination the gateway runs (the model where it parses, else TextTiling).
 
     .venv/bin/python benchmarks/secom_segmentation.py [--sessions 20]
+    .venv/bin/python benchmarks/secom_segmentation.py --plot-only results/secom_segmentation.json
 """
 
 from __future__ import annotations
@@ -60,7 +61,31 @@ def session_truth(topics: list[str]) -> list[tuple[int, int]]:
     return segments
 
 
+def plot(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    incremental = [r["f1_incremental"] for r in result["incremental"]]
+    bars = {"batch prompt\n(parsed share)": result["batch_prompt_parsed_share"],
+            "incremental Yes/No\n(F1, mean)": statistics.mean(incremental) if incremental else 0,
+            "TextTiling\n(F1)": result["f1_texttiling"],
+            "gateway's choice\n(F1)": result["f1_gateway_combination"]}
+    fig, axis = plt.subplots(figsize=(7, 4))
+    axis.bar(list(bars), list(bars.values()), color=["gray", "tab:orange", "tab:blue",
+                                                     "tab:green"])
+    axis.set(ylim=(0, 1), title=f"SeCom segmenters, {result['sessions']} sessions, "
+             f"{result['model']} ({result['date']})")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--plot-only":
+        result = json.loads(Path(sys.argv[2]).read_text())
+        plot(result, Path(sys.argv[2]).with_suffix(".png"))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--incremental-sessions", type=int, default=3)
@@ -114,6 +139,7 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "secom_segmentation.json").write_text(json.dumps(result, indent=1))
+    plot(result, RESULTS / "secom_segmentation.png")
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
 
 
