@@ -148,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="/root/models/llama8b")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[32768, 65536, 130048])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[32768, 65536, 130048])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--itl", action="store_true", help="also time decode (64 tokens)")
     parser.add_argument("--stop", action="store_true", help="stop the servers at the end")
@@ -201,10 +201,10 @@ def main() -> None:
              "dense_direct": servers[2].url,
              "fa3_gateway": gateways["fa3"], "tessera_gateway": gateways["tessera"]}
     print("[ttft] warm-up (first long prefill: kernels compile)", flush=True)
+    tag = "_".join(str(s) for s in args.sizes) or "itl"
     for url in paths.values():
         stream(url, prompt_tokens(32768, seed=hash(url) & 0xFFFF), 1)
     runs: list[dict] = []
-    tag = "_".join(str(s) for s in args.sizes)
     for size in args.sizes:
         for repeat in range(args.repeats):
             order = list(paths.items())
@@ -222,7 +222,7 @@ def main() -> None:
         f"{name}@{size}": statistics.median(r["ttft_s"] for r in runs
                                             if r["path"] == name and r["tokens"] == size)
         for size in args.sizes for name in paths}
-    for size in args.sizes:
+    for size in args.sizes:  # (none: an ITL-only run)
         for where in ("direct", "gateway"):
             fa3 = result["ttft_median_s"][f"fa3_{where}@{size}"]
             ours = result["ttft_median_s"][f"tessera_{where}@{size}"]
@@ -233,7 +233,10 @@ def main() -> None:
     if args.itl:
         itl_runs = []
         for repeat in range(args.repeats):
-            for name in DIRECT_PATHS[:: 1 if repeat % 2 == 0 else -1]:
+            # every server in every position: rotate, and reverse every other repeat
+            shift = (repeat // 2) % len(DIRECT_PATHS)
+            order = DIRECT_PATHS[shift:] + DIRECT_PATHS[:shift]
+            for name in order[:: 1 if repeat % 2 == 0 else -1]:
                 arrivals = stream(paths[name], prompt_tokens(32768, 777 + repeat * 7), 64)[
                     "arrivals"]
                 gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
@@ -248,8 +251,8 @@ def main() -> None:
     result["dense_usage"] = total_usage(STATS_DIR / "dense")
     (args.out / f"gpu_serving_ttft_{tag}.json").write_text(json.dumps(result, indent=1))
     print("[ttft] medians:", json.dumps(result["ttft_median_s"], indent=1))
-    print("[ttft] change vs fa3 (%):", json.dumps(result["ttft_change_pct"], indent=1))
-    print("[ttft] tessera dense vs fa3 (%):", json.dumps(result["dense_vs_fa3_pct"]))
+    print("[ttft] change vs fa3 (%):", json.dumps(result.get("ttft_change_pct"), indent=1))
+    print("[ttft] tessera dense vs fa3 (%):", json.dumps(result.get("dense_vs_fa3_pct")))
     if args.itl:
         print("[ttft] ITL median ms:", result["itl_median_ms"])
     if args.stop:
