@@ -66,10 +66,14 @@ def start_gateway(port: int, worker_url: str, log_path: Path) -> subprocess.Pope
             start_new_session=True)
 
 
-def stream(url: str, prompt: list[int], max_tokens: int) -> dict:
-    """TTFT and per-token arrival times of one streamed completion."""
+def stream(url: str, prompt: list[int], max_tokens: int, force_token: int | None = None) -> dict:
+    """TTFT and per-token arrival times of one streamed completion. ``force_token``: every
+    server emits that token (logit bias), so their decode steps detokenize and stream the
+    same text, whatever their prefill computed."""
     body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True}
+    if force_token is not None:
+        body["logit_bias"] = {str(force_token): 100}
     started = time.perf_counter()
     arrivals = []
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=900) as response:
@@ -151,6 +155,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[32768, 65536, 130048])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--itl", action="store_true", help="also time decode (64 tokens)")
+    parser.add_argument("--itl-force-token", type=int,
+                        help="ITL runs emit this token id at every step (same text everywhere)")
     parser.add_argument("--stop", action="store_true", help="stop the servers at the end")
     parser.add_argument("--fresh", action="store_true", help="stop other vLLM servers first")
     parser.add_argument("--plot-only", type=Path, help="draw the PNG of a result JSON, run nothing")
@@ -237,13 +243,15 @@ def main() -> None:
             shift = (repeat // 2) % len(DIRECT_PATHS)
             order = DIRECT_PATHS[shift:] + DIRECT_PATHS[:shift]
             for name in order[:: 1 if repeat % 2 == 0 else -1]:
-                arrivals = stream(paths[name], prompt_tokens(32768, 777 + repeat * 7), 64)[
+                arrivals = stream(paths[name], prompt_tokens(32768, 777 + repeat * 7), 64,
+                                  args.itl_force_token)[
                     "arrivals"]
                 gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
                 itl_runs.append({"path": name, "repeat": repeat,
                                  "itl_median_ms": 1000 * statistics.median(gaps),
                                  "tokens": len(arrivals)})
         result["itl_runs"] = itl_runs
+        result["itl_force_token"] = args.itl_force_token
         result["itl_median_ms"] = {
             name: statistics.median(r["itl_median_ms"] for r in itl_runs if r["path"] == name)
             for name in DIRECT_PATHS}
