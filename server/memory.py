@@ -4,7 +4,7 @@
 The conversation id comes from the header `x-tessera-conversation` or the body field
 `conversation_id` (what an OpenAI client sends through `extra_body`); the body field is
 removed before the request goes to a worker. `x-tessera-memory: off` opts a request out of
-a key's default. Ids are short printable tokens; anything else is a 400, never stored.
+a key's default; `recall` recalls without storing the exchange. Ids are short printable tokens; anything else is a 400, never stored.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def memory_notes(request: Request, payload: dict[str, Any]) -> dict[str, str]:
         notes["conversation_id"] = _check_id(from_body, CONVERSATION_FIELD)
     switch = request.headers.get(MEMORY_HEADER)
     if switch is not None:
-        if switch.lower() not in ("on", "off"):
-            raise OpenAIError(400, f"`{MEMORY_HEADER}` must be `on` or `off`.",
+        if switch.lower() not in ("on", "off", "recall"):
+            raise OpenAIError(400, f"`{MEMORY_HEADER}` must be `on`, `off` or `recall`.",
                               param=MEMORY_HEADER, code="invalid_memory_switch")
         notes["memory"] = switch.lower()
     return notes

@@ -4,7 +4,8 @@ Opt-in per request: the request names a `user`, and the gateway puts the convers
 (header `x-tessera-conversation` or body field `conversation_id`) into
 ``context.notes["conversation_id"]``. A key whose default is on (`opt_in_per_key`,
 `default_opt_in`) uses memory for every request with a `user`, under conversation
-"default" when none is named; `x-tessera-memory: off` opts one request out. Recall injects
+"default" when none is named; `x-tessera-memory: off` opts one request out, and
+`x-tessera-memory: recall` recalls without storing this exchange (a read-only question). Recall injects
 the chosen units' original text into the system message; the user's messages stay as sent.
 After a completed answer, the exchange (the latest user message and the answer) is stored
 under the request id, so a retried request is stored once; a failed or cancelled answer
@@ -35,7 +36,7 @@ from prompt_pipeline.stage import RequestContext, ResponseOutcome
 logger = logging.getLogger("tessera.secom")
 
 CONVERSATION_NOTE = "conversation_id"
-MEMORY_SWITCH_NOTE = "memory"  # "off" opts one request out
+MEMORY_SWITCH_NOTE = "memory"  # "off": no memory; "recall": recall without storing
 KEY_NOTE = "secom_key"
 DEFAULT_CONVERSATION = "default"
 
@@ -76,8 +77,9 @@ class SecomStage:
         key = self.conversation_key(request, context)
         if key is None:
             return request
-        context.notes[KEY_NOTE] = key
-        context.wants_outcome = True
+        if context.notes.get(MEMORY_SWITCH_NOTE) != "recall":
+            context.notes[KEY_NOTE] = key  # remember this exchange after the answer
+            context.wants_outcome = True
         query = user_text(request.messages, "latest")
         units = await asyncio.to_thread(self.memory.recall, key, query) if query else []
         context.notes["secom_units"] = len(units)

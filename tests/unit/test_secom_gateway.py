@@ -117,11 +117,19 @@ async def test_an_answer_is_stored_and_recalled_into_the_next_request(tmp_path: 
         assert second.status_code == 200
         system = worker.bodies[1]["messages"][0]
         assert system["role"] == "system" and "Biscuit" in system["content"]
+        await settled(client)
+        assert len(stored(stage)) == 2  # the question was stored too
+        await client.post("/v1/chat/completions", json=chat(
+            "And what is my dog called?", user="alice", conversation_id="c1"),
+            headers={"x-tessera-memory": "recall"})
+        await settled(client)
+        assert "Biscuit" in worker.bodies[2]["messages"][0]["content"]
+        assert len(stored(stage)) == 2  # recall only: nothing stored
         # Another user, and the same user without a conversation id: nothing injected.
         await client.post("/v1/chat/completions", json=chat("What is my dog called?",
                                                             user="bob", conversation_id="c1"))
         await client.post("/v1/chat/completions", json=chat("dog?", user="alice"))
-        assert [b["messages"][0]["role"] for b in worker.bodies[2:]] == ["user", "user"]
+        assert [b["messages"][0]["role"] for b in worker.bodies[3:]] == ["user", "user"]
 
 
 async def test_a_streamed_answer_is_stored_once_complete(tmp_path: Path) -> None:
