@@ -4,7 +4,8 @@
 The conversation id comes from the header `x-tessera-conversation` or the body field
 `conversation_id` (what an OpenAI client sends through `extra_body`); the body field is
 removed before the request goes to a worker. `x-tessera-memory: off` opts a request out of
-a key's default; `recall` recalls without storing the exchange. Ids are short printable tokens; anything else is a 400, never stored.
+a key's default; `recall` recalls without storing the exchange. Ids are short printable
+tokens; anything else is a 400, never stored.
 """
 
 from __future__ import annotations

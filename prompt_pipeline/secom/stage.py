@@ -5,8 +5,9 @@ Opt-in per request: the request names a `user`, and the gateway puts the convers
 ``context.notes["conversation_id"]``. A key whose default is on (`opt_in_per_key`,
 `default_opt_in`) uses memory for every request with a `user`, under conversation
 "default" when none is named; `x-tessera-memory: off` opts one request out, and
-`x-tessera-memory: recall` recalls without storing this exchange (a read-only question). Recall injects
-the chosen units' original text into the system message; the user's messages stay as sent.
+`x-tessera-memory: recall` recalls without storing this exchange (a read-only question).
+Recall injects the chosen units' original text into the system message; the user's messages
+stay as sent.
 After a completed answer, the exchange (the latest user message and the answer) is stored
 under the request id, so a retried request is stored once; a failed or cancelled answer
 stores nothing. Both steps run SQLite and MiniLM in a worker thread, off the event loop.

@@ -76,7 +76,8 @@ def test_a_write_embeds_only_the_new_exchange_and_changed_units(tmp_path: Path) 
         assert embed.texts - before <= 4, (number, embed.texts - before)
     units = store.units(key, "segment")
     assert units[0].first_exchange == 0 and units[-1].last_exchange == 299
-    assert all(a.last_exchange + 1 == b.first_exchange for a, b in zip(units, units[1:]))
+    assert all(a.last_exchange + 1 == b.first_exchange
+               for a, b in zip(units, units[1:], strict=False))
     before = embed.texts
     reopened = ConversationMemory(SQLiteMemoryStore(tmp_path / "memory.sqlite3"), embed)
     assert "dog" in reopened.recall(key, "dog puppy")[0].text
