@@ -10,19 +10,17 @@ tokens; anything else is a 400, never stored.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from prompt_pipeline.secom.store import VALID_ID
 from server.errors import OpenAIError
 
 CONVERSATION_HEADER = "x-tessera-conversation"
 CONVERSATION_FIELD = "conversation_id"
 MEMORY_HEADER = "x-tessera-memory"
-# Printable, no control characters or slashes (ids appear in URL paths of the memory routes).
-_VALID_ID = re.compile(r"[^\x00-\x1f\x7f/\\]{1,256}")
 
 
 class MemoryAdmin(Protocol):
@@ -33,7 +31,7 @@ class MemoryAdmin(Protocol):
 
 
 def _check_id(value: object, param: str) -> str:
-    if not isinstance(value, str) or not _VALID_ID.fullmatch(value):
+    if not isinstance(value, str) or not VALID_ID.fullmatch(value):
         raise OpenAIError(400, f"`{param}` must be a string of 1 to 256 printable characters "
                           "without slashes.", param=param, code="invalid_memory_id")
     return value

@@ -28,10 +28,16 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from prompt_pipeline.config import SecomSettings
+from prompt_pipeline.errors import PipelineError
 from prompt_pipeline.messages import user_text, with_system_note
 from prompt_pipeline.secom.memory import ConversationMemory, RecallSettings
 from prompt_pipeline.secom.retrieval import render_context
-from prompt_pipeline.secom.store import ConversationKey, SQLiteMemoryStore, tenant_of
+from prompt_pipeline.secom.store import (
+    VALID_ID,
+    ConversationKey,
+    SQLiteMemoryStore,
+    tenant_of,
+)
 from prompt_pipeline.stage import RequestContext, ResponseOutcome
 
 logger = logging.getLogger("tessera.secom")
@@ -72,6 +78,11 @@ class SecomStage:
             if not self.settings.opted_in_by_default(context.api_key):
                 return None
             conversation = DEFAULT_CONVERSATION
+        if not isinstance(user, str) or not VALID_ID.fullmatch(user):
+            # Memory under a user the /v1/memory routes cannot name could not be erased.
+            raise PipelineError(400, "With conversation memory, `user` must be 1 to 256 "
+                                "printable characters without slashes.", param="user",
+                                code="invalid_memory_id")
         return ConversationKey.for_request(context.api_key, str(user), str(conversation))
 
     async def __call__(self, request: Any, context: RequestContext) -> Any:

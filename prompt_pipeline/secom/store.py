@@ -14,6 +14,7 @@ WAL is checkpointed and truncated, so erased text is gone from disk, not only fr
 from __future__ import annotations
 
 import hashlib
+import re
 import sqlite3
 import threading
 import time
@@ -48,6 +49,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE units ADD COLUMN vector BLOB;
     """,
 )
+
+
+# User and conversation ids: printable, no slashes (they are path segments of the memory
+# routes, so anything stored can also be listed and erased).
+VALID_ID = re.compile(r"[^\x00-\x1f\x7f/\\]{1,256}")
 
 
 def tenant_of(api_key: str | None) -> str:

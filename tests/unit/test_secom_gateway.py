@@ -202,7 +202,8 @@ async def test_bad_memory_ids_are_a_400(tmp_path: Path) -> None:
                               (chat("x", user="a", conversation_id="a/b"), {}),
                               (chat("x", user="a", conversation_id="x" * 300), {}),
                               (chat("x", user="a"), {"x-tessera-conversation": ""}),
-                              (chat("x", user="a"), {"x-tessera-memory": "maybe"})):
+                              (chat("x", user="a"), {"x-tessera-memory": "maybe"}),
+                              (chat("x", user="a/b", conversation_id="c"), {})):
             response = await client.post("/v1/chat/completions", json=body, headers=headers)
             assert response.status_code == 400, response.text
             assert set(response.json()["error"]) == {"message", "type", "param", "code"}
