@@ -5,8 +5,9 @@ Units and their key embeddings are stored with the conversation (schema v2): a w
 the new exchange and the changed units only and refreshes the cached index, off the request
 path; a fresh process loads the index from the stored vectors. Reported apart: that load,
 and the after-response write cost (median of 5 writes) at each size. Queries are the corpus
-questions, cycled; 300 timed calls per size after 20 warm-up calls; one torch thread (the gateway's setting). Target (issue 21):
-< 15 ms p50 at 10,000 units on the 2-core CPU. Run it alone on the machine:
+questions, cycled; 300 timed calls per size after 20 warm-up calls; one torch thread (the
+gateway's setting). Target (issue 21): < 15 ms p50 at 10,000 units on the 2-core CPU. Run
+it alone on the machine:
 
     flock -x /tmp/tessera-cpu-timing.lock .venv/bin/python benchmarks/secom_overhead.py
     .venv/bin/python benchmarks/secom_overhead.py --plot-only benchmarks/results/secom_overhead.json
