@@ -33,7 +33,12 @@ from server.errors import (
     no_healthy_worker_error,
     validation_error,
 )
-from server.memory import CONVERSATION_FIELD, install_memory_routes, memory_notes
+from server.memory import (
+    CONVERSATION_FIELD,
+    find_memory,
+    install_memory_routes,
+    memory_notes,
+)
 from server.metrics import GatewayMetrics
 from server.middleware import RequestIdMiddleware
 from server.outcome import StreamFollower, follow_stream, outcome_of_json
@@ -89,6 +94,9 @@ class Gateway:
             stages = build_stages(PipelineSettings(), self.metrics.registry,
                                   self.metrics.securitylingua_flagged)
         self.pipeline = Pipeline(stages, on_stage_done=self._observe_stage)
+        memory = find_memory(stages)
+        if memory is not None and hasattr(memory, "use_units_histogram"):
+            memory.use_units_histogram(self.metrics.memory_units_retrieved)
         self.in_flight_per_key: Tally[str] = Tally()
         self._api_keys = [key.encode() for key in settings.api_keys]
         self.client: httpx.AsyncClient | None = None

@@ -50,9 +50,11 @@ DEFAULT_CONVERSATION = "default"
 
 class SecomMetrics:
     def __init__(self, registry: CollectorRegistry | None) -> None:
-        self.injected = Histogram("tessera_secom_units_injected", "Memory units injected per "
-                                  "opted-in request.", buckets=(0, 1, 2, 3, 5, 10),
-                                  registry=registry)
+        # The gateway declares tessera_memory_units_retrieved (its dashboard plots it) and
+        # hands it over with `use_units_histogram`; this unregistered one stands in until then.
+        self.injected = Histogram("tessera_memory_units_retrieved", "SeCom memory units "
+                                  "added to a request.", buckets=(0, 1, 2, 4, 8, 16, 32, 64),
+                                  registry=None)
         self.writes = Counter("tessera_secom_writes", "Memory writes after a response, by "
                               "result.", ["result"], registry=registry)
         self.write_seconds = Histogram("tessera_secom_write_seconds", "Time of one memory "
@@ -68,6 +70,9 @@ class SecomStage:
         self.memory = memory
         self.settings = settings or SecomSettings()
         self.metrics = SecomMetrics(registry)
+
+    def use_units_histogram(self, histogram: Histogram) -> None:
+        self.metrics.injected = histogram
 
     def conversation_key(self, request: Any, context: RequestContext) -> ConversationKey | None:
         user = getattr(request, "user", None)

@@ -130,6 +130,8 @@ async def test_an_answer_is_stored_and_recalled_into_the_next_request(tmp_path: 
                                                             user="bob", conversation_id="c1"))
         await client.post("/v1/chat/completions", json=chat("dog?", user="alice"))
         assert [b["messages"][0]["role"] for b in worker.bodies[3:]] == ["user", "user"]
+        metrics = (await client.get("/metrics")).text
+        assert "tessera_memory_units_retrieved_count 4.0" in metrics  # 4 opted-in requests
 
 
 async def test_a_streamed_answer_is_stored_once_complete(tmp_path: Path) -> None:
