@@ -45,7 +45,10 @@ from server.launcher import free_port, one_worker, wait_for_health  # noqa: E402
 from server.model_prep import SERVED_MODEL_NAME  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SYSTEM = "Answer the user's question with one or two words only."
+# A one-line example: asked for "one or two words" alone, SmolLM2-135M answered in sentences
+# (exact match 0 of 73 on 2026-12-01, memory on and off; contains 0.29 vs 0.03).
+SYSTEM = ("Reply with the answer only: one word, no sentence.\n"
+          "Example: Q: What colour is my car? A: Red")
 CONVERSATION = "bench"
 
 
@@ -88,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--conversations", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=12)
     args = parser.parse_args()
     started = time.monotonic()
     corpus = make_corpus(args.conversations, seed=args.seed)
