@@ -38,6 +38,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (100, 1_000, 10_000)
 TIMED, WARMUP = 300, 20
 WRITES = 5
+EXCHANGES_PER_UNIT = 4.85
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -106,8 +107,10 @@ def main() -> None:
         store = SQLiteMemoryStore(Path(folder) / "memory.sqlite3")
         for size in SIZES:
             key = ConversationKey.for_request("sk-bench", "user", f"conversation-{size}")
-            # ~3.3 exchanges per TextTiling segment on this corpus: 3.3 x size exchanges
-            fill(store, key, [pairs[i % len(pairs)] for i in range(int(3.3 * size))], cached)
+            # ~4.85 exchanges per TextTiling segment on this corpus (a run with 3.3 gave 6,816
+            # units for 10,000): 4.85 x size exchanges
+            count = int(EXCHANGES_PER_UNIT * size)
+            fill(store, key, [pairs[i % len(pairs)] for i in range(count)], cached)
             units = len(store.units(key, "segment"))
             memory = ConversationMemory(store, encoder.encode)  # a fresh gateway process
             started = time.perf_counter()
@@ -128,7 +131,7 @@ def main() -> None:
                 memory.remember(key, f"write-{number}", user, assistant)
                 writes.append(time.perf_counter() - started)
             result["sizes"][str(size)] = {
-                "units": units, "exchanges": int(3.3 * size),
+                "units": units, "exchanges": count,
                 "index_load_s": round(load_s, 3),
                 "p50_ms": round(statistics.median(timings), 2),
                 "p99_ms": round(percentile(timings, 0.99), 2), "calls": len(timings),
