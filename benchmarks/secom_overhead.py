@@ -53,9 +53,11 @@ def plot(result: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = list(result["sizes"])
+    # The units TextTiling actually made (runs before that count was stored: the size asked).
+    xs = [result["sizes"][n].get("units", int(n)) for n in sizes]
     fig, axis = plt.subplots(figsize=(6, 4))
     for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
-        axis.plot(sizes, [result["sizes"][n][key] for n in sizes], "o-", label=label)
+        axis.plot(xs, [result["sizes"][n][key] for n in sizes], "o-", label=label)
     axis.axhline(15, color="gray", ls=":", label="target p50 < 15 ms")
     axis.set(xlabel="stored units", ylabel="recall + injection (ms)",
              title=f"SeCom request-path overhead, 2-core CPU ({result['date']})")
