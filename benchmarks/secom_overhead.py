@@ -59,6 +59,7 @@ def plot(result: dict, png: Path) -> None:
     for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
         axis.plot(xs, [result["sizes"][n][key] for n in sizes], "o-", label=label)
     axis.axhline(15, color="gray", ls=":", label="target p50 < 15 ms")
+    axis.set_xscale("log")
     axis.set(xlabel="stored units", ylabel="recall + injection (ms)",
              title=f"SeCom request-path overhead, 2-core CPU ({result['date']})")
     axis.legend()
