@@ -7,10 +7,13 @@ memory when a retrieved unit contains its evidence exchange; questions are repor
 corpus' fact style too (direct, or stated in context: `secom_corpus.py`). Reported:
 recall@1 and @3, and recall under a budget of 150 words of retrieved text (larger units
 spend it faster); the TextTiling segmenter's boundary F1 against the true runs.
-Compression of the retrieval keys waits for the shared token classifier (SecurityLingua's
-branch); this run uses no compression.
+With `--compressor DIR` every granularity is also indexed by compressed keys ("+comp"):
+the shared token classifier trained for this (`secom_train_keys.py`, labels in
+`prompt_pipeline/secom/key_labels.py`) in target-rate mode (`--rate`, digits forced); the
+units' text, what a generator would get, is unchanged.
 
     .venv/bin/python benchmarks/secom_retrieval.py [--conversations 40]
+        [--compressor prompt_pipeline/secom/artifacts/keys-compact --rate 0.5]
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dataclasses import replace  # noqa: E402
 
 from secom_corpus import make_corpus  # noqa: E402
 
@@ -44,10 +49,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--conversations", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compressor", type=Path, default=None)
+    parser.add_argument("--rate", type=float, default=0.5)
     args = parser.parse_args()
     started = time.monotonic()
     encoder = SentenceEncoder(threads=1)
     embed = encoder.encode
+    compress = None
+    kept_shares: list[float] = []
+    if args.compressor is not None:
+        from prompt_pipeline.token_classifier import TokenClassifier
+
+        classifier = TokenClassifier.load(args.compressor)
+
+        def compress(text: str) -> str:
+            result = classifier.compress(text, rate=args.rate, force_digits=True)
+            kept_shares.append(float(result.keep.mean()) if len(result.keep) else 1.0)
+            return result.text
     corpus = make_corpus(args.conversations, seed=args.seed)
     hits: dict[str, list[float]] = {}
     f1s, unit_words = [], {}
@@ -71,6 +89,10 @@ def main() -> None:
             "segment (true runs)": segment_units(exchanges, conversation.true_segments()),
             "segment (TextTiling)": segment_units(exchanges, tiled),
         }
+        if compress is not None:
+            unit_sets.update({f"{name} +comp": [replace(u, key_text=compress(u.text))
+                                                for u in units]
+                              for name, units in list(unit_sets.items())})
         questions = [q["question"] for q in conversation.questions]
         query_vectors = embed(questions)
         for granularity, units in unit_sets.items():
@@ -99,7 +121,10 @@ def main() -> None:
         "corpus": {"conversations": len(corpus),
                    "exchanges": sum(len(c.exchanges) for c in corpus),
                    "questions": sum(len(c.questions) for c in corpus), "seed": args.seed},
-        "compression": "none (token classifier not merged yet)",
+        "compression": ("none" if compress is None else {
+            "artifact": str(args.compressor), "mode": "target rate", "rate": args.rate,
+            "force_digits": True, "kept_word_share": round(statistics.mean(kept_shares), 3),
+            "labels": "rule teacher, prompt_pipeline/secom/key_labels.py"}),
         "budget_words": BUDGET_WORDS,
         "mean_unit_words": {k: round(statistics.mean(v), 1) for k, v in unit_words.items()},
         "texttiling_boundary_f1": round(statistics.mean(f1s), 4),
@@ -128,7 +153,8 @@ def plot(result: dict, png: Path) -> None:
 
     granularities = list(result["mean_unit_words"])
     metrics = ("recall@1", "recall@3", f"recall@{result['budget_words']}w")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(14, 4), sharey=True)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(14, 2.2 * len(granularities)), 4),
+                             sharey=True)
     for axis, metric in zip(axes, metrics, strict=True):
         for offset, method in enumerate(METHODS):
             xs = [i + (offset - 1) * 0.27 for i in range(len(granularities))]
@@ -138,8 +164,11 @@ def plot(result: dict, png: Path) -> None:
         axis.set_title(metric)
     axes[0].set_ylabel("share of questions whose evidence is retrieved")
     axes[0].legend(fontsize=8)
+    compression = result["compression"]
+    label = ("no compression" if compression == "none"
+             else f"+comp: token classifier, target rate {compression['rate']}")
     fig.suptitle(f"SeCom units on {result['corpus']['questions']} generated questions "
-                 f"(no compression; {result['date']})")
+                 f"({label}; {result['date']})")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 

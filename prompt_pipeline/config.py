@@ -6,11 +6,13 @@ builder that turns them into the gateway's stages.
       on_failure: closed              # closed (503) | open (forward unchanged, counted)
       on_failure_per_stage: {}        # e.g. {securitylingua: open}
       securitylingua: {...}           # see SecurityLinguaSettings
+      secom: {...}                    # see SecomSettings
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -64,6 +66,36 @@ class SecurityLinguaSettings(BaseModel):
     threads: int = Field(1, ge=1, description="torch threads for the classifiers.")
 
 
+class SecomSettings(BaseModel):
+    """Conversation memory (SeCom, issue 21): where it lives, who gets it, how it recalls."""
+
+    db_path: Path | None = Field(
+        None, description="SQLite file; None = <TESSERA_DATA_DIR or ./data>/secom/memory.sqlite3.")
+    default_opt_in: bool = Field(
+        False, description="Requests with a `user` but no conversation id use memory (under "
+        "conversation 'default'). A conversation id always opts a request in.")
+    opt_in_per_key: dict[str, bool] = Field(
+        default_factory=dict, description="default_opt_in per API key (overrides it).")
+    granularity: Literal["segment", "turn"] = "segment"
+    method: Literal["bm25", "embedding", "fused"] = "fused"
+    top_k: int | None = Field(3, ge=1)
+    token_budget: int | None = Field(600, ge=1, description="Words of memory injected at most.")
+    compressor_dir: Path | None = Field(
+        None, description="Token-classifier artifact for compressed retrieval keys; None = "
+        "keys are the units' own text.")
+    compression_rate: float = Field(0.6, gt=0.0, le=1.0,
+                                     description="Target rate: share of word pieces kept.")
+    threads: int = Field(1, ge=1, description="torch threads for MiniLM.")
+
+    def resolved_db_path(self) -> Path:
+        if self.db_path is not None:
+            return self.db_path
+        return Path(os.environ.get("TESSERA_DATA_DIR", "data")) / "secom" / "memory.sqlite3"
+
+    def opted_in_by_default(self, api_key: str | None) -> bool:
+        return self.opt_in_per_key.get(api_key or "", self.default_opt_in)
+
+
 class PipelineSettings(TesseraSettings):
     model_config = SettingsConfigDict(env_prefix="TESSERA_PIPELINE_",
                                       env_nested_delimiter="__", extra="ignore")
@@ -74,6 +106,7 @@ class PipelineSettings(TesseraSettings):
         "closed", description="When a stage fails: closed = 503, open = forward unchanged.")
     on_failure_per_stage: dict[str, FailureDecision] = Field(default_factory=dict)
     securitylingua: SecurityLinguaSettings = Field(default_factory=SecurityLinguaSettings)
+    secom: SecomSettings = Field(default_factory=SecomSettings)
 
     def failure_decision(self, stage: str) -> FailureDecision:
         return self.on_failure_per_stage.get(stage, self.on_failure)
@@ -89,7 +122,15 @@ def _securitylingua(settings: PipelineSettings, registry: CollectorRegistry,
     return build_securitylingua_stage(settings.securitylingua, registry, flagged)
 
 
-STAGE_FACTORIES: dict[str, StageFactory] = {"securitylingua": _securitylingua}
+def _secom(settings: PipelineSettings, registry: CollectorRegistry,
+           flagged: Counter | None) -> Stage:
+    from prompt_pipeline.secom.stage import build_secom_stage
+
+    return build_secom_stage(settings.secom, registry)
+
+
+STAGE_FACTORIES: dict[str, StageFactory] = {"securitylingua": _securitylingua,
+                                            "secom": _secom}
 
 
 def build_stages(settings: PipelineSettings, registry: CollectorRegistry,

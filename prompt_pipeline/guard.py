@@ -38,6 +38,11 @@ class GuardedStage:
         self.name = stage.name
         self.decision = decision
         self.failures = failures
+        # The after-response hook passes through unguarded: Pipeline.after_response already
+        # contains its failures (the client has its answer by then).
+        hook = getattr(stage, "after_response", None)
+        if hook is not None:
+            self.after_response = hook
 
     async def __call__(self, request: Any, context: RequestContext) -> Any:
         try:

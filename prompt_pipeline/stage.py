@@ -29,6 +29,9 @@ class RequestContext:
     api_key: str | None = None
     # Stages leave notes for later stages and for after-response hooks (e.g. memory writes).
     notes: dict[str, Any] = field(default_factory=dict)
+    # A stage sets this when it needs the answer: only then does the gateway collect the
+    # answer's text (parsing a stream's events) and call the after-response hooks.
+    wants_outcome: bool = False
 
 
 @dataclass(frozen=True)

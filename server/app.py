@@ -18,11 +18,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
 from starlette.types import Receive
 
 from prompt_pipeline.config import PipelineSettings, build_stages
 from prompt_pipeline.errors import PipelineError, PipelineResponse
-from prompt_pipeline.stage import Pipeline, RequestContext, Stage
+from prompt_pipeline.stage import Pipeline, RequestContext, ResponseOutcome, Stage
 from server.affinity import prefix_fingerprints, prompt_text
 from server.body import parse_json_object
 from server.config import ServerSettings
@@ -32,8 +33,15 @@ from server.errors import (
     no_healthy_worker_error,
     validation_error,
 )
+from server.memory import (
+    CONVERSATION_FIELD,
+    find_memory,
+    install_memory_routes,
+    memory_notes,
+)
 from server.metrics import GatewayMetrics
 from server.middleware import RequestIdMiddleware
+from server.outcome import StreamFollower, follow_stream, outcome_of_json
 from server.proxy import ConnectionBudget, Forwarder, ForwardRequest
 from server.router import WorkerPool
 from server.schemas import (
@@ -86,10 +94,16 @@ class Gateway:
             stages = build_stages(PipelineSettings(), self.metrics.registry,
                                   self.metrics.securitylingua_flagged)
         self.pipeline = Pipeline(stages, on_stage_done=self._observe_stage)
+        memory = find_memory(stages)
+        if memory is not None and hasattr(memory, "use_units_histogram"):
+            memory.use_units_histogram(self.metrics.memory_units_retrieved)
         self.in_flight_per_key: Tally[str] = Tally()
         self._api_keys = [key.encode() for key in settings.api_keys]
         self.client: httpx.AsyncClient | None = None
         self.forwarder: Forwarder | None = None
+        # After-response hooks (memory writes) run detached from the request: held here so
+        # they are not garbage-collected mid-run, and awaited at shutdown.
+        self._after_tasks: set[asyncio.Task] = set()
 
     def _observe_stage(self, stage: str, seconds: float) -> None:
         self.metrics.stage_duration.labels(stage).observe(seconds)
@@ -124,6 +138,9 @@ class Gateway:
                 checker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await checker
+                if self._after_tasks:  # memory writes of answers already sent
+                    await asyncio.wait(set(self._after_tasks),
+                                       timeout=self.settings.shutdown_grace_s)
 
     # --- request checks, in the order a request meets them
     def authenticate(self, request: Request) -> str | None:
@@ -241,16 +258,21 @@ class Gateway:
         api_key = self.authenticate(request)
         raw = await self.read_body(request)
         payload = parse_json_object(raw)
+        # The conversation id field is the gateway's, not the worker's: taken off the body.
+        stripped = spec.runs_pipeline and CONVERSATION_FIELD in payload
+        notes = memory_notes(request, payload) if spec.runs_pipeline else {}
         parsed = self.validate(payload, spec)
-        defaulted = self.apply_ceiling_default(parsed, payload, spec)
+        defaulted = self.apply_ceiling_default(parsed, payload, spec) or stripped
         release_slot = self.acquire_slot(api_key)
         try:
             # The client's own bytes go upstream unless something changed the request: no
             # re-encoding of a large body, and unknown fields stay byte-for-byte as sent.
             body = json.dumps(payload).encode() if defaulted else raw
+            context: RequestContext | None = None
+            original = parsed
             if spec.runs_pipeline:
                 context = RequestContext(request_id=request_id, route=spec.route,
-                                         api_key=api_key)
+                                         api_key=api_key, notes=dict(notes))
                 parsed = await self.pipeline.run(parsed, context)
                 if self.pipeline.stages:
                     assert isinstance(parsed, GenerationRequest)
@@ -273,7 +295,33 @@ class Gateway:
             raise
         if response.media_type != "text/event-stream":
             release_slot()
+        if context is not None and context.wants_outcome:
+            self._after_response(response, original, context)
         return response
+
+    def _after_response(self, response: Response, request: BaseModel,
+                        context: RequestContext) -> None:
+        """Arrange for the pipeline's after-response hooks to run once the client has the
+        whole answer: a plain answer after its body is sent, a stream after its last event.
+        The hooks run as a detached task, so they delay neither this answer nor the next
+        request on the same connection."""
+        def schedule(outcome: ResponseOutcome) -> None:
+            task = asyncio.create_task(self.pipeline.after_response(request, context, outcome))
+            self._after_tasks.add(task)
+            task.add_done_callback(self._after_tasks.discard)
+
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = follow_stream(
+                response.body_iterator, StreamFollower(context.route), schedule)
+        elif response.status_code != CLIENT_CLOSED_REQUEST:
+            outcome = outcome_of_json(context.route, response.status_code, response.body)
+            response.background = BackgroundTask(_call_async, schedule, outcome)
+
+
+async def _call_async(function: Callable[..., None], *args: object) -> None:
+    # A BackgroundTask runs a plain function in a thread pool; scheduling a task needs the
+    # event loop's thread.
+    function(*args)
 
 
 async def _unless_client_leaves(receive: Receive, forwarding: object) -> Response:
@@ -337,6 +385,8 @@ def create_app(
             raise OpenAIError(404, f"The model `{model_id}` does not exist.", param="model",
                               type="not_found_error", code="model_not_found")
         return JSONResponse(_model_card(model_id, int(time.time())))
+
+    install_memory_routes(app, gateway.authenticate, gateway.pipeline.stages)
 
     @app.get("/health")
     async def health() -> JSONResponse:

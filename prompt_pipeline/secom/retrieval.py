@@ -72,6 +72,16 @@ class UnitIndex:
         vectors = embed(keys) if keys else np.zeros((0, 384), dtype=np.float32)
         return cls(list(units), Bm25Index(keys), vectors)
 
+    @classmethod
+    def from_vectors(cls, units: Sequence[MemoryUnit],
+                     vectors: Sequence[np.ndarray]) -> UnitIndex:
+        """From key embeddings computed earlier (stored with the units): no model call."""
+        matrix = (np.stack(vectors).astype(np.float32) if len(vectors)
+                  else np.zeros((0, 384), dtype=np.float32))
+        if len(matrix) != len(units):
+            raise ValueError("one vector per unit")
+        return cls(list(units), Bm25Index([unit.key_text for unit in units]), matrix)
+
     def scores(self, query: str, method: str, query_vector: np.ndarray | None) -> np.ndarray:
         if method == "bm25":
             return self.bm25.scores(query)

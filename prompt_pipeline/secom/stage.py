@@ -1,49 +1,106 @@
 """SeCom as a gateway stage: recall before the request, remember after the response.
 
 Opt-in per request: the request names a `user`, and the gateway puts the conversation id
-(header `x-tessera-conversation`) into ``context.notes["conversation_id"]``. Recall injects
-the chosen units' original text into the system message; the user's messages stay as sent.
+(header `x-tessera-conversation` or body field `conversation_id`) into
+``context.notes["conversation_id"]``. A key whose default is on (`opt_in_per_key`,
+`default_opt_in`) uses memory for every request with a `user`, under conversation
+"default" when none is named; `x-tessera-memory: off` opts one request out, and
+`x-tessera-memory: recall` recalls without storing this exchange (a read-only question).
+Recall injects the chosen units' original text into the system message; the user's messages
+stay as sent.
 After a completed answer, the exchange (the latest user message and the answer) is stored
 under the request id, so a retried request is stored once; a failed or cancelled answer
 stores nothing. Both steps run SQLite and MiniLM in a worker thread, off the event loop.
+
+The stage also answers the gateway's memory routes (`list_memory`, `erase_memory`): the
+tenant is always derived from the caller's API key, so a user name or conversation id
+guessed from another tenant reaches nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from prompt_pipeline.config import SecomSettings
+from prompt_pipeline.errors import PipelineError
 from prompt_pipeline.messages import user_text, with_system_note
-from prompt_pipeline.secom.memory import ConversationMemory
+from prompt_pipeline.secom.memory import ConversationMemory, RecallSettings
 from prompt_pipeline.secom.retrieval import render_context
-from prompt_pipeline.secom.store import ConversationKey
+from prompt_pipeline.secom.store import (
+    VALID_ID,
+    ConversationKey,
+    SQLiteMemoryStore,
+    tenant_of,
+)
 from prompt_pipeline.stage import RequestContext, ResponseOutcome
 
+logger = logging.getLogger("tessera.secom")
+
 CONVERSATION_NOTE = "conversation_id"
+MEMORY_SWITCH_NOTE = "memory"  # "off": no memory; "recall": recall without storing
 KEY_NOTE = "secom_key"
+DEFAULT_CONVERSATION = "default"
+
+
+class SecomMetrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        # The gateway declares tessera_memory_units_retrieved (its dashboard plots it) and
+        # hands it over with `use_units_histogram`; this unregistered one stands in until then.
+        self.injected = Histogram("tessera_memory_units_retrieved", "SeCom memory units "
+                                  "added to a request.", buckets=(0, 1, 2, 4, 8, 16, 32, 64),
+                                  registry=None)
+        self.writes = Counter("tessera_secom_writes", "Memory writes after a response, by "
+                              "result.", ["result"], registry=registry)
+        self.write_seconds = Histogram("tessera_secom_write_seconds", "Time of one memory "
+                                       "write (store, segment, embed), off the request path.",
+                                       registry=registry)
 
 
 class SecomStage:
     name = "secom"
 
-    def __init__(self, memory: ConversationMemory) -> None:
+    def __init__(self, memory: ConversationMemory, settings: SecomSettings | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
         self.memory = memory
+        self.settings = settings or SecomSettings()
+        self.metrics = SecomMetrics(registry)
+
+    def use_units_histogram(self, histogram: Histogram) -> None:
+        self.metrics.injected = histogram
 
     def conversation_key(self, request: Any, context: RequestContext) -> ConversationKey | None:
         user = getattr(request, "user", None)
-        conversation = context.notes.get(CONVERSATION_NOTE)
-        if context.route != "chat" or not user or not conversation:
+        if context.route != "chat" or not user or context.notes.get(MEMORY_SWITCH_NOTE) == "off":
             return None
+        conversation = context.notes.get(CONVERSATION_NOTE)
+        if not conversation:
+            if not self.settings.opted_in_by_default(context.api_key):
+                return None
+            conversation = DEFAULT_CONVERSATION
+        if not isinstance(user, str) or not VALID_ID.fullmatch(user):
+            # Memory under a user the /v1/memory routes cannot name could not be erased.
+            raise PipelineError(400, "With conversation memory, `user` must be 1 to 256 "
+                                "printable characters without slashes.", param="user",
+                                code="invalid_memory_id")
         return ConversationKey.for_request(context.api_key, str(user), str(conversation))
 
     async def __call__(self, request: Any, context: RequestContext) -> Any:
         key = self.conversation_key(request, context)
         if key is None:
             return request
-        context.notes[KEY_NOTE] = key
+        if context.notes.get(MEMORY_SWITCH_NOTE) != "recall":
+            context.notes[KEY_NOTE] = key  # remember this exchange after the answer
+            context.wants_outcome = True
         query = user_text(request.messages, "latest")
         units = await asyncio.to_thread(self.memory.recall, key, query) if query else []
         context.notes["secom_units"] = len(units)
+        self.metrics.injected.observe(len(units))
         if not units:
             return request
         return request.model_copy(
@@ -52,7 +109,71 @@ class SecomStage:
     async def after_response(self, request: Any, context: RequestContext,
                              outcome: ResponseOutcome) -> None:
         key = context.notes.get(KEY_NOTE)
-        if key is None or not outcome.completed:
+        if key is None:
             return
-        await asyncio.to_thread(self.memory.remember, key, context.request_id,
-                                user_text(request.messages, "latest"), outcome.text)
+        if not outcome.completed:
+            self.metrics.writes.labels("not_completed").inc()
+            return
+        started = time.perf_counter()
+        try:
+            stored = await asyncio.to_thread(self.memory.remember, key, context.request_id,
+                                             user_text(request.messages, "latest"),
+                                             outcome.text)
+        except Exception:
+            self.metrics.writes.labels("failed").inc()
+            raise
+        self.metrics.writes.labels("stored" if stored else "duplicate").inc()
+        self.metrics.write_seconds.observe(time.perf_counter() - started)
+
+    # --- the memory routes (GET/DELETE /v1/memory/...)
+    async def list_memory(self, api_key: str | None, user: str,
+                          conversation: str | None = None) -> dict[str, Any]:
+        tenant = tenant_of(api_key)
+        if conversation is None:
+            summaries = await asyncio.to_thread(self.memory.store.conversation_summaries,
+                                                tenant, user)
+            return {"object": "list", "user": user, "data": [
+                {"object": "memory.conversation", "conversation_id": s.conversation,
+                 "exchanges": s.exchanges, "first_at": s.first_at, "last_at": s.last_at}
+                for s in summaries]}
+        key = ConversationKey(tenant, user, conversation)
+        exchanges = await asyncio.to_thread(self.memory.store.exchanges, key)
+        return {"object": "list", "user": user, "conversation_id": conversation, "data": [
+            {"object": "memory.exchange", "position": e.position, "request_id": e.request_id,
+             "user": e.user_text, "assistant": e.assistant_text, "created_at": e.created_at}
+            for e in exchanges]}
+
+    async def erase_memory(self, api_key: str | None, user: str,
+                           conversation: str | None = None) -> int:
+        tenant = tenant_of(api_key)
+        deleted = await asyncio.to_thread(self.memory.store.erase, tenant, user, conversation)
+        if conversation is None:
+            self.memory.forget_user(tenant, user)
+        else:
+            self.memory.forget(ConversationKey(tenant, user, conversation))
+        return deleted
+
+
+def build_secom_stage(settings: SecomSettings, registry: CollectorRegistry) -> SecomStage:
+    from prompt_pipeline.secom.embeddings import SentenceEncoder
+
+    encoder = SentenceEncoder(threads=settings.threads)
+    compress = None
+    if settings.compressor_dir is not None:
+        from prompt_pipeline.token_classifier import TokenClassifier
+
+        classifier = TokenClassifier.load(settings.compressor_dir)
+        rate = settings.compression_rate
+
+        def compress(text: str) -> str:
+            return classifier.compress(text, rate=rate, force_digits=True).text
+
+    def embed(texts: list[str]) -> np.ndarray:
+        return encoder.encode(texts)
+
+    store = SQLiteMemoryStore(settings.resolved_db_path())
+    recall = RecallSettings(settings.granularity, settings.method, settings.top_k,
+                            settings.token_budget)
+    logger.info("secom memory at %s (%s units, %s retrieval)", store.path,
+                settings.granularity, settings.method)
+    return SecomStage(ConversationMemory(store, embed, compress, recall), settings, registry)

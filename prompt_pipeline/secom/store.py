@@ -14,12 +14,13 @@ WAL is checkpointed and truncated, so erased text is gone from disk, not only fr
 from __future__ import annotations
 
 import hashlib
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -40,7 +41,19 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (tenant, user, conversation, kind, first_exchange)
     );
     """,
+    # Embeddings stored with the rows: a write embeds only the new exchange and the changed
+    # units, and a restart rebuilds no index (re-embedding everything cost 170 s at 10,000
+    # units, benchmarks/results/secom_overhead.json).
+    """
+    ALTER TABLE exchanges ADD COLUMN vector BLOB;
+    ALTER TABLE units ADD COLUMN vector BLOB;
+    """,
 )
+
+
+# User and conversation ids: printable, no slashes (they are path segments of the memory
+# routes, so anything stored can also be listed and erased).
+VALID_ID = re.compile(r"[^\x00-\x1f\x7f/\\]{1,256}")
 
 
 def tenant_of(api_key: str | None) -> str:
@@ -79,16 +92,28 @@ class MemoryUnit:
     last_exchange: int  # inclusive
     text: str  # what the generator receives
     key_text: str  # what retrieval indexes (compressed text, or the text itself)
+    vector: bytes | None = field(default=None, compare=False, repr=False)  # float32 key emb.
+
+
+@dataclass(frozen=True)
+class ConversationSummary:
+    conversation: str
+    exchanges: int
+    first_at: float
+    last_at: float
 
 
 class MemoryStore(Protocol):
     def add_exchange(self, key: ConversationKey, request_id: str, user_text: str,
-                     assistant_text: str) -> bool: ...
+                     assistant_text: str, vector: bytes | None = None) -> bool: ...
+    def exchange_vectors(self, key: ConversationKey) -> list[bytes | None]: ...
     def exchanges(self, key: ConversationKey) -> list[Exchange]: ...
     def replace_units(self, key: ConversationKey, kind: str,
                       units: Sequence[MemoryUnit]) -> None: ...
     def units(self, key: ConversationKey, kind: str) -> list[MemoryUnit]: ...
     def conversations(self, tenant: str, user: str) -> list[str]: ...
+    def conversation_summaries(self, tenant: str, user: str) -> list[ConversationSummary]: ...
+    def exchange_count(self, key: ConversationKey) -> int: ...
     def erase(self, tenant: str, user: str, conversation: str | None = None) -> int: ...
 
 
@@ -130,7 +155,7 @@ class SQLiteMemoryStore:
             self._db.execute("COMMIT")
 
     def add_exchange(self, key: ConversationKey, request_id: str, user_text: str,
-                     assistant_text: str) -> bool:
+                     assistant_text: str, vector: bytes | None = None) -> bool:
         """Append one exchange; False (nothing written) if this request id is stored."""
         where = (key.tenant, key.user, key.conversation)
         with self._transaction() as db:
@@ -140,9 +165,18 @@ class SQLiteMemoryStore:
             position = db.execute("SELECT COALESCE(MAX(position) + 1, 0) FROM exchanges "
                                   "WHERE tenant=? AND user=? AND conversation=?",
                                   where).fetchone()[0]
-            db.execute("INSERT INTO exchanges VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (*where, position, request_id, user_text, assistant_text, time.time()))
+            db.execute("INSERT INTO exchanges VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (*where, position, request_id, user_text, assistant_text, time.time(),
+                        vector))
         return True
+
+    def exchange_vectors(self, key: ConversationKey) -> list[bytes | None]:
+        """Each exchange's stored embedding (None where none was stored), in order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT vector FROM exchanges WHERE tenant=? AND user=? AND conversation=? "
+                "ORDER BY position", (key.tenant, key.user, key.conversation)).fetchall()
+        return [row[0] for row in rows]
 
     def exchanges(self, key: ConversationKey) -> list[Exchange]:
         with self._lock:
@@ -158,14 +192,15 @@ class SQLiteMemoryStore:
         with self._transaction() as db:
             db.execute("DELETE FROM units WHERE tenant=? AND user=? AND conversation=? "
                        "AND kind=?", (*where, kind))
-            db.executemany("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [
+            db.executemany("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [
                 (*where, kind, unit.first_exchange, unit.last_exchange, unit.text,
-                 unit.key_text) for unit in units])
+                 unit.key_text, unit.vector) for unit in units])
 
     def units(self, key: ConversationKey, kind: str) -> list[MemoryUnit]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT kind, first_exchange, last_exchange, text, key_text FROM units WHERE "
+                "SELECT kind, first_exchange, last_exchange, text, key_text, vector FROM units "
+                "WHERE "
                 "tenant=? AND user=? AND conversation=? AND kind=? ORDER BY first_exchange",
                 (key.tenant, key.user, key.conversation, kind)).fetchall()
         return [MemoryUnit(*row) for row in rows]
@@ -176,6 +211,20 @@ class SQLiteMemoryStore:
                                     "tenant=? AND user=? ORDER BY conversation",
                                     (tenant, user)).fetchall()
         return [row[0] for row in rows]
+
+    def conversation_summaries(self, tenant: str, user: str) -> list[ConversationSummary]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT conversation, COUNT(*), MIN(created_at), MAX(created_at) FROM exchanges "
+                "WHERE tenant=? AND user=? GROUP BY conversation ORDER BY conversation",
+                (tenant, user)).fetchall()
+        return [ConversationSummary(*row) for row in rows]
+
+    def exchange_count(self, key: ConversationKey) -> int:
+        with self._lock:
+            return self._db.execute(
+                "SELECT COUNT(*) FROM exchanges WHERE tenant=? AND user=? AND conversation=?",
+                (key.tenant, key.user, key.conversation)).fetchone()[0]
 
     def erase(self, tenant: str, user: str, conversation: str | None = None) -> int:
         """Delete a user's memory (one conversation or all); returns exchanges deleted. The

@@ -49,3 +49,85 @@ def test_a_repeated_request_id_changes_nothing(tmp_path: Path) -> None:
     assert not memory.remember(key, "same", "The dog is called Biscuit.", "ok")
     assert len(store.exchanges(key)) == 1
     store.close()
+
+
+class CountingEmbed:
+    """topic_embed, counting the texts it was asked to embed."""
+
+    def __init__(self) -> None:
+        self.texts = 0
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        self.texts += len(texts)
+        return topic_embed(texts)
+
+
+def test_a_write_embeds_only_the_new_exchange_and_changed_units(tmp_path: Path) -> None:
+    store = SQLiteMemoryStore(tmp_path / "memory.sqlite3")
+    embed = CountingEmbed()
+    memory = ConversationMemory(store, embed)
+    key = ConversationKey.for_request(None, "u", "long")
+    topics = ["dog puppy", "flight lisbon", "cake chocolate"]
+    for number in range(300):  # a long conversation: 30 runs of 10 exchanges per topic
+        before = embed.texts
+        memory.remember(key, f"r{number}", f"{topics[number // 10 % 3]} {number}", "ok")
+        # The new exchange, plus the units whose text changed (normally the last one; a
+        # boundary that moves re-embeds its neighbours): never the whole conversation.
+        assert embed.texts - before <= 4, (number, embed.texts - before)
+    units = store.units(key, "segment")
+    assert units[0].first_exchange == 0 and units[-1].last_exchange == 299
+    assert all(a.last_exchange + 1 == b.first_exchange
+               for a, b in zip(units, units[1:], strict=False))
+    before = embed.texts
+    reopened = ConversationMemory(SQLiteMemoryStore(tmp_path / "memory.sqlite3"), embed)
+    assert "dog" in reopened.recall(key, "dog puppy")[0].text
+    assert embed.texts - before == 1  # a restart embeds the query only: vectors are stored
+
+
+def test_concurrent_writers_on_one_conversation_leave_consistent_units(tmp_path: Path) -> None:
+    import threading
+
+    store = SQLiteMemoryStore(tmp_path / "memory.sqlite3")
+    memory = ConversationMemory(store, topic_embed)
+    key = ConversationKey.for_request(None, "u", "shared")
+
+    def writer(name: str) -> None:
+        for number in range(15):
+            memory.remember(key, f"{name}-{number}", f"dog flight cake {name} {number}", "ok")
+            memory.remember(key, f"{name}-{number}", "a retry of the same request", "ok")
+
+    threads = [threading.Thread(target=writer, args=(f"w{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    exchanges = store.exchanges(key)
+    assert len(exchanges) == 60 and len({e.request_id for e in exchanges}) == 60
+    units = store.units(key, "segment")
+    covered = [i for unit in units for i in range(unit.first_exchange, unit.last_exchange + 1)]
+    assert covered == list(range(60))  # the last rebuild saw every exchange
+
+
+def test_units_left_stale_by_a_crash_are_rebuilt_on_recall(tmp_path: Path) -> None:
+    store = SQLiteMemoryStore(tmp_path / "memory.sqlite3")
+    key = ConversationKey.for_request(None, "u", "c")
+    memory = ConversationMemory(store, topic_embed)
+    memory.remember(key, "r0", "We adopted a puppy.", "Lovely!")
+    # The process died after storing this exchange, before rebuilding the units.
+    store.add_exchange(key, "r1", "The dog is called Biscuit.", "Cute.")
+    fresh = ConversationMemory(store, topic_embed)
+    units = fresh.recall(key, "What is the dog called?")
+    assert any("Biscuit" in unit.text for unit in units)
+    assert store.units(key, "segment")[-1].last_exchange == 1
+
+
+def test_a_huge_exchange_is_stored_but_never_injected_over_the_budget(tmp_path: Path) -> None:
+    store = SQLiteMemoryStore(tmp_path / "memory.sqlite3")
+    memory = ConversationMemory(store, topic_embed,
+                                settings=RecallSettings(granularity="turn", token_budget=100))
+    key = ConversationKey.for_request(None, "u", "c")
+    memory.remember(key, "big", "dog " * 200_000, "ok")  # ~800 KB of one message
+    memory.remember(key, "small", "The dog is called Biscuit.", "ok")
+    units = memory.recall(key, "dog")
+    assert [unit.first_exchange for unit in units] == [1]
+    assert len(store.exchanges(key)[0].user_text) == 800_000

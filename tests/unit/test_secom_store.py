@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from prompt_pipeline.secom.store import ConversationKey, MemoryUnit, SQLiteMemoryStore, tenant_of
+from prompt_pipeline.secom.store import (
+    MIGRATIONS,
+    ConversationKey,
+    MemoryUnit,
+    SQLiteMemoryStore,
+    tenant_of,
+)
 
 
 @pytest.fixture
@@ -84,7 +90,20 @@ def test_schema_migrations_run_once(tmp_path: Path) -> None:
     path = tmp_path / "memory.sqlite3"
     SQLiteMemoryStore(path).close()
     reopened = SQLiteMemoryStore(path)
-    assert reopened.schema_version == 1
+    assert reopened.schema_version == len(MIGRATIONS)
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     reopened.close()
+
+
+def test_a_version_1_file_is_migrated_with_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "memory.sqlite3"
+    with sqlite3.connect(path) as db:  # a file as the first shipped schema wrote it
+        db.executescript(MIGRATIONS[0] + "; PRAGMA user_version=1;")
+        db.execute("INSERT INTO exchanges VALUES (?, ?, ?, 0, 'r0', 'hello', 'hi', 1.0)",
+                   (ALICE.tenant, ALICE.user, ALICE.conversation))
+    store = SQLiteMemoryStore(path)
+    assert store.schema_version == len(MIGRATIONS)
+    assert [e.user_text for e in store.exchanges(ALICE)] == ["hello"]
+    assert store.exchange_vectors(ALICE) == [None]  # filled in by the next rebuild
+    store.close()

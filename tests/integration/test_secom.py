@@ -1,0 +1,196 @@
+"""SeCom through real gateways in front of the shared vLLM workers, memory in a real SQLite
+file: a fact from an earlier request reaches a later request's prompt (read back from
+vLLM's own prompt tokens, not from the model's answer), streamed answers are stored once
+complete, and a gateway SIGKILLed during a burst of writes loses no acknowledged turn and
+stores none twice after a restart."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.launcher import free_port, wait_for_health
+from tests.integration.conftest import MODEL, Stack, _start_gateway
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class MemoryGateway:
+    url: str
+    process: subprocess.Popen
+    db: Path
+    config: Path
+    log: Path
+
+
+def start(stack: Stack, run_dir: Path, name: str, port: int | None = None) -> MemoryGateway:
+    db = run_dir / f"{name}.sqlite3"
+    config = run_dir / f"{name}.yaml"
+    config.write_text(json.dumps({"pipeline": {"stages": ["secom"],
+                                               "secom": {"db_path": str(db)}}}))
+    port = port or free_port()
+    log = run_dir / f"{name}.log"
+    process = _start_gateway([w.url for w in stack.workers], port, log,
+                             ["--config", str(config)])
+    url = f"http://127.0.0.1:{port}"
+    wait_for_health(url, process, timeout_s=120)
+    return MemoryGateway(url, process, db, config, log)
+
+
+def stop(gateway: MemoryGateway) -> None:
+    gateway.process.terminate()
+    try:
+        gateway.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        gateway.process.kill()
+        gateway.process.wait()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("secom")
+
+
+@pytest.fixture(scope="module")
+def memory_gateway(stack: Stack, run_dir: Path) -> Iterator[MemoryGateway]:
+    gateway = start(stack, run_dir, "recall")
+    try:
+        yield gateway
+    finally:
+        stop(gateway)
+        print(gateway.log.read_text()[-3000:])
+
+
+def chat(url: str, content: str, user: str, conversation: str | None, *,
+         request_id: str | None = None, timeout: float = 120, **extra) -> httpx.Response:
+    headers = {}
+    if conversation is not None:
+        headers["x-tessera-conversation"] = conversation
+    if request_id is not None:
+        headers["x-request-id"] = request_id
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}],
+            "max_tokens": 6, "temperature": 0, "user": user, **extra}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers,
+                      timeout=timeout)
+
+
+def exchanges(url: str, user: str, conversation: str) -> list[dict]:
+    response = httpx.get(f"{url}/v1/memory/{user}/{conversation}", timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+def wait_for_exchanges(url: str, user: str, conversation: str, count: int) -> list[dict]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = exchanges(url, user, conversation)
+        if len(found) >= count:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"{count} exchanges not stored within 60 s: {found}")
+
+
+def prompt_text(response: httpx.Response) -> str:
+    """The prompt vLLM ran, rebuilt from its prompt tokens (prompt_logprobs)."""
+    assert response.status_code == 200, response.text
+    tokens = response.json()["prompt_logprobs"]
+    return "".join(next(iter(entry.values()))["decoded_token"] for entry in tokens if entry)
+
+
+def test_an_earlier_fact_is_recalled_into_a_later_prompt(memory_gateway: MemoryGateway) -> None:
+    url = memory_gateway.url
+    fact = chat(url, "My dog is called Biscuit and she loves the beach.", "alice", "c1")
+    assert fact.status_code == 200, fact.text
+    stored = wait_for_exchanges(url, "alice", "c1", 1)
+    answer = fact.json()["choices"][0]["message"]["content"]
+    assert stored[0]["user"] == "My dog is called Biscuit and she loves the beach."
+    assert stored[0]["assistant"] == answer  # what the client got, stored after the answer
+
+    question = "What is my dog called?"
+    recalled = prompt_text(chat(url, question, "alice", "c1", prompt_logprobs=0))
+    assert "Biscuit" in recalled and "earlier conversation" in recalled
+    for user, conversation, headers in (("bob", "c1", {}), ("alice", "c2", {})):
+        other = prompt_text(chat(url, question, user, conversation, prompt_logprobs=0))
+        assert "Biscuit" not in other, (user, conversation, headers)
+    # The question itself was stored too (after its answer), once.
+    assert len(wait_for_exchanges(url, "alice", "c1", 2)) == 2
+
+
+def test_a_streamed_answer_is_stored_once_complete(memory_gateway: MemoryGateway) -> None:
+    url = memory_gateway.url
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=120,
+                      headers={"x-tessera-conversation": "s1"},
+                      json={"model": MODEL, "stream": True, "max_tokens": 8,
+                            "temperature": 0, "user": "carol",
+                            "messages": [{"role": "user", "content": "I live in Lisbon."}]},
+                      ) as response:
+        assert response.status_code == 200
+        parts = []
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                delta = json.loads(line[6:])["choices"][0]["delta"]
+                parts.append(delta.get("content") or "")
+    stored = wait_for_exchanges(url, "carol", "s1", 1)
+    assert [(e["user"], e["assistant"]) for e in stored] == [("I live in Lisbon.",
+                                                              "".join(parts))]
+
+
+def test_sigkill_during_a_burst_of_writes_loses_no_acknowledged_turn(
+    stack: Stack, run_dir: Path,
+) -> None:
+    gateway = start(stack, run_dir, "durability")
+    port = int(gateway.url.rsplit(":", 1)[1])
+    ids = [f"burst-{n:03d}" for n in range(40)]
+    acknowledged: set[str] = set()
+
+    def send(request_id: str) -> None:
+        try:  # the kill breaks some of these: that is the point
+            chat(gateway.url, f"Fact number {request_id}: the code is {request_id[::-1]}.",
+                 "dave", "k1", request_id=request_id, max_tokens=1, timeout=60)
+        except httpx.HTTPError:
+            pass
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(send, request_id) for request_id in ids]
+        # Acknowledged = visible through the memory route (committed): kill once some are.
+        deadline = time.monotonic() + 120
+        while len(acknowledged) < 8 and time.monotonic() < deadline:
+            acknowledged |= {e["request_id"] for e in exchanges(gateway.url, "dave", "k1")}
+            time.sleep(0.05)
+        gateway.process.send_signal(signal.SIGKILL)
+        gateway.process.wait()
+        for future in futures:
+            future.result()
+    assert len(acknowledged) >= 8, "the burst was too slow to be interrupted"
+
+    with sqlite3.connect(gateway.db) as db:  # the file itself survived the kill
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    restarted = start(stack, run_dir, "durability", port=port)
+    try:
+        after = exchanges(restarted.url, "dave", "k1")
+        stored_ids = [e["request_id"] for e in after]
+        assert acknowledged <= set(stored_ids)
+        assert len(stored_ids) == len(set(stored_ids))
+        assert [e["position"] for e in after] == list(range(len(after)))
+        print(f"acknowledged before the kill: {len(acknowledged)}, stored after restart: "
+              f"{len(stored_ids)} of {len(ids)}")
+        assert len(stored_ids) < len(ids), "the kill came after the burst: nothing tested"
+        # Clients retry everything (same request ids): still each turn once, all present.
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(send, ids))
+        final = wait_for_exchanges(restarted.url, "dave", "k1", len(ids))
+        assert sorted(e["request_id"] for e in final) == ids
+    finally:
+        stop(restarted)
+        print(restarted.log.read_text()[-3000:])
