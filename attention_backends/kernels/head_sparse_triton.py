@@ -137,10 +137,10 @@ def head_sparse_prefill_triton(
         # estimation reads this step's rows and every key (float32, as the reference)
         keys = gather_sequence_kv(key_cache, block_table[seq], seq_len).float()
         positions = torch.arange(first_pos, seq_len, device=query.device)
-        chunk = SequenceChunk(query[begin:end].float(), positions.cpu(), keys.cpu(),
-                              int(prompt_len), scale)
+        chunk = SequenceChunk(query[begin:end].float(), positions, keys, int(prompt_len), scale)
         index = layer_heads.build_index(chunk)
-        query_tiles = torch.arange(first_pos // tile, (seq_len - 1) // tile + 1)
+        query_tiles = torch.arange(first_pos // tile, (seq_len - 1) // tile + 1,
+                                   device=query.device)
         plan = make_plan(index, query_tiles)
         to_device = lambda t: t.to(query.device).contiguous()  # noqa: E731
         rows_q, rows_out = query[begin:end], out[begin:end]

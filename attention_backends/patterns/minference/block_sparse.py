@@ -25,10 +25,12 @@ def pooled(values: torch.Tensor, positions: torch.Tensor, block_size: int,
            num_blocks: int) -> torch.Tensor:
     """``[h, num_blocks, D]``: mean of ``values [h, T, D]`` over each block of positions
     (blocks with no row stay zero)."""
-    block_ids = positions.long() // block_size
-    sums = torch.zeros(values.shape[0], num_blocks, values.shape[2])
+    device = values.device
+    block_ids = positions.long().to(device) // block_size
+    sums = torch.zeros(values.shape[0], num_blocks, values.shape[2], device=device)
     sums.index_add_(1, block_ids, values)
-    counts = torch.zeros(num_blocks).index_add_(0, block_ids, torch.ones(block_ids.numel()))
+    ones = torch.ones(block_ids.numel(), device=device)
+    counts = torch.zeros(num_blocks, device=device).index_add_(0, block_ids, ones)
     return sums / counts.clamp(min=1)[None, :, None]
 
 
@@ -51,15 +53,16 @@ class BlockSparseHead:
                              num_blocks)
         pooled_queries = pooled(chunk.head_queries(heads), chunk.query_positions, block_size,
                                 num_blocks)
-        query_blocks = torch.unique(chunk.query_positions.long() // block_size)
+        query_blocks = torch.unique(chunk.query_positions.long() // block_size).to(chunk.device)
         scores = torch.matmul(pooled_queries[:, query_blocks], pooled_keys.transpose(1, 2))
-        key_blocks = torch.arange(num_blocks)
+        key_blocks = torch.arange(num_blocks, device=chunk.device)
         scores.masked_fill_(key_blocks[None, :] > query_blocks[:, None], float("-inf"))
-        scores[:, torch.arange(query_blocks.numel()), query_blocks] = float("inf")
+        diagonal = torch.arange(query_blocks.numel(), device=chunk.device)
+        scores[:, diagonal, query_blocks] = float("inf")
         scores[:, :, 0] = float("inf")
         top = scores.topk(min(self.top_k_blocks, num_blocks), dim=2)
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, top.indices, True)
         chosen &= scores > float("-inf")  # top-k may reach past the causal edge early on
-        index = HeadsIndex.empty(len(heads), num_tokens, block_size)
+        index = HeadsIndex.empty(len(heads), num_tokens, block_size, chunk.device)
         index.blocks[:, query_blocks] = chosen
         return index

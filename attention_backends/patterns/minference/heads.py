@@ -57,13 +57,13 @@ class LayerHeadPatterns:
         """Every head's index; heads with equal patterns are built together (one matmul)."""
         if int(chunk.query.shape[1]) != len(self.heads):
             raise ValueError(f"{len(self.heads)} head patterns for {chunk.query.shape[1]} heads")
-        index = HeadsIndex.empty(len(self.heads), chunk.num_tokens, self.block_size)
+        index = HeadsIndex.empty(len(self.heads), chunk.num_tokens, self.block_size, chunk.device)
         groups: dict[HeadPattern, list[int]] = {}
         for head, pattern in enumerate(self.heads):
             groups.setdefault(pattern, []).append(head)
         for pattern, heads in groups.items():
             part = pattern.build(chunk, heads, self.block_size)
-            where = torch.tensor(heads)
+            where = torch.tensor(heads, device=chunk.device)
             for name in ("columns", "diagonals", "full_rows", "blocks"):
                 getattr(index, name)[where] = getattr(part, name)
         return index

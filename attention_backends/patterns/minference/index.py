@@ -46,10 +46,11 @@ class HeadsIndex:
         return int(self.columns.shape[1])
 
     @classmethod
-    def empty(cls, num_heads: int, num_tokens: int, block_size: int) -> HeadsIndex:
+    def empty(cls, num_heads: int, num_tokens: int, block_size: int,
+              device: torch.device | str | None = None) -> HeadsIndex:
         """Nothing kept (a pattern then sets what it keeps)."""
         num_blocks = -(-num_tokens // block_size)
-        flags = lambda *shape: torch.zeros(*shape, dtype=torch.bool)  # noqa: E731
+        flags = lambda *shape: torch.zeros(*shape, dtype=torch.bool, device=device)  # noqa: E731
         return cls(flags(num_heads, num_tokens), flags(num_heads, num_tokens),
                    flags(num_heads, num_tokens), flags(num_heads, num_blocks, num_blocks),
                    block_size)
@@ -70,8 +71,10 @@ class HeadsIndex:
         """Bool ``[H, R, K]``: the definition above for query positions ``[R]`` (int64) and
         keys ``0 .. K-1`` (default: every key of the index)."""
         num_keys = self.num_tokens if num_keys is None else num_keys
+        device = self.columns.device
+        query_positions = query_positions.to(device)
         query = query_positions.long()[:, None]
-        key = torch.arange(num_keys)[None, :]
+        key = torch.arange(num_keys, device=device)[None, :]
         offsets = query - key  # [R, K]
         causal = offsets >= 0
         keep = self.diagonals[:, offsets.clamp(min=0)]  # [H, R, K]
@@ -79,7 +82,7 @@ class HeadsIndex:
         keep |= self.full_rows[:, query_positions.long()][:, :, None]
         size = self.block_size
         query_blocks = query_positions.long() // size
-        key_blocks = torch.arange(num_keys) // size
+        key_blocks = torch.arange(num_keys, device=device) // size
         keep |= self.blocks[:, query_blocks][:, :, key_blocks]
         return keep & causal
 
@@ -88,9 +91,11 @@ class HeadsIndex:
         pair (what a tiled kernel must visit; diagonal tiles count whole), for a fresh
         prefill of the whole sequence. Built row block by row block: O(tile x N) memory."""
         num_tiles = -(-self.num_tokens // tile)
-        touched = torch.zeros(self.num_heads)
+        device = self.columns.device
+        touched = torch.zeros(self.num_heads, device=device)
         for query_tile in range(num_tiles):
-            rows = torch.arange(query_tile * tile, min((query_tile + 1) * tile, self.num_tokens))
+            rows = torch.arange(query_tile * tile, min((query_tile + 1) * tile, self.num_tokens),
+                                device=device)
             keep = self.keep_mask(rows, num_keys=int(rows[-1]) + 1)  # [H, R, K]
             per_key = keep.any(dim=1)  # [H, K]
             width = (query_tile + 1) * tile
@@ -100,9 +105,10 @@ class HeadsIndex:
 
     def kept_fraction(self) -> torch.Tensor:
         """Float ``[H]``: kept pairs over causal pairs, fresh prefill of the whole sequence."""
-        kept = torch.zeros(self.num_heads)
+        device = self.columns.device
+        kept = torch.zeros(self.num_heads, device=device)
         for start in range(0, self.num_tokens, 256):
-            rows = torch.arange(start, min(start + 256, self.num_tokens))
+            rows = torch.arange(start, min(start + 256, self.num_tokens), device=device)
             kept += self.keep_mask(rows).sum(dim=(1, 2)).float()
         return kept / (self.num_tokens * (self.num_tokens + 1) / 2)
 
@@ -125,6 +131,10 @@ class SequenceChunk:
     @property
     def num_tokens(self) -> int:
         return int(self.keys.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
 
     @property
     def group(self) -> int:

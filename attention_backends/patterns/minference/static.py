@@ -24,7 +24,7 @@ class DenseHead:
         return {}
 
     def build(self, chunk: SequenceChunk, heads: list[int], block_size: int) -> HeadsIndex:
-        index = HeadsIndex.empty(len(heads), chunk.num_tokens, block_size)
+        index = HeadsIndex.empty(len(heads), chunk.num_tokens, block_size, chunk.device)
         index.full_rows[:] = True
         return index
 
@@ -45,7 +45,7 @@ class AShapeHead:
         return {"sink_tokens": self.sink_tokens, "window_tokens": self.window_tokens}
 
     def build(self, chunk: SequenceChunk, heads: list[int], block_size: int) -> HeadsIndex:
-        index = HeadsIndex.empty(len(heads), chunk.num_tokens, block_size)
+        index = HeadsIndex.empty(len(heads), chunk.num_tokens, block_size, chunk.device)
         index.columns[:, : self.sink_tokens] = True
         index.diagonals[:, : self.window_tokens] = True
         return index

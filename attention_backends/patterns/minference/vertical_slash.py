@@ -37,10 +37,10 @@ def last_rows_attention(chunk: SequenceChunk, heads: list[int], last_q_tokens: i
     """(probabilities ``[h, L, N]`` float32, positions ``[L]``) of the chunk's last ``L``
     queries (``L = min(last_q_tokens, rows)``) over every key, causal."""
     rows = min(last_q_tokens, int(chunk.query.shape[0]))
-    positions = chunk.query_positions[-rows:].long()
+    positions = chunk.query_positions[-rows:].long().to(chunk.device)
     queries = chunk.head_queries(heads)[:, -rows:]
     scores = torch.matmul(queries, chunk.head_keys(heads).transpose(1, 2)) * chunk.scale
-    future = torch.arange(chunk.num_tokens)[None, :] > positions[:, None]
+    future = torch.arange(chunk.num_tokens, device=chunk.device)[None, :] > positions[:, None]
     scores.masked_fill_(future, float("-inf"))
     return torch.softmax(scores, dim=-1), positions
 
@@ -48,11 +48,12 @@ def last_rows_attention(chunk: SequenceChunk, heads: list[int], last_q_tokens: i
 def slash_scores(probs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Float ``[h, N]``: attention mass of each diagonal offset ``s = q - k`` (``s < N``)."""
     num_heads, _, num_tokens = probs.shape
-    offsets = positions[:, None] - torch.arange(num_tokens)[None, :]  # [L, N]
+    offsets = positions[:, None] - torch.arange(num_tokens, device=probs.device)[None, :]  # [L, N]
     valid = offsets >= 0
     flat_offsets = offsets.clamp(min=0).reshape(1, -1).expand(num_heads, -1)
     mass = (probs * valid).reshape(num_heads, -1)
-    return torch.zeros(num_heads, num_tokens).scatter_add_(1, flat_offsets, mass)
+    return torch.zeros(num_heads, num_tokens, device=probs.device).scatter_add_(1, flat_offsets,
+                                                                                mass)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class VerticalSlashHead:
         vertical[:, : self.sink_tokens] = float("inf")
         slash = slash_scores(probs, positions)
         slash[:, : self.local_tokens] = float("inf")
-        index = HeadsIndex.empty(len(heads), num_tokens, block_size)
+        index = HeadsIndex.empty(len(heads), num_tokens, block_size, chunk.device)
         top_columns = vertical.topk(min(self.vertical_size, num_tokens), dim=1).indices
         index.columns.scatter_(1, top_columns, True)
         top_diagonals = slash.topk(min(self.slash_size, num_tokens), dim=1).indices

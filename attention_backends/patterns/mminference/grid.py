@@ -24,9 +24,11 @@ import torch
 from attention_backends.patterns.minference.index import HeadsIndex, SequenceChunk
 
 
-def grid_positions(vision_start: int, vision_end: int, stride: int, phase: int) -> torch.Tensor:
+def grid_positions(vision_start: int, vision_end: int, stride: int, phase: int,
+                   device: torch.device | str | None = None) -> torch.Tensor:
     """Int64 positions of one grid line inside ``[vision_start, vision_end)`` (may be empty)."""
-    return torch.arange(vision_start + phase, max(vision_end, vision_start + phase), stride)
+    return torch.arange(vision_start + phase, max(vision_end, vision_start + phase), stride,
+                        device=device)
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,12 @@ class GridHead:
     def build(self, chunk: SequenceChunk, heads: list[int], block_size: int) -> HeadsIndex:
         num_tokens = chunk.num_tokens
         end = min(self.vision_end, num_tokens)
-        index = HeadsIndex.empty(len(heads), num_tokens, block_size)
+        index = HeadsIndex.empty(len(heads), num_tokens, block_size, chunk.device)
         index.columns[:, : self.sink_tokens] = True
         index.diagonals[:, : self.window_tokens] = True
-        index.columns[:, grid_positions(self.vision_start, end, self.stride, self.phase_k)] = True
-        index.full_rows[:, grid_positions(self.vision_start, end, self.stride, self.phase_q)] = True
+        index.columns[:, grid_positions(self.vision_start, end, self.stride, self.phase_k,
+                                      chunk.device)] = True
+        index.full_rows[:, grid_positions(self.vision_start, end, self.stride, self.phase_q,
+                                        chunk.device)] = True
         index.full_rows[:, self.vision_end :] = True
         return index
