@@ -8,8 +8,9 @@ diagonal block and block 0 are always kept, so every row keeps itself and the si
 Within a kept block the mask is still causal per token.
 
 Chunked prefill: a query block is pooled over its rows in this step. When chunks start on
-block boundaries (vLLM's chunk sizes are multiples of 64) every block is whole and the index
-equals the single-shot one; a block split across chunks pools only its rows in this chunk.
+block boundaries (``--max-num-batched-tokens`` a multiple of the block size, as vLLM's
+defaults are) every block is whole and the index equals the single-shot one; a block split
+across chunks pools only its rows in this chunk.
 """
 
 from __future__ import annotations
