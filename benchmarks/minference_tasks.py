@@ -1,9 +1,9 @@
 """Completion-style task accuracy of the searched per-head config vs dense, served by vLLM
 (CPU) on SmolLM2-135M: byte-identical prompts, lost cases counted (DESIGN.md, "Fidelity").
 
-Dense is not re-run: the reference is the dense rows stored by
-``trianglemix_fidelity.py`` (same model, same suite). Each rebuilt prompt must match its stored
-row's sha256, token count, answer and depth, or the run stops. Negative control: every head
+Dense runs first on a dense worker (the rows stored by ``trianglemix_fidelity.py`` for
+these tasks predate prompt hashes); the searched config's worker rebuilds the cases, and each
+prompt must match the dense row's sha256, token count, answer and depth, or the run stops. Negative control: every head
 of every layer A-shape with 4 sinks and a 64-token window (no dense layer, no last rows).
 It must lose passkey cases that dense gets right, which shows the suite can detect dropped keys.
 Writes ``results/minference_tasks.json`` (after each step) and ``.png``.
@@ -80,16 +80,22 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "minference_tasks.json")
     args = parser.parse_args()
-    stored = json.loads(tf.OUT_JSON.read_text())
-    dense_rows = [row for row in stored["dense_rows"] if row["task"] in args.tasks
-                  and row["target_tokens"] in args.lengths and row["index"] < args.cases]
     config = args.config or committed_config(SMOLLM2_135M)
     settings = ServerSettings(workers=1, kv_cache_space_gib=2, max_model_len=8192)
     model_path = resolve_model_path(settings)
     result: dict = {"script": "benchmarks/minference_tasks.py",
                     "date": time.strftime("%Y-%m-%d"), "config": str(config),
-                    "dense": f"stored rows of {tf.OUT_JSON.name}, prompts re-checked by sha256",
+                    "dense": "run here on a dense worker; prompts checked by sha256",
                     "args": {k: str(v) for k, v in vars(args).items()}}
+    with one_worker(settings, model_path, {"TESSERA_ATTENTION_METHOD": "dense"}) as url:
+        count_tokens = tf.token_counter(url)
+        cases = [case for task in args.tasks for length in args.lengths
+                 for case in build_cases(task, length, args.cases, count_tokens)]
+        log(f"dense: {len(cases)} cases")
+        dense_rows = tf.run_tasks(url, cases)
+    result["dense_rows"] = dense_rows
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     env = {"TESSERA_ATTENTION_METHOD": "minference",
            "TESSERA_ATTENTION_HEAD_PATTERNS_FILE": str(config.resolve())}
     with one_worker(settings, model_path, env) as url:
@@ -102,7 +108,6 @@ def main() -> None:
         rows = tf.run_tasks(url, cases)
         result["wall_seconds"] = time.perf_counter() - began
     result["searched_rows"] = rows
-    result["dense_rows"] = dense_rows
     result["accuracy"] = {"dense": tf.accuracy_table(dense_rows),
                           "searched": tf.accuracy_table(rows)}
     result["lost_cases"] = tf.lost_cases(dense_rows, rows)

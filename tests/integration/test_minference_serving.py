@@ -96,7 +96,7 @@ def test_long_chunked_prompt_runs_the_per_head_path_and_recalls_the_key(
               "memorize it.\n\n" + FILLER[: len(FILLER) // 3]
               + "\nThe pass key is 68341. Remember it. 68341 is the pass key.\n"
               + FILLER + "\nWhat is the pass key? The pass key is")
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0}
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0}  # a digit a token
     response = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
     assert response.status_code == 200, response.text
     prompt_tokens = response.json()["usage"]["prompt_tokens"]
