@@ -3,8 +3,9 @@
 
 Dense runs first on a dense worker (the rows stored by ``trianglemix_fidelity.py`` for
 these tasks predate prompt hashes); the searched config's worker rebuilds the cases, and each
-prompt must match the dense row's sha256, token count, answer and depth, or the run stops. Negative control: every head
-of every layer A-shape with 4 sinks and a 64-token window (no dense layer, no last rows).
+prompt must match the dense row's sha256, token count, answer and depth, or the run stops.
+Negative control: every head of every layer A-shape with 4 sinks and a 64-token window (no
+dense layer, no last rows).
 It must lose passkey cases that dense gets right, which shows the suite can detect dropped keys.
 Writes ``results/minference_tasks.json`` (after each step) and ``.png``.
 
