@@ -103,3 +103,23 @@ def test_search_is_seeded(tiny_model, tmp_path):
     for values in (first, second):
         values["source"].pop("seconds")
     assert json.dumps(first) == json.dumps(second)
+
+
+def test_dense_policy_inside_hf_reproduces_the_models_own_logits(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from attention_backends.patterns.minference.hf_model import load_model, logits_with_policy
+    from attention_backends.patterns.minference.policy import uniform_policy
+
+    model, _ = load_model(tiny_model)
+    ids = list(range(5, 205))
+    own = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = own(torch.tensor([ids])).logits[0]
+    fingerprint = ModelFingerprint.from_config_json(tiny_model / "config.json")
+    dense = logits_with_policy(model, ids, uniform_policy(fingerprint, lambda layer: DenseHead()))
+    torch.testing.assert_close(dense, expected, rtol=1e-4, atol=1e-4)
+    # and a pattern that drops keys changes them (the glue really runs the policy)
+    sparse = logits_with_policy(model, ids, uniform_policy(fingerprint,
+                                                           lambda layer: AShapeHead(2, 8)))
+    assert (sparse - expected).abs().max() > 1e-3
