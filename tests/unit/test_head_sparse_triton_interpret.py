@@ -1,63 +1,29 @@
-"""The per-head Triton kernel against the torch reference, run by Triton's interpreter on
-the CPU (``TRITON_INTERPRET=1``; the same tests run compiled on the GPU with ``-m gpu``).
+"""The per-head Triton kernel against the torch reference under Triton's interpreter on CPU.
 
-Fresh random paged batches: ragged lengths, GQA, chunked prefill, cache blocks smaller and
-larger than the tile; every pattern in one layer; per-row error bound.
+The interpreter must be switched on before triton is first imported (vLLM imports it in other
+test modules of this session), and the switch must not leak into the vLLM workers that
+integration tests start from this process's environment: so the cases
+(``head_sparse_triton_cases.py``) run in a child pytest with ``TRITON_INTERPRET=1``.
+On a GPU machine run that file directly instead (compiled kernels).
 """
 
-import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported
-
-pytest.importorskip("triton")
-
-from attention_backends.kernels.head_sparse_ref import head_sparse_prefill_ref  # noqa: E402
-from attention_backends.kernels.head_sparse_triton import (  # noqa: E402
-    head_sparse_prefill_triton,
-)
-from attention_backends.kernels.paged_inputs import make_paged_prefill_batch  # noqa: E402
-from tests.unit.test_head_sparse_ref import mixed_heads, worst_row_error  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CASES = Path(__file__).with_name("head_sparse_triton_cases.py")
 
 
-def run_case(seq_lens, query_lens=None, prompt_lens=None, q_heads=6, kv_heads=2, block_size=16,
-             head_dim=16, dtype=torch.float32):
-    seed = torch.seed() % 2**31
-    generator = torch.Generator().manual_seed(seed)
-    batch = make_paged_prefill_batch(seq_lens, query_lens, prompt_lens, q_heads, kv_heads,
-                                     head_dim, block_size, dtype=dtype, device=DEVICE,
-                                     generator=generator)
-    layer = mixed_heads(q_heads)
-    scale = 1 / math.sqrt(head_dim)
-    args = (batch.query, batch.key_cache, batch.value_cache, batch.block_table,
-            batch.query_start_loc, batch.seq_lens, batch.prompt_lens, layer, scale)
-    out = torch.full_like(batch.query, float("nan"))
-    head_sparse_prefill_triton(*args, out=out)
-    assert not torch.isnan(out).any(), f"rows not written (seed {seed})"
-    expected = head_sparse_prefill_ref(*args).double()
-    return worst_row_error(out, expected)
-
-
-@pytest.mark.parametrize("seq_lens", [[1], [13, 100], [70, 33]])
-def test_ragged_lengths(seq_lens):
-    assert run_case(seq_lens) < 1e-4
-
-
-@pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (9, 3)])
-def test_gqa(q_heads, kv_heads):
-    assert run_case([61, 40], q_heads=q_heads, kv_heads=kv_heads) < 1e-4
-
-
-def test_chunked_prefill_chunk_not_on_a_tile_boundary():
-    assert run_case([70, 90], query_lens=[30, 17], prompt_lens=[75, 90]) < 1e-4
-
-
-@pytest.mark.parametrize("block_size", [8, 32])
-def test_cache_blocks_smaller_and_larger_than_the_tile(block_size):
-    assert run_case([83], block_size=block_size) < 1e-4
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the cases run compiled")
+def test_kernel_matches_reference_under_the_interpreter():
+    pytest.importorskip("triton")
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
+        env=os.environ | {"TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+        timeout=600, cwd=CASES.parents[2])
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
+    assert "8 passed" in child.stdout, child.stdout[-2000:]
