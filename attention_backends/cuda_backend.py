@@ -24,7 +24,12 @@ from vllm.v1.attention.backends.flash_attn import (
 )
 
 from attention_backends import prompt_lengths
-from attention_backends.dispatch import PrefillDecodeSplit, SubBatch, split_prefill_decode
+from attention_backends.dispatch import (
+    PrefillDecodeSplit,
+    SubBatch,
+    pattern_for_sub_batch,
+    split_prefill_decode,
+)
 from attention_backends.vllm_layers import PerLayerPattern, attention_settings, attention_usage
 
 BACKEND_NAME = "tessera-cuda"
@@ -122,8 +127,8 @@ class TesseraFlashAttentionImpl(PerLayerPattern, FlashAttentionImpl):
         prefill_out = _rows(heads_out, prefill) if prefill.row_range is not None else None
         result = sparse_prefill(
             _rows(query, prefill), key_cache, value_cache, prefill.block_table,
-            prefill.query_start_loc, prefill.seq_lens, prefill.prompt_lens, pattern, self.scale,
-            out=prefill_out,
+            prefill.query_start_loc, prefill.seq_lens, prefill.prompt_lens,
+            pattern_for_sub_batch(pattern, prefill), self.scale, out=prefill_out,
         )  # fmt: skip
         if prefill_out is None:
             heads_out[prefill.token_rows] = result

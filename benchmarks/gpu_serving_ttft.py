@@ -4,11 +4,13 @@ Llama-3.1-8B shape, dummy weights (`--load-format dummy`: speed does not depend 
 values), bf16, 131072-token context, 64-token KV blocks, chunked prefill (8192 tokens a step),
 prefix caching on, CUDA graphs on, identical server settings except `--attention-backend`
 (FLASH_ATTN vs CUSTOM with TriangleMix, the paper's split: layers 0-15 dense, 16-31 sparse).
-Both servers share the GPU with a fixed KV budget each; each also sits behind a tessera
-gateway. TTFT = send to first streamed token, `max_tokens=1`, random-token prompts distinct
-per request (no prefix-cache hit); the four paths (fa3 / tessera, direct / gateway)
-alternate within every repeat. Inter-token latency: streamed decode of 64 tokens after a
-32K prompt, alternating. Servers outlive one call (own sessions) so a run can span two calls:
+A third server runs tessera's backend in dense mode: its gap to FA3 is what our glue costs
+(the per-step split, the hooks), apart from the pattern. The servers share the GPU with a
+fixed KV budget each (20 GiB: one 128K prompt is 16 GiB); fa3 and tessera also sit behind a
+tessera gateway. TTFT = send to first streamed token, `max_tokens=1`, random-token prompts
+distinct per request (no prefix-cache hit); the five paths alternate within every repeat.
+Inter-token latency: streamed decode of 64 tokens after a 32K prompt, the three servers
+alternating. Servers outlive one call (own sessions) so a run can span two calls:
 
     python3 benchmarks/gpu_serving_ttft.py --out $OUT --sizes 32768 65536 --itl      # call 1
     python3 benchmarks/gpu_serving_ttft.py --out $OUT --sizes 130048 --stop          # call 2
@@ -38,8 +40,9 @@ MODEL = "llama8b-dummy"
 STATE = Path("/root/ttft_servers.json")
 STATS_DIR = Path("/root/ttft_stats")
 COMMON_ARGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "131072",
-               "--block-size", "64", "--gpu-memory-utilization", "0.45",
-               "--kv-cache-memory-bytes", str(40 << 30)]
+               "--block-size", "64", "--gpu-memory-utilization", "0.3",
+               "--kv-cache-memory-bytes", str(20 << 30)]
+DIRECT_PATHS = ("fa3_direct", "tessera_direct", "dense_direct")
 
 
 def make_servers() -> list[GpuServer]:
@@ -49,6 +52,9 @@ def make_servers() -> list[GpuServer]:
                   {"TESSERA_ATTENTION_METHOD": "trianglemix",
                    "TESSERA_ATTENTION_DENSE_FIRST_LAYERS": "16",
                    "TESSERA_ATTENTION_STATS_DIR": str(STATS_DIR)}),
+        GpuServer("dense", 8413, [*COMMON_ARGS, "--attention-backend", "CUSTOM"],
+                  {"TESSERA_ATTENTION_METHOD": "dense",
+                   "TESSERA_ATTENTION_STATS_DIR": str(STATS_DIR / "dense")}),
     ]
 
 
@@ -60,10 +66,14 @@ def start_gateway(port: int, worker_url: str, log_path: Path) -> subprocess.Pope
             start_new_session=True)
 
 
-def stream(url: str, prompt: list[int], max_tokens: int) -> dict:
-    """TTFT and per-token arrival times of one streamed completion."""
+def stream(url: str, prompt: list[int], max_tokens: int, force_token: int | None = None) -> dict:
+    """TTFT and per-token arrival times of one streamed completion. ``force_token``: every
+    server emits that token (logit bias), so their decode steps detokenize and stream the
+    same text, whatever their prefill computed."""
     body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True}
+    if force_token is not None:
+        body["logit_bias"] = {str(force_token): 100}
     started = time.perf_counter()
     arrivals = []
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=900) as response:
@@ -92,10 +102,11 @@ def plot(result: dict, png: Path) -> None:
     sizes = result["sizes"]
     medians = result["ttft_median_s"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.2
-    for offset, name in enumerate(["fa3_direct", "tessera_direct", "fa3_gateway",
-                                   "tessera_gateway"]):
-        xs = [i + (offset - 1.5) * width for i in range(len(sizes))]
+    names = [n for n in ("fa3_direct", "tessera_direct", "dense_direct", "fa3_gateway",
+                         "tessera_gateway") if f"{n}@{sizes[0]}" in medians]
+    width = 0.8 / len(names)
+    for offset, name in enumerate(names):
+        xs = [i + (offset - (len(names) - 1) / 2) * width for i in range(len(sizes))]
         left.bar(xs, [medians[f"{name}@{size}"] for size in sizes], width, label=name)
     left.set_xticks(range(len(sizes)), [f"{size // 1024}K" for size in sizes])
     left.set_ylabel("TTFT, median of 5 (s)")
@@ -105,6 +116,10 @@ def plot(result: dict, png: Path) -> None:
         right.plot([f"{size // 1024}K" for size in sizes],
                    [result["ttft_change_pct"][f"{where}@{size}"] for size in sizes], marker,
                    label=f"TriangleMix vs FA3, {where}")
+    if "dense_vs_fa3_pct" in result:
+        right.plot([f"{size // 1024}K" for size in sizes],
+                   [result["dense_vs_fa3_pct"][f"{size}"] for size in sizes], "^:",
+                   label="tessera dense vs FA3 (glue cost)")
     right.axhline(-25, color="gray", lw=0.8, ls=":")
     right.axhline(-35, color="gray", lw=0.8, ls=":")
     right.set_ylabel("TTFT change (%)")
@@ -114,17 +129,47 @@ def plot(result: dict, png: Path) -> None:
     fig.savefig(png, dpi=120)
 
 
+def merge_calls(parts: list[dict]) -> dict:
+    """One result from the calls of one run (servers kept up between them): sizes, runs and
+    the per-size tables are joined; ITL and start-up facts come from the call that had them;
+    usage counters are cumulative, so the last call's are the run's."""
+    merged: dict = {}
+    for part in parts:
+        for key, value in part.items():
+            if key == "sizes":
+                merged["sizes"] = merged.get("sizes", []) + value
+            elif key == "runs":
+                merged["runs"] = merged.get("runs", []) + value
+            elif key in ("ttft_median_s", "ttft_change_pct", "dense_vs_fa3_pct"):
+                merged.setdefault(key, {}).update(value)
+            elif key in ("tessera_usage", "dense_usage") or key not in merged:
+                merged[key] = value
+    merged["calls"] = len(parts)
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="/root/models/llama8b")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[32768, 65536, 130048])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[32768, 65536, 130048])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--itl", action="store_true", help="also time decode (64 tokens)")
+    parser.add_argument("--itl-force-token", type=int,
+                        help="ITL runs emit this token id at every step (same text everywhere)")
     parser.add_argument("--stop", action="store_true", help="stop the servers at the end")
     parser.add_argument("--fresh", action="store_true", help="stop other vLLM servers first")
     parser.add_argument("--plot-only", type=Path, help="draw the PNG of a result JSON, run nothing")
+    parser.add_argument("--merge", type=Path, nargs="+",
+                        help="merge the JSONs of one run's calls into --out/gpu_serving_ttft.json "
+                             "(+ PNG), run nothing")
     args = parser.parse_args()
+    if args.merge:
+        merged = merge_calls([json.loads(path.read_text()) for path in args.merge])
+        target = args.out / "gpu_serving_ttft.json"
+        target.write_text(json.dumps(merged, indent=1))
+        plot(merged, target.with_suffix(".png"))
+        return
     if args.plot_only is not None:
         plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
         return
@@ -148,7 +193,7 @@ def main() -> None:
                 server, "Using AttentionBackendEnum", "tessera", "block size",
                 "FlashAttention version", "KV cache size", "CUDA graph")
         STATE.write_text(json.dumps({s.name: s.process.pid for s in servers}))
-    for (name, gateway_url), server in zip(gateways.items(), servers, strict=True):
+    for (name, gateway_url), server in zip(gateways.items(), servers[:2], strict=True):
         if not healthy(gateway_url):
             port = int(gateway_url.rsplit(":", 1)[1])
             start_gateway(port, server.url, Path(f"/root/gateway-{name}.log"))
@@ -159,12 +204,13 @@ def main() -> None:
         time.sleep(0.5)
 
     paths = {"fa3_direct": servers[0].url, "tessera_direct": servers[1].url,
+             "dense_direct": servers[2].url,
              "fa3_gateway": gateways["fa3"], "tessera_gateway": gateways["tessera"]}
     print("[ttft] warm-up (first long prefill: kernels compile)", flush=True)
+    tag = "_".join(str(s) for s in args.sizes) or "itl"
     for url in paths.values():
         stream(url, prompt_tokens(32768, seed=hash(url) & 0xFFFF), 1)
     runs: list[dict] = []
-    tag = "_".join(str(s) for s in args.sizes)
     for size in args.sizes:
         for repeat in range(args.repeats):
             order = list(paths.items())
@@ -182,29 +228,39 @@ def main() -> None:
         f"{name}@{size}": statistics.median(r["ttft_s"] for r in runs
                                             if r["path"] == name and r["tokens"] == size)
         for size in args.sizes for name in paths}
-    for size in args.sizes:
+    for size in args.sizes:  # (none: an ITL-only run)
         for where in ("direct", "gateway"):
             fa3 = result["ttft_median_s"][f"fa3_{where}@{size}"]
             ours = result["ttft_median_s"][f"tessera_{where}@{size}"]
             result.setdefault("ttft_change_pct", {})[f"{where}@{size}"] = 100 * (ours / fa3 - 1)
+        dense = result["ttft_median_s"][f"dense_direct@{size}"]
+        result.setdefault("dense_vs_fa3_pct", {})[f"{size}"] = (
+            100 * (dense / result["ttft_median_s"][f"fa3_direct@{size}"] - 1))
     if args.itl:
         itl_runs = []
         for repeat in range(args.repeats):
-            for name in ("fa3_direct", "tessera_direct")[:: 1 if repeat % 2 == 0 else -1]:
-                arrivals = stream(paths[name], prompt_tokens(32768, 777 + repeat * 7), 64)[
+            # every server in every position: rotate, and reverse every other repeat
+            shift = (repeat // 2) % len(DIRECT_PATHS)
+            order = DIRECT_PATHS[shift:] + DIRECT_PATHS[:shift]
+            for name in order[:: 1 if repeat % 2 == 0 else -1]:
+                arrivals = stream(paths[name], prompt_tokens(32768, 777 + repeat * 7), 64,
+                                  args.itl_force_token)[
                     "arrivals"]
                 gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
                 itl_runs.append({"path": name, "repeat": repeat,
                                  "itl_median_ms": 1000 * statistics.median(gaps),
                                  "tokens": len(arrivals)})
         result["itl_runs"] = itl_runs
+        result["itl_force_token"] = args.itl_force_token
         result["itl_median_ms"] = {
             name: statistics.median(r["itl_median_ms"] for r in itl_runs if r["path"] == name)
-            for name in ("fa3_direct", "tessera_direct")}
+            for name in DIRECT_PATHS}
     result["tessera_usage"] = total_usage(STATS_DIR)
+    result["dense_usage"] = total_usage(STATS_DIR / "dense")
     (args.out / f"gpu_serving_ttft_{tag}.json").write_text(json.dumps(result, indent=1))
     print("[ttft] medians:", json.dumps(result["ttft_median_s"], indent=1))
-    print("[ttft] change vs fa3 (%):", json.dumps(result["ttft_change_pct"], indent=1))
+    print("[ttft] change vs fa3 (%):", json.dumps(result.get("ttft_change_pct"), indent=1))
+    print("[ttft] tessera dense vs fa3 (%):", json.dumps(result.get("dense_vs_fa3_pct")))
     if args.itl:
         print("[ttft] ITL median ms:", result["itl_median_ms"])
     if args.stop:

@@ -123,9 +123,54 @@ def lost_cases(dense_rows: list[dict], method_rows: list[dict]) -> list[dict]:
     return lost
 
 
+def plot(result: dict, png: Path) -> None:
+    """Task accuracy per cell for dense and every split, and the logit rule per split (run
+    where matplotlib is: `--plot-only results/gpu_smollm2_serving.json`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accuracy_by_name = result["accuracy"]
+    names = list(accuracy_by_name)
+    cells = [(task, length) for task, by_len in accuracy_by_name["dense"].items()
+             for length in by_len]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5),
+                                      gridspec_kw={"width_ratios": [2.2, 1]})
+    width = 0.8 / len(names)
+    for offset, name in enumerate(names):
+        xs = [i + (offset - (len(names) - 1) / 2) * width for i in range(len(cells))]
+        lost = len(result["lost_cases"].get(name, []))
+        label = name if name == "dense" else f"{name} ({lost} lost)"
+        left.bar(xs, [accuracy_by_name[name][task][length] for task, length in cells], width,
+                 label=label)
+    negative = result["negative_control"]
+    left.scatter([cells.index(("passkey", "4096"))], [negative["passkey_4096"]], marker="x",
+                 color="black", zorder=3, label="negative control (no last rows, no dense layers)")
+    left.set_xticks(range(len(cells)), [f"{t.replace('_', ' ')}\n{int(n) // 1024}K"
+                                        for t, n in cells], fontsize=7)
+    left.set_ylabel(f"accuracy ({result['args'].get('cases', '?')} cases a cell)")
+    left.set_title("SmolLM2-135M in vLLM 0.26 on the H200, chunked prefill (2048)")
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
+    splits = [entry["dense_first_layers"] for entry in result["split_search"]]
+    top1 = [entry["text"]["top1_agreement"] for entry in result["split_search"]]
+    ppl_ratio = [entry["repeat"]["ppl_method"] / entry["repeat"]["ppl_dense"]
+                 for entry in result["split_search"]]
+    right.plot(splits, top1, "o-", label="text top-1 agreement with dense")
+    right.plot(splits, ppl_ratio, "s--", label="repeat-doc perplexity / dense")
+    right.axhline(0.95, color="gray", lw=0.8, ls=":")
+    right.axhline(1.10, color="gray", lw=0.8, ls=":")
+    right.set_xlabel("dense first layers (of 30)")
+    right.set_title(f"split rule (dotted); chosen: {result.get('chosen_split')}")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--plot-only", type=Path, help="draw the PNG of a result JSON, run nothing")
     parser.add_argument("--model", default="/root/models/smollm2")
     parser.add_argument("--docs", type=Path, default=Path("/root/stash/docs"))
     parser.add_argument("--splits", type=int, nargs="+", default=[15, 22, 24])
@@ -135,6 +180,11 @@ def main() -> None:
                         default=["passkey", "needle_prose", "variable_lookup", "multi_key"])
     parser.add_argument("--base-port", type=int, default=8300)
     args = parser.parse_args()
+    if args.plot_only is not None:
+        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        return
+    if args.out is None:
+        parser.error("--out is required")
     # `timeout` sends SIGTERM: leave through `finally` (stop servers, save, archive logs).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 # 0.26.0 with tessera's backend. Runs on the CPU machine, which reaches the package index
 # (~300 MB download the first time, ~2 min). Output, git-ignored, under .gpu_bundle/:
 #   vllm026.tar.xz.part0|1   vLLM 0.26.0 (CUDA 13 wheel, trimmed), xz, split under 64 MiB/call
-#   deps/                    wheels the host lacks (scripts/gpu/deps.txt; cp312 manylinux)
+#   deps/, deps_b/           wheels the host lacks (scripts/gpu/deps.txt; cp312 manylinux), in two halves
 #   smollm2.gguf.part0|1     SmolLM2-135M-Instruct Q4_1 GGUF (real weights; converted there)
 #   llama8b/                 Llama-3.1-8B-shaped config + SmolLM2 tokenizer (dummy weights)
 #   docs/                    the two long documents of the logit-fidelity probe
@@ -37,8 +37,11 @@ if [ ! -f "$B/vllm026.tar.xz.part1" ]; then
   split -b 42M -d -a 1 "$TMP/vllm026_trim.tar.xz" "$B/vllm026.tar.xz.part"
 fi
 echo "[gpu-bundle] 2/5 dependency wheels"
-rm -rf "$B/deps" && mkdir -p "$B/deps"
+rm -rf "$B/deps" "$B/deps_b" && mkdir -p "$B/deps" "$B/deps_b"
 dl "$B/deps" -r scripts/gpu/deps.txt
+# A call carries at most 64 MiB with the working tree: the three largest wheels travel in
+# call 3 (deps_b), the rest with vLLM's first chunk.
+ls -S "$B/deps"/*.whl | head -3 | xargs -I{} mv {} "$B/deps_b/"
 echo "[gpu-bundle] 3/5 SmolLM2 GGUF in two chunks"
 split -b 50M -d -a 1 "$GGUF" "$B/smollm2.gguf.part"
 echo "[gpu-bundle] 4/5 Llama-3.1-8B-shaped model directory, fidelity documents"
@@ -46,4 +49,4 @@ rm -rf "$B/llama8b" && python3 scripts/gpu/make_llama8b_dir.py "$SMOL" "$B/llama
 mkdir -p "$B/docs" && cp /usr/share/common-licenses/GPL-3 /usr/share/common-licenses/GFDL-1.3 "$B/docs/"
 echo "[gpu-bundle] 5/5 checksums"
 (cd "$B" && sha256sum vllm026.tar.xz.part0 vllm026.tar.xz.part1 smollm2.gguf.part0 smollm2.gguf.part1) > "$B/SHA256SUMS"
-du -sb "$B"/vllm026.tar.xz.part* "$B"/smollm2.gguf.part* "$B/deps" "$B/llama8b" "$B/docs"
+du -sb "$B"/vllm026.tar.xz.part* "$B"/smollm2.gguf.part* "$B/deps" "$B/deps_b" "$B/llama8b" "$B/docs"

@@ -11,7 +11,7 @@ flags=(--itl --fresh); [ $stop = 1 ] && flags=(--stop)
 [ "${ALL_IN_ONE:-0}" = 1 ] && flags=(--itl --fresh --stop)
 timeout 560 python3 benchmarks/gpu_serving_ttft.py --out "$OUT" --sizes "${sizes[@]}" \
   "${flags[@]}" 2>&1 | tail -45
-cp /root/server-*.log /root/gateway-*.log "$OUT/" 2>/dev/null || true
+tar -czf "$OUT/ttft_logs_$(echo "${sizes[@]}" | tr " " _).tar.gz" -C /root $(cd /root && ls server-*.log gateway-*.log 2>/dev/null) 2>/dev/null || true
 if [ $stop = 1 ]; then
   echo "== tests/gpu"; timeout 150 python3 -m pytest -q tests/gpu 2>&1 | tail -4
 fi

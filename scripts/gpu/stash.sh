@@ -10,8 +10,9 @@ done
 for d in llama8b docs; do
   [ -d ".gpu_bundle/$d" ] && rm -rf "/root/stash/$d" && cp -r ".gpu_bundle/$d" /root/stash/
 done
-if [ -d .gpu_bundle/deps ]; then
+for d in .gpu_bundle/deps .gpu_bundle/deps_b; do
+  [ -d "$d" ] || continue
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .gpu_bundle/deps/*.whl 2>&1 | grep -v "already exists" | tail -3 || true
-fi
+    --target /tmp/site "$d"/*.whl 2>&1 | grep -v "already exists" | tail -3 || true
+done
 echo "stashed: $(ls /root/stash | tr '\n' ' ')"

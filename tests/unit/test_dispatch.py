@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from attention_backends.dispatch import split_prefill_decode
+from attention_backends.dispatch import pattern_for_sub_batch, split_prefill_decode
+from attention_backends.kernels import sparse_prefill_ref
+from attention_backends.kernels.paged_inputs import make_paged_prefill_batch
+from attention_backends.patterns import TrianglePattern
 
 
 def test_split_separates_interleaved_prefills_and_decodes() -> None:
@@ -60,3 +63,51 @@ def test_split_of_pure_prefill_has_no_decode() -> None:
                                  torch.zeros(1, 1, dtype=torch.int32))
     assert split.decode is None and split.prefill.num_seqs == 1
     assert split.prefill.row_range == (0, 5)
+
+
+def _chunk_split(chunk_start: int, chunk_end: int, prompt_len: int):
+    return split_prefill_decode(torch.tensor([0, chunk_end - chunk_start], dtype=torch.int32),
+                                torch.tensor([chunk_end], dtype=torch.int32),
+                                torch.zeros(1, 1, dtype=torch.int32),
+                                prompt_lens=torch.tensor([prompt_len], dtype=torch.int32))
+
+
+def test_chunks_without_last_rows_launch_no_last_rows() -> None:
+    pattern = TrianglePattern(sink_tokens=4, window_tokens=16, last_q_tokens=32)
+    early = _chunk_split(0, 64, 200).prefill  # positions 0-63 of a 200-token prompt
+    touching = _chunk_split(150, 169, 200).prefill  # position 168 is a last row
+    assert pattern_for_sub_batch(pattern, early).last_q_tokens == 0
+    assert pattern_for_sub_batch(pattern, touching) is pattern
+    dense = TrianglePattern(last_q_tokens=0)
+    assert pattern_for_sub_batch(dense, early) is dense
+
+
+def test_pattern_without_last_rows_computes_the_same_rows() -> None:
+    # A non-final chunk of a longer prompt: the pattern with and without last rows must
+    # give identical outputs on it, row by row (else skipping the last-row launch is wrong).
+    generator = torch.Generator().manual_seed(7)
+    batch = make_paged_prefill_batch([96, 130], query_lens=[40, 64], prompt_lens=[300, 400],
+                                     generator=generator)
+    split = split_prefill_decode(batch.query_start_loc, batch.seq_lens, batch.block_table,
+                                 batch.prompt_lens)
+    pattern = TrianglePattern(sink_tokens=4, window_tokens=16, last_q_tokens=32)
+    chosen = pattern_for_sub_batch(pattern, split.prefill)
+    assert chosen.last_q_tokens == 0
+
+    def run(which):
+        return sparse_prefill_ref(batch.query, batch.key_cache, batch.value_cache,
+                                  batch.block_table, batch.query_start_loc, batch.seq_lens,
+                                  batch.prompt_lens, which, 0.125)
+
+    same, full = run(chosen), run(pattern)
+    assert (same - full).abs().amax(dim=(1, 2)).max() < 1e-5  # every row (fp32 rounding)
+    # the negative control: in the final chunk the last rows differ without them
+    final = make_paged_prefill_batch([300], query_lens=[64], generator=generator)
+    full_rows = sparse_prefill_ref(final.query, final.key_cache, final.value_cache,
+                                   final.block_table, final.query_start_loc, final.seq_lens,
+                                   final.prompt_lens, pattern, 0.125)
+    streaming = sparse_prefill_ref(final.query, final.key_cache, final.value_cache,
+                                   final.block_table, final.query_start_loc, final.seq_lens,
+                                   final.prompt_lens, chosen, 0.125)
+    per_row = (full_rows - streaming).abs().amax(dim=(1, 2))
+    assert (per_row[-32:] > 1e-3).all() and (per_row[:-32] < 1e-5).all()

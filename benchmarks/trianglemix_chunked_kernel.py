@@ -1,0 +1,136 @@
+"""TriangleMix kernel under chunked prefill: one layer's prompt in 8K chunks vs one call.
+
+vLLM prefills a long prompt in chunks (8192 tokens a step in `gpu_serving_ttft.py`), so a
+sparse layer runs the kernel once per chunk, each chunk's queries over the cache so far,
+with the prompt's own last rows only in the last chunk, and a block table as wide as the
+server's max model length. This times exactly that sequence of calls (Llama-3.1-8B layer
+shape, bf16, 64-token blocks) against one call over the whole prompt: the difference is what
+chunking costs the kernel, which the in-server TTFT pays 16 times per step of layers.
+
+    python3 benchmarks/trianglemix_chunked_kernel.py --out-dir $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from trianglemix_kernel import HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS, bench_ms, make_paged_kv  # noqa: E402
+
+from attention_backends.kernels.sparse_prefill_triton import (  # noqa: E402
+    default_config,
+    sparse_prefill_triton,
+)
+from attention_backends.patterns import TrianglePattern  # noqa: E402
+
+BLOCK = 64
+
+
+def bench_prompt(num_tokens: int, chunk: int, max_model_len: int) -> dict:
+    generator = torch.Generator().manual_seed(num_tokens)
+    pattern = TrianglePattern()
+    streaming_only = dataclasses.replace(pattern, last_q_tokens=0)
+    query = torch.randn(num_tokens, NUM_Q_HEADS, HEAD_DIM, generator=generator).to(
+        "cuda", torch.bfloat16)
+    keys = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, generator=generator).to(
+        "cuda", torch.bfloat16)
+    values = torch.randn_like(keys)
+    key_cache, value_cache, table = make_paged_kv(keys, values, generator, BLOCK)
+    # vLLM's block table has a column per block of the max model length
+    wide_table = torch.zeros(1, max_model_len // BLOCK, dtype=torch.int32, device="cuda")
+    wide_table[:, : table.shape[1]] = table
+    config = default_config(key_cache, value_cache)
+    scale = 1 / math.sqrt(HEAD_DIM)
+    out = torch.zeros_like(query)
+    as_int32 = lambda *values: torch.tensor(values, dtype=torch.int32, device="cuda")  # noqa: E731
+    prompt_lens = as_int32(num_tokens)
+
+    def whole(which=pattern) -> None:
+        sparse_prefill_triton(query, key_cache, value_cache, wide_table, as_int32(0, num_tokens),
+                              as_int32(num_tokens), prompt_lens, which, scale, out=out,
+                              config=config)
+
+    bounds = list(range(0, num_tokens, chunk)) + [num_tokens]
+    chunks = [(start, end, as_int32(0, end - start), as_int32(end))
+              for start, end in zip(bounds, bounds[1:], strict=False)]
+
+    def chunked(which=pattern) -> None:
+        for start, end, query_start_loc, seq_lens in chunks:
+            sparse_prefill_triton(query[start:end], key_cache, value_cache, wide_table,
+                                  query_start_loc, seq_lens, prompt_lens, which, scale,
+                                  out=out[start:end], config=config)
+
+    def chunked_as_served() -> None:
+        # what the CUDA backend launches since dispatch.pattern_for_sub_batch: chunks that
+        # hold none of the prompt's last rows run without them (no last-row kernels)
+        last_rows_from = num_tokens - pattern.last_q_tokens
+        for start, end, query_start_loc, seq_lens in chunks:
+            which = pattern if end > last_rows_from else streaming_only
+            sparse_prefill_triton(query[start:end], key_cache, value_cache, wide_table,
+                                  query_start_loc, seq_lens, prompt_lens, which, scale,
+                                  out=out[start:end], config=config)
+
+    whole()
+    reference = out.clone()
+    out.zero_()
+    chunked()
+    chunked_error = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+    out.zero_()
+    chunked_as_served()
+    row = {
+        "num_tokens": num_tokens, "chunk_tokens": chunk, "chunks": len(chunks),
+        "block_table_columns": wide_table.shape[1],
+        "rel_err_chunked_vs_whole": chunked_error,
+        "rel_err_chunked_as_served_vs_whole": ((out.float() - reference.float()).norm()
+                                               / reference.float().norm()).item(),
+    }
+    # alternate the two shapes of work, twice each (every figure: median of >= 7 runs)
+    for repeat in range(2):
+        row[f"whole_ms_{repeat}"] = bench_ms(whole)
+        row[f"chunked_ms_{repeat}"] = bench_ms(chunked)
+        row[f"chunked_as_served_ms_{repeat}"] = bench_ms(chunked_as_served)
+    row["whole_streaming_only_ms"] = bench_ms(lambda: whole(streaming_only))
+    row["chunked_streaming_only_ms"] = bench_ms(lambda: chunked(streaming_only))
+    row["whole_ms"] = min(row["whole_ms_0"], row["whole_ms_1"])
+    row["chunked_ms"] = min(row["chunked_ms_0"], row["chunked_ms_1"])
+    row["chunked_as_served_ms"] = min(row["chunked_as_served_ms_0"],
+                                      row["chunked_as_served_ms_1"])
+    row["chunking_overhead_ms"] = row["chunked_ms"] - row["whole_ms"]
+    row["last_rows_in_chunked_ms"] = row["chunked_ms"] - row["chunked_streaming_only_ms"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 130048])
+    parser.add_argument("--chunk", type=int, default=8192)
+    parser.add_argument("--max-model-len", type=int, default=131072)
+    args = parser.parse_args()
+    result = {"benchmark": "trianglemix_chunked_kernel", "date": time.strftime("%Y-%m-%d"),
+              "gpu": torch.cuda.get_device_name(), "block_size": BLOCK,
+              "timing": "median of >= 7 timed runs per figure (triton do_bench); whole and "
+                        "chunked alternate twice, the lower of each pair kept",
+              "lengths": []}
+    for num_tokens in args.lengths:
+        row = bench_prompt(num_tokens, args.chunk, args.max_model_len)
+        result["lengths"].append(row)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
+              flush=True)
+        torch.cuda.empty_cache()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "trianglemix_chunked_kernel.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
