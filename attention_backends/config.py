@@ -19,9 +19,14 @@ class AttentionSettings(TesseraSettings):
     model_config = SettingsConfigDict(env_prefix="TESSERA_ATTENTION_", extra="ignore")
     yaml_section: ClassVar[str] = "attention"
 
-    method: Literal["dense", "trianglemix"] = Field(
-        "dense", description="Prefill attention: plain dense, or TriangleMix in the deep layers."
-    )
+    method: Literal["dense", "trianglemix", "minference"] = Field(
+        "dense", description="Prefill attention: plain dense, TriangleMix in the deep layers, "
+        "or per-(layer, head) patterns from a config (MInference; TriangleMix heads allowed).",
+    )  # fmt: skip
+    head_patterns_file: Path | None = Field(
+        None, description="minference: per-(layer, head) pattern JSON; unset: the committed "
+        "search result for the served model (attention_backends/patterns/minference/configs).",
+    )  # fmt: skip
     dense_first_layers: int | None = Field(
         None, ge=0,
         description="TriangleMix: layers [0, N) stay dense (ignored if dense_layers); unset: "
@@ -54,6 +59,16 @@ class AttentionSettings(TesseraSettings):
 
         if self.method == "dense":
             return LayerPatternPolicy.from_values("dense", dense_first_layers=0)
+        if self.method == "minference":
+            from attention_backends.patterns.minference.policy import (
+                HeadPatternPolicy,
+                committed_config,
+            )
+
+            if fingerprint is None and self.head_patterns_file is None:
+                raise ValueError("method minference needs the served model or a config file")
+            path = self.head_patterns_file or committed_config(fingerprint)
+            return HeadPatternPolicy.load(path, fingerprint)
         return LayerPatternPolicy.from_values(
             "triangle",
             dense_first_layers=(

@@ -34,6 +34,15 @@ def sparse_prefill(
     (whole prompt, decides the last-q rows). Query ``i`` of sequence ``s`` sits at absolute
     position ``seq_lens[s] - query_len_s + i``. Returns ``[T, Hq, D]`` (``out`` if given).
     """
+    if not hasattr(pattern, "key_ranges"):
+        # a per-head pattern (patterns/minference: LayerHeadPatterns). Torch reference on
+        # every device until its Triton kernel exists (next GPU session).
+        from attention_backends.kernels.head_sparse_ref import head_sparse_prefill_ref
+
+        return head_sparse_prefill_ref(
+            query, key_cache, value_cache, block_table, query_start_loc,
+            seq_lens, prompt_lens, pattern, scale, out,
+        )  # fmt: skip
     if query.is_cuda:
         from attention_backends.kernels.sparse_prefill_triton import sparse_prefill_triton
 

@@ -96,3 +96,20 @@ def test_triangle_pattern_differs_from_dense_on_long_rows() -> None:
     torch.testing.assert_close(triangle[:68], dense[:68], atol=2e-5, rtol=1e-4)  # in window
     assert (triangle[200:580] - dense[200:580]).abs().max() > 1e-3  # middle rows differ
     torch.testing.assert_close(triangle[-16:], dense[-16:], atol=2e-5, rtol=1e-4)  # last q
+
+
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads"), [(12, 3), (8, 1)])
+def test_per_head_path_with_dense_heads_matches_vllm_cpu_kernel(num_q_heads: int,
+                                                                 num_kv_heads: int) -> None:
+    from attention_backends.patterns.minference import DenseHead, LayerHeadPatterns
+
+    seq_lens, query_lens = [300, 520], [300, 200]  # second: 320 cached + 200 new
+    isa, query, key_cache, value_cache, table, start_loc, lens = _paged_batch(
+        seq_lens, query_lens, num_q_heads, num_kv_heads, seed=num_q_heads + 1)
+    expected = _vllm_dense(isa, query, key_cache, value_cache, table, start_loc, lens,
+                           num_kv_heads)
+    dim_major = key_block_is_dim_major(isa, HEAD, BLOCK, torch.float32)
+    heads = LayerHeadPatterns((DenseHead(),) * num_q_heads)
+    ours = sparse_prefill(query, logical_key_cache(key_cache, dim_major), value_cache, table,
+                          start_loc, lens, lens, heads, HEAD ** -0.5)
+    torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)

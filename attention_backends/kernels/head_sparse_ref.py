@@ -1,0 +1,90 @@
+"""Per-head sparse prefill attention in plain torch: the CPU path and the test oracle for
+every pattern of ``patterns/minference`` (and MMInference's grid).
+
+Each head keeps its own set of pairs (``HeadsIndex``). Per block of query rows the reference
+builds the ``[Hq, rows, keys]`` keep mask (bool: cheap next to the matmul, which is ``D``
+times larger), gathers only the keys that some head of the block keeps, and runs one masked
+softmax over them. Memory is ``O(Hq x rows x N)`` bools plus ``O(Hq x rows x gathered keys)``
+floats, never ``N x N``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attention_backends.kernels.sparse_prefill_ref import gather_sequence_kv
+from attention_backends.patterns.minference.index import HeadsIndex, SequenceChunk
+
+
+def attend_with_index(
+    query: torch.Tensor,
+    query_positions: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    index: HeadsIndex,
+    scale: float,
+    query_block_tokens: int = 128,
+) -> torch.Tensor:
+    """Masked attention of one sequence's rows.
+
+    query ``[R, Hq, D]`` at int64 positions ``[R]``; keys/values ``[N, Hkv, D]`` token order
+    (same dtype as query, the compute dtype); index over ``N`` tokens and ``Hq`` heads.
+    Returns ``[R, Hq, D]``. Every row keeps at least one key by construction of the patterns
+    (they keep diagonal 0 or the diagonal block); a row that keeps none would be NaN.
+    """
+    num_rows, num_q_heads, head_dim = query.shape
+    num_kv_heads = keys.shape[1]
+    group = num_q_heads // num_kv_heads
+    out = torch.empty_like(query)
+    for begin in range(0, num_rows, query_block_tokens):
+        end = min(begin + query_block_tokens, num_rows)
+        positions = query_positions[begin:end]
+        keep = index.keep_mask(positions, num_keys=int(positions.max()) + 1)  # [Hq, r, K]
+        used = keep.any(dim=1).any(dim=0).nonzero().flatten()
+        keep = keep[:, :, used].view(num_kv_heads, group, end - begin, used.numel())
+        rows = query[begin:end].view(end - begin, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        gathered_keys = keys[used].permute(1, 2, 0).unsqueeze(1)  # [Hkv, 1, D, K]
+        scores = torch.matmul(rows, gathered_keys) * scale  # [Hkv, G, r, K]
+        scores.masked_fill_(~keep, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        attended = torch.matmul(probs, values[used].permute(1, 0, 2).unsqueeze(1))
+        out[begin:end] = attended.permute(2, 0, 1, 3).reshape(end - begin, num_q_heads, head_dim)
+    return out
+
+
+def head_sparse_prefill_ref(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    layer_heads,  # LayerHeadPatterns (not imported: the policy module imports this one's package)
+    scale: float,
+    out: torch.Tensor | None = None,
+    query_block_tokens: int = 128,
+) -> torch.Tensor:
+    """``sparse_prefill``'s contract (see ``kernels/__init__.py``) with a per-head pattern.
+
+    Per sequence: gather its K/V from the paged cache, let each head's pattern build its
+    index from this step's rows (``SequenceChunk``), attend. Half inputs compute in float32.
+    """
+    if out is None:
+        out = torch.empty_like(query)
+    compute_dtype = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    starts = query_start_loc.tolist()
+    for seq, (seq_len, prompt_len) in enumerate(zip(seq_lens.tolist(), prompt_lens.tolist(),
+                                                    strict=True)):
+        begin, end = starts[seq], starts[seq + 1]
+        if end == begin:
+            continue
+        keys = gather_sequence_kv(key_cache, block_table[seq], seq_len).to(compute_dtype)
+        values = gather_sequence_kv(value_cache, block_table[seq], seq_len).to(compute_dtype)
+        rows = query[begin:end].to(compute_dtype)
+        positions = torch.arange(seq_len - (end - begin), seq_len)
+        chunk = SequenceChunk(rows, positions, keys, int(prompt_len), scale)
+        index = layer_heads.build_index(chunk)
+        out[begin:end] = attend_with_index(rows, positions, keys, values, index, scale,
+                                           query_block_tokens).to(out.dtype)
+    return out

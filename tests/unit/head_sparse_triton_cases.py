@@ -1,0 +1,60 @@
+"""Cases for the per-head Triton kernel against the torch reference. Not collected by
+default (no ``test_`` prefix): ``test_head_sparse_triton_interpret.py`` runs them in a child
+pytest with ``TRITON_INTERPRET=1`` on CPU; on a GPU run them directly (compiled).
+
+Fresh random paged batches: ragged lengths, GQA, chunked prefill, cache blocks smaller and
+larger than the tile; every pattern in one layer; per-row error bound.
+"""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from attention_backends.kernels.head_sparse_ref import head_sparse_prefill_ref  # noqa: E402
+from attention_backends.kernels.head_sparse_triton import (  # noqa: E402
+    head_sparse_prefill_triton,
+)
+from attention_backends.kernels.paged_inputs import make_paged_prefill_batch  # noqa: E402
+from tests.unit.test_head_sparse_ref import mixed_heads, worst_row_error  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_case(seq_lens, query_lens=None, prompt_lens=None, q_heads=6, kv_heads=2, block_size=16,
+             head_dim=16, dtype=torch.float32):
+    seed = torch.seed() % 2**31
+    generator = torch.Generator().manual_seed(seed)
+    batch = make_paged_prefill_batch(seq_lens, query_lens, prompt_lens, q_heads, kv_heads,
+                                     head_dim, block_size, dtype=dtype, device=DEVICE,
+                                     generator=generator)
+    layer = mixed_heads(q_heads)
+    scale = 1 / math.sqrt(head_dim)
+    args = (batch.query, batch.key_cache, batch.value_cache, batch.block_table,
+            batch.query_start_loc, batch.seq_lens, batch.prompt_lens, layer, scale)
+    out = torch.full_like(batch.query, float("nan"))
+    head_sparse_prefill_triton(*args, out=out)
+    assert not torch.isnan(out).any(), f"rows not written (seed {seed})"
+    expected = head_sparse_prefill_ref(*args).double()
+    return worst_row_error(out, expected)
+
+
+@pytest.mark.parametrize("seq_lens", [[1], [13, 100], [70, 33]])
+def test_ragged_lengths(seq_lens):
+    assert run_case(seq_lens) < 1e-4
+
+
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (9, 3)])
+def test_gqa(q_heads, kv_heads):
+    assert run_case([61, 40], q_heads=q_heads, kv_heads=kv_heads) < 1e-4
+
+
+def test_chunked_prefill_chunk_not_on_a_tile_boundary():
+    assert run_case([70, 90], query_lens=[30, 17], prompt_lens=[75, 90]) < 1e-4
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_cache_blocks_smaller_and_larger_than_the_tile(block_size):
+    assert run_case([83], block_size=block_size) < 1e-4
