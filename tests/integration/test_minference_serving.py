@@ -8,8 +8,6 @@ dynamic heads estimate chunk by chunk (README of patterns/minference, "Chunked p
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,17 +16,8 @@ import pytest
 
 from attention_backends.patterns.minference.policy import HeadPatternPolicy, committed_config
 from attention_backends.policy import SMOLLM2_135M
-from attention_backends.usage import read_usage
-from server.config import ServerSettings
-from server.launcher import (
-    free_port,
-    resolve_model_path,
-    start_worker,
-    stop_workers,
-    wait_for_health,
-    wait_until_healthy,
-)
-from tests.integration.conftest import MODEL, _start_gateway
+from tests.integration.attention_worker import gateway_over_attention_worker, usage_after
+from tests.integration.conftest import MODEL
 
 NUM_LAYERS = 30
 CHUNK_TOKENS = 256
@@ -41,37 +30,10 @@ SPARSE_LAYERS = POLICY.sparse_layers(NUM_LAYERS)
 def minference_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     run_dir = tmp_path_factory.mktemp("minference")
     stats_dir = run_dir / "stats"
-    settings = ServerSettings(
-        workers=1, kv_cache_space_gib=1, max_model_len=2048,
-        worker_extra_args=["--max-num-batched-tokens", str(CHUNK_TOKENS)],
-    )
     env = {"TESSERA_ATTENTION_METHOD": "minference",
            "TESSERA_ATTENTION_STATS_DIR": str(stats_dir)}
-    worker = start_worker(settings, resolve_model_path(settings), 0, port=free_port(),
-                          extra_env=env)
-    gateway: subprocess.Popen | None = None
-    try:
-        wait_until_healthy([worker], timeout_s=600)
-        port = free_port()
-        gateway = _start_gateway([worker.url], port, run_dir / "gateway.log", [])
-        url = f"http://127.0.0.1:{port}"
-        wait_for_health(url, gateway)
+    with gateway_over_attention_worker(run_dir, env, CHUNK_TOKENS) as url:
         yield url, stats_dir
-    finally:
-        if gateway is not None:
-            gateway.terminate()
-            gateway.wait(timeout=15)
-        stop_workers([worker])
-
-
-def _usage_after(stats_dir: Path, min_steps: int) -> dict[int, dict[str, int]]:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        snapshots = read_usage(stats_dir)
-        if snapshots and snapshots[0]["steps"] >= min_steps:
-            return {int(layer): paths for layer, paths in snapshots[0]["layers"].items()}
-        time.sleep(0.2)
-    raise AssertionError("worker wrote no attention usage")
 
 
 def test_the_committed_config_has_sparse_and_dense_layers() -> None:
@@ -102,7 +64,7 @@ def test_long_chunked_prompt_runs_the_per_head_path_and_recalls_the_key(
     prompt_tokens = response.json()["usage"]["prompt_tokens"]
     assert prompt_tokens > 3 * CHUNK_TOKENS
     assert "68341" in response.json()["choices"][0]["text"]
-    usage = _usage_after(stats_dir, min_steps=4)
+    usage = usage_after(stats_dir, min_steps=4)
     for layer in range(NUM_LAYERS):
         if layer in SPARSE_LAYERS:
             assert usage[layer].get("per_head", 0) >= prompt_tokens, (layer, usage[layer])

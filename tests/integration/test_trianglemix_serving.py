@@ -9,7 +9,6 @@ must be the prompt's, not each chunk's.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,17 +17,8 @@ import httpx
 import pytest
 
 from attention_backends.policy import MEASURED_DENSE_FIRST_LAYERS, SMOLLM2_135M
-from attention_backends.usage import read_usage
-from server.config import ServerSettings
-from server.launcher import (
-    free_port,
-    resolve_model_path,
-    start_worker,
-    stop_workers,
-    wait_for_health,
-    wait_until_healthy,
-)
-from tests.integration.conftest import MODEL, _start_gateway
+from tests.integration.attention_worker import gateway_over_attention_worker, usage_after
+from tests.integration.conftest import MODEL
 
 DENSE_FIRST_LAYERS = MEASURED_DENSE_FIRST_LAYERS[SMOLLM2_135M]  # 24
 NUM_LAYERS = 30
@@ -41,10 +31,6 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. " 
 def trianglemix_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     run_dir = tmp_path_factory.mktemp("trianglemix")
     stats_dir = run_dir / "stats"
-    settings = ServerSettings(
-        workers=1, kv_cache_space_gib=1, max_model_len=2048,
-        worker_extra_args=["--max-num-batched-tokens", str(CHUNK_TOKENS)],
-    )
     env = {
         "TESSERA_ATTENTION_METHOD": "trianglemix",
         "TESSERA_ATTENTION_SINK_TOKENS": "4",
@@ -52,31 +38,8 @@ def trianglemix_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tu
         "TESSERA_ATTENTION_LAST_Q_TOKENS": str(LAST_Q_TOKENS),
         "TESSERA_ATTENTION_STATS_DIR": str(stats_dir),
     }
-    worker = start_worker(settings, resolve_model_path(settings), 0, port=free_port(),
-                          extra_env=env)
-    gateway: subprocess.Popen | None = None
-    try:
-        wait_until_healthy([worker], timeout_s=600)
-        port = free_port()
-        gateway = _start_gateway([worker.url], port, run_dir / "gateway.log", [])
-        url = f"http://127.0.0.1:{port}"
-        wait_for_health(url, gateway)
+    with gateway_over_attention_worker(run_dir, env, CHUNK_TOKENS) as url:
         yield url, stats_dir
-    finally:
-        if gateway is not None:
-            gateway.terminate()
-            gateway.wait(timeout=15)
-        stop_workers([worker])
-
-
-def _usage_after(stats_dir: Path, min_steps: int) -> dict[int, dict[str, int]]:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        snapshots = read_usage(stats_dir)
-        if snapshots and snapshots[0]["steps"] >= min_steps:
-            return {int(layer): paths for layer, paths in snapshots[0]["layers"].items()}
-        time.sleep(0.2)
-    raise AssertionError("worker wrote no attention usage")
 
 
 def test_short_prompt_is_answered_correctly(trianglemix_gateway: tuple[str, Path]) -> None:
@@ -98,7 +61,7 @@ def test_long_prompt_runs_the_triangle_path_in_deep_layers(
     assert response.status_code == 200, response.text
     prompt_tokens = response.json()["usage"]["prompt_tokens"]
     assert prompt_tokens > 600
-    usage = _usage_after(stats_dir, min_steps=3)
+    usage = usage_after(stats_dir, min_steps=3)
     for layer in range(DENSE_FIRST_LAYERS):
         assert "triangle" not in usage[layer], f"layer {layer} should stay dense"
     for layer in range(DENSE_FIRST_LAYERS, NUM_LAYERS):
@@ -110,7 +73,7 @@ def test_chunked_prefill_runs_only_the_prompts_own_last_rows_dense(
     trianglemix_gateway: tuple[str, Path],
 ) -> None:
     url, stats_dir = trianglemix_gateway
-    before = _usage_after(stats_dir, min_steps=1)
+    before = usage_after(stats_dir, min_steps=1)
     # A new first sentence: no prefix-cache hit on the earlier tests' filler.
     prompt = "Chapter seven begins here. " + FILLER + "The pass key is 12345. The pass key is"
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0}
@@ -123,10 +86,10 @@ def test_chunked_prefill_runs_only_the_prompts_own_last_rows_dense(
         return usage[layer].get(path, 0) - before.get(layer, {}).get(path, 0)
 
     deadline = time.monotonic() + 10
-    usage = _usage_after(stats_dir, min_steps=1)
+    usage = usage_after(stats_dir, min_steps=1)
     while grown(usage, NUM_LAYERS - 1, "triangle") < prompt_tokens and time.monotonic() < deadline:
         time.sleep(0.2)
-        usage = _usage_after(stats_dir, min_steps=1)
+        usage = usage_after(stats_dir, min_steps=1)
     for layer in range(DENSE_FIRST_LAYERS, NUM_LAYERS):
         assert grown(usage, layer, "triangle") == prompt_tokens, usage[layer]
         # Only the prompt's last 16 rows ran as full rows; when each chunk's end was taken

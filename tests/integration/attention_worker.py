@@ -1,0 +1,59 @@
+"""A worker of its own with an attention method, behind a gateway, for the serving tests of
+the attention backends (the shared stack stays dense), and the usage counters it writes."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from attention_backends.usage import read_usage
+from server.config import ServerSettings
+from server.launcher import (
+    free_port,
+    resolve_model_path,
+    start_worker,
+    stop_workers,
+    wait_for_health,
+    wait_until_healthy,
+)
+from tests.integration.conftest import _start_gateway
+
+
+@contextmanager
+def gateway_over_attention_worker(run_dir: Path, env: dict[str, str],
+                                  chunk_tokens: int) -> Iterator[str]:
+    """The gateway's URL, over one worker started with ``env`` whose prefill runs in
+    ``chunk_tokens``-token chunks (so long prompts take several steps)."""
+    settings = ServerSettings(
+        workers=1, kv_cache_space_gib=1, max_model_len=2048,
+        worker_extra_args=["--max-num-batched-tokens", str(chunk_tokens)],
+    )
+    worker = start_worker(settings, resolve_model_path(settings), 0, port=free_port(),
+                          extra_env=env)
+    gateway: subprocess.Popen | None = None
+    try:
+        wait_until_healthy([worker], timeout_s=600)
+        port = free_port()
+        gateway = _start_gateway([worker.url], port, run_dir / "gateway.log", [])
+        url = f"http://127.0.0.1:{port}"
+        wait_for_health(url, gateway)
+        yield url
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(timeout=15)
+        stop_workers([worker])
+
+
+def usage_after(stats_dir: Path, min_steps: int) -> dict[int, dict[str, int]]:
+    """Rows per layer and path from the worker's counters, once it has run ``min_steps``."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        snapshots = read_usage(stats_dir)
+        if snapshots and snapshots[0]["steps"] >= min_steps:
+            return {int(layer): paths for layer, paths in snapshots[0]["layers"].items()}
+        time.sleep(0.2)
+    raise AssertionError("worker wrote no attention usage")
