@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=_cmd_prepare_model)
     add_cluster_parser(commands)
     add_securitylingua_parser(commands)
+    from mobile.cli import add_mobile_parser  # argparse only; mobile/ imports nothing of ours
+
+    add_mobile_parser(commands)
     return parser
 
 
