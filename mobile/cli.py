@@ -30,6 +30,7 @@ def default_flash_path(model_dir: Path) -> Path:
 
 def add_mobile_parser(commands: argparse._SubParsersAction) -> None:
     mobile = commands.add_parser("mobile", help="on-device inference: ActiveFlow engine, TTS")
+    mobile.set_defaults(config=None)  # `tessera` reads args.config for every command
     sub = mobile.add_subparsers(dest="mobile_command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:

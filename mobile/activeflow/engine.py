@@ -115,7 +115,7 @@ class ActiveFlowEngine:
                                   bounce_bytes=options.bounce_bytes)
         self._alloc_buffers()
         self._load_resident()
-        self.pool = ThreadPoolExecutor(options.io_threads, thread_name_prefix="af-io")
+        self.pool = ThreadPoolExecutor(max(1, options.io_threads), thread_name_prefix="af-io")
         self.counters = Counters()
         self.observer: Observer | None = None
         cfg = self.cfg
@@ -190,7 +190,9 @@ class ActiveFlowEngine:
                 np.nonzero(x_hat > self.thresholds[(layer, kind)])[0]
             cand = cand[cache.channel_slot[cand] < 0]
             cap = self.preload_rows[kind][0].shape[0]
-            if cand.size > cap:  # keep the most confident predictions
+            if cand.size > cap and self.thresholds is None:
+                cand = cand[:cap]  # dense: one contiguous block, the rest comes on demand
+            elif cand.size > cap:  # keep the most confident predictions
                 cand = np.sort(cand[np.argsort(-x_hat[cand])[:cap]])
             out[kind] = cand
         return _Preload(out)

@@ -176,3 +176,14 @@ def test_dense_engine_reproduces_smollm2_hf_logits(tmp_path) -> None:
     engine.close()
     assert np.all(np.abs(got - ref).max(axis=1) <= 1e-3)
     assert np.array_equal(got.argmax(axis=1), ref.argmax(axis=1))
+
+
+def test_mmap_baseline_computes_the_same_dense_logits(tiny_model, tiny_flash) -> None:
+    from mobile.activeflow.mmap_baseline import MmapDenseModel
+
+    ids = [11, 12, 13, 14]
+    ref = hf_logits(tiny_model, ids)
+    model = MmapDenseModel(tiny_flash)
+    got = run(model, ids)
+    model.close()
+    assert np.all(np.abs(got - ref).max(axis=1) <= 2e-5 * np.abs(ref).max(axis=1) + 1e-5)
