@@ -1,4 +1,4 @@
-"""Contextual hot-channel cache (paper §1.5): per-tensor LFU over channels, counts per sequence.
+"""Contextual hot-channel cache (digest §1.5): per-tensor LFU over channels, counts per sequence.
 
 A newly read active channel takes a free slot, or evicts the least-used cached channel if its
 own count is higher. Rows live in an arena slab [capacity, row_elems]; `channel_slot` is the

@@ -1,4 +1,4 @@
-"""Batch-1 Llama decode with weights streamed from flash under a DRAM budget (paper §1.2-1.5).
+"""Batch-1 Llama decode with weights streamed from flash under a DRAM budget (digest §1.2-1.5).
 
 Per token and layer, for each of the four kinds (see layout.py) with input x:
   active = { j : |x_j| > tau[layer, kind] }  (all channels in dense mode)

@@ -1,6 +1,6 @@
 """The flash file: every projection weight stored channel-major, one extent per (layer, kind).
 
-Paper §1.2-1.3: a *channel* is the slice of W that multiplies one input element x_j, across
+Digest §1.2-1.3: a *channel* is the slice of W that multiplies one input element x_j, across
 all outputs; storing W transposed makes a channel one contiguous row, so reading the active
 channels of an op is a few large sequential reads instead of a gather. Ops that read the
 same input are interleaved into one row ("kind"):

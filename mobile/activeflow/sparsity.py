@@ -1,4 +1,4 @@
-"""Activation sparsity by per-layer magnitude thresholds (paper §1.2, TEAL-style).
+"""Activation sparsity by per-layer magnitude thresholds (digest §1.2, TEAL-style).
 
 For each (layer, kind) input x, channel j is active iff |x_j| > tau. tau is the `sparsity`
 quantile of |x| over calibration tokens of local text, so on similar text that share of

@@ -1,4 +1,4 @@
-"""Tile-quantized GEMM y = x @ W-hat (paper §2.2-2.3, W4A16 / W8A16 / W4A8 numerics).
+"""Tile-quantized GEMM y = x @ W-hat (digest §2.2-2.3, W4A16 / W8A16 / W4A8 numerics).
 
 The kernel dequantizes the packed weight with the LUT (`quant.dequant_lut`), turns tile
 order back into [K, N] with one reshape/transpose (a tile is a strided block, so no index

@@ -1,4 +1,4 @@
-"""LUT softmax (paper §2.4): exp2 of every non-positive fp16 from one 32,768-entry table.
+"""LUT softmax (digest §2.4): exp2 of every non-positive fp16 from one 32,768-entry table.
 
 Safe softmax subtracts the row max, so every exponent d = (s - max s) * log2(e) is <= 0.
 Rounded to fp16, d has 2^15 possible bit patterns once the sign bit is dropped; the table

@@ -1,4 +1,4 @@
-"""Tile-aligned group quantization (paper §2.2) and LUT dequantization (paper §2.3).
+"""Tile-aligned group quantization (digest §2.2) and LUT dequantization (digest §2.3).
 
 Definition. Let v = to_tile_order(W) and cut v into groups of G consecutive elements.
 Group g gets one fp16 scale s_g = amax_g / qmax (rounded *up* to fp16 so no code clips),

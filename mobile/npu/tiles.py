@@ -1,6 +1,6 @@
 """Tile order: the permutation that lays a weight matrix out the way an NPU matrix unit reads it.
 
-Paper §2.2 (HMX): a weight W[K, N] (y = x @ W) is cut into tiles of `tile_k x tile_n`
+Digest §2.2 (HMX): a weight W[K, N] (y = x @ W) is cut into tiles of `tile_k x tile_n`
 (32 x 32 fp16 = 2 KiB on HMX); tiles are stored column-major at tile level (all K tiles of
 the first N block, then the next N block), and inside a tile each pair of rows is
 interleaved: element order (row // 2, col, row % 2). Quantization groups are then runs of

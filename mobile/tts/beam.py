@@ -1,4 +1,4 @@
-"""Step-level beam search (paper §2.5): extend each beam by one step, score, keep the top k.
+"""Step-level beam search (digest §2.5): extend each beam by one step, score, keep the top k.
 
 A step is text up to a newline. The continuation of an unfinished assistant message uses
 vLLM's chat extension `continue_final_message` (OpenAI's API has no equivalent), so this

@@ -1,4 +1,4 @@
-"""Choosing one of N sampled answers (paper §2.5, Best-of-N).
+"""Choosing one of N sampled answers (digest §2.5, Best-of-N).
 
 Scorers (each returns the chosen candidate's index):
   likelihood   the model's own mean token log-probability (length-normalised; sum favours
