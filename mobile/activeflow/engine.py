@@ -28,7 +28,8 @@ from mobile.activeflow.cache import ChannelCache
 from mobile.activeflow.layout import KINDS, FlashIndex
 from mobile.activeflow.reader import FlashReader
 
-PREDICTED_KINDS = ("attn_in", "mlp_in")
+RESIDUAL_PREDICTED = ("attn_in", "mlp_in")  # inputs predicted from the residual stream
+PRELOAD_KINDS = ("attn_in", "o_in", "mlp_in", "down_in")
 
 Observer = Callable[[int, str, np.ndarray], None]
 
@@ -82,7 +83,7 @@ def buffer_plan(index: FlashIndex, opt: EngineOptions) -> list[tuple[str, tuple[
     ext0 = {k: index.extents[(0, k)] for k in KINDS}
     plan = [(f"preload{i}.{k}", (math.ceil(opt.preload_fraction * ext0[k].channels),
                                  ext0[k].row_elems))
-            for i in range(opt.lookahead_layers + 1) for k in PREDICTED_KINDS]
+            for i in range(opt.lookahead_layers + 1) for k in PRELOAD_KINDS]
     plan += [(f"ondemand.{k}", (max(1, math.ceil(opt.ondemand_fraction * ext0[k].channels)),
                                 ext0[k].row_elems)) for k in KINDS]
     return plan
@@ -132,7 +133,7 @@ class ActiveFlowEngine:
         n_ring = self.opt.lookahead_layers + 1
         plan = dict(buffer_plan(self.index, self.opt))
         self.preload_rows = {k: [self.arena.alloc(f"preload{i}.{k}", plan[f"preload{i}.{k}"])
-                                 for i in range(n_ring)] for k in PREDICTED_KINDS}
+                                 for i in range(n_ring)] for k in PRELOAD_KINDS}
         self.ondemand_rows = {k: self.arena.alloc(f"ondemand.{k}", plan[f"ondemand.{k}"])
                               for k in KINDS}
         if self.arena.free_bytes < 0:
@@ -181,19 +182,29 @@ class ActiveFlowEngine:
         return np.nonzero(np.abs(x) > self.thresholds[(layer, kind)])[0]
 
     def _predict(self, layer: int, h: np.ndarray) -> _Preload:
-        """Channels of `layer`'s attention/MLP inputs predicted from residual h, not cached."""
+        """Uncached channels of `layer` worth reading ahead, per kind, sorted, within capacity.
+
+        attn_in / mlp_in: predicted from the residual h as rmsnorm(h) * gamma_layer above the
+        layer's threshold, most confident first. o_in / down_in have no such predictor: the
+        uncached channels most often active so far in this sequence (LFU counts) go first.
+        Dense mode: every uncached channel, one contiguous block first."""
         out = {}
-        for kind, gamma in (("attn_in", self.attn_norm[layer]), ("mlp_in", self.mlp_norm[layer])):
-            x_hat = np.abs(rms_norm(h, gamma, self.cfg.rms_norm_eps))
+        for kind in PRELOAD_KINDS:
             cache = self.caches[(layer, kind)]
-            cand = np.arange(x_hat.size) if self.thresholds is None else \
-                np.nonzero(x_hat > self.thresholds[(layer, kind)])[0]
-            cand = cand[cache.channel_slot[cand] < 0]
             cap = self.preload_rows[kind][0].shape[0]
-            if cand.size > cap and self.thresholds is None:
-                cand = cand[:cap]  # dense: one contiguous block, the rest comes on demand
-            elif cand.size > cap:  # keep the most confident predictions
-                cand = np.sort(cand[np.argsort(-x_hat[cand])[:cap]])
+            cand = np.nonzero(cache.channel_slot < 0)[0]
+            if self.thresholds is None:
+                out[kind] = cand[:cap]
+                continue
+            if kind in RESIDUAL_PREDICTED:
+                gamma = self.attn_norm[layer] if kind == "attn_in" else self.mlp_norm[layer]
+                x_hat = np.abs(rms_norm(h, gamma, self.cfg.rms_norm_eps))
+                cand = cand[x_hat[cand] > self.thresholds[(layer, kind)]]
+                priority = x_hat[cand]
+            else:
+                priority = cache.counts[cand].astype(np.float32)
+            if cand.size > cap:
+                cand = np.sort(cand[np.argsort(-priority, kind="stable")[:cap]])
             out[kind] = cand
         return _Preload(out)
 
@@ -202,10 +213,12 @@ class ActiveFlowEngine:
         slot = layer % (self.opt.lookahead_layers + 1)
 
         def work() -> _Preload:
+            stored = {}
             for kind, ch in pred.channels.items():
-                if ch.size:
-                    self.reader.read_channels(layer, kind, ch, self.preload_rows[kind][slot])
-            return pred
+                stored[kind] = self.reader.read_channels(
+                    layer, kind, ch, self.preload_rows[kind][slot], keep_gaps=True) \
+                    if ch.size else ch
+            return _Preload(stored)
 
         return self.pool.submit(work)
 
@@ -279,14 +292,14 @@ class ActiveFlowEngine:
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         probs = scores / scores.sum(axis=-1, keepdims=True)
         attn = np.einsum("hgt,thd->hgd", probs, values).reshape(-1).astype(np.float32)
-        return self._linear(layer, "o_in", attn, None)
+        return self._linear(layer, "o_in", attn, pre)
 
     def _mlp(self, layer: int, x: np.ndarray, pre: _Preload | None) -> np.ndarray:
         gu = self._linear(layer, "mlp_in", x, pre)
         inter = self.cfg.intermediate_size
         gate, up = gu[:inter], gu[inter:]
         act = (gate / (1.0 + np.exp(-gate)) * up).astype(np.float32)
-        return self._linear(layer, "down_in", act, None)
+        return self._linear(layer, "down_in", act, pre)
 
     def _wait(self, fut: Future) -> _Preload:
         t0 = time.perf_counter()

@@ -101,15 +101,24 @@ class FlashReader:
         if not self.direct:
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
-    def read_channels(self, layer: int, kind: str, channels: np.ndarray, dest: np.ndarray) -> None:
-        """Copy rows `channels` (sorted, unique) of (layer, kind) into dest[:len(channels)]."""
+    def read_channels(self, layer: int, kind: str, channels: np.ndarray, dest: np.ndarray,
+                      keep_gaps: bool = False) -> np.ndarray:
+        """Copy rows `channels` (sorted, unique) of (layer, kind) into dest, in id order.
+
+        keep_gaps: also keep the unrequested rows that gap merging read anyway, while dest has
+        room for them and every requested row still to come (a preload then also holds the
+        neighbours of its predictions, which mispredictions often are). Returns the channel
+        ids now in dest[:k], sorted."""
         if not self.arena.contains(dest):
             raise ValueError("read destination is outside the DRAM arena")
+        if channels.size > dest.shape[0]:
+            raise ValueError(f"{channels.size} rows requested, destination holds {dest.shape[0]}")
         ext = self.index.extents[(layer, kind)]
         rb = ext.row_bytes
         bounce = self._bounces.get()
         t0 = time.perf_counter()
         device_bytes = reads = 0
+        stored: list[np.ndarray] = []
         try:
             max_rows = (self.bounce_bytes - 2 * ALIGN) // rb
             if max_rows < 1:
@@ -126,12 +135,20 @@ class FlashReader:
                         raise OSError(f"short read {got} < {hi - a_lo} at {a_lo}")
                     device_bytes, reads = device_bytes + (a_hi - a_lo), reads + 1
                     rows = bounce[lo - a_lo: hi - a_lo].view(dest.dtype).reshape(c1 - c0, -1)
-                    wanted = channels[(channels >= c0) & (channels < c1)]
-                    dest[written: written + wanted.size] = rows[wanted - c0]
-                    written += wanted.size
+                    still_wanted = int(np.count_nonzero(channels >= c1))
+                    if keep_gaps and written + (c1 - c0) + still_wanted <= dest.shape[0]:
+                        dest[written: written + c1 - c0] = rows
+                        stored.append(np.arange(c0, c1))
+                        written += c1 - c0
+                    else:
+                        wanted = channels[(channels >= c0) & (channels < c1)]
+                        dest[written: written + wanted.size] = rows[wanted - c0]
+                        stored.append(wanted)
+                        written += wanted.size
         finally:
             self._bounces.put(bounce)
         self.counters.add(device_bytes, channels.size * rb, reads, time.perf_counter() - t0)
+        return np.concatenate(stored) if stored else channels[:0]
 
     def read_resident(self, name: str) -> np.ndarray:
         """A resident tensor (embedding, norms), read once at start-up, outside the budget.

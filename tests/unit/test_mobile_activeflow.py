@@ -71,8 +71,17 @@ def test_flash_layout_round_trips_byte_identical(tiny_model, tiny_flash) -> None
         reader.read_channels(layer, kind, np.arange(ext.channels), dest)
         assert dest.tobytes() == expected.tobytes()
         subset = np.sort(rng.choice(ext.channels, size=ext.channels // 3, replace=False))
-        reader.read_channels(layer, kind, subset, dest)
+        stored = reader.read_channels(layer, kind, subset, dest)
+        assert np.array_equal(stored, subset)
         assert dest[: subset.size].tobytes() == expected[subset].tobytes()
+        # keep_gaps: the gap rows merging read anyway are kept too, still byte-identical.
+        stored = reader.read_channels(layer, kind, subset, dest, keep_gaps=True)
+        assert np.isin(subset, stored).all() and np.all(np.diff(stored) > 0)
+        assert dest[: stored.size].tobytes() == expected[stored].tobytes()
+        # ... but never at the cost of a requested row when the destination is tight.
+        tight = dest[: subset.size]
+        stored = reader.read_channels(layer, kind, subset, tight, keep_gaps=True)
+        assert np.array_equal(stored, subset)
     reader.close()
 
 
