@@ -8,6 +8,7 @@ generated tokens of the candidates used.
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 
 from mobile.tts.answers import PARSERS
@@ -42,15 +43,17 @@ def evaluate(endpoint: Endpoint, tasks: Sequence[Task], ns: Sequence[int],
     for t_i, task in enumerate(tasks):
         cands = endpoint.sample(task.question, n_max, temperature, max_tokens)
         ver = None
-        if "verifier" in scorers:
-            ver = [endpoint.verify(task.question, c.text) for c in cands]
+        if "verifier" in scorers:  # concurrent requests: the server batches them
+            with ThreadPoolExecutor(len(cands)) as pool:
+                ver = list(pool.map(lambda c: endpoint.verify(task.question, c.text), cands))
         parsed = [PARSERS[task.kind](c.text) for c in cands]
         for n in ns:
             tokens[n] += sum(len(c.token_logprobs) for c in cands[:n])
             for s in scorers:
                 pick = choose(cands[:n], s, task.kind, ver[:n] if ver else None)
                 correct[(s, n)] += parsed[pick] == task.answer
-        rows.append({"question": task.question, "answer": task.answer, "parsed": parsed})
+        rows.append({"question": task.question, "answer": task.answer, "parsed": parsed,
+                     "first_sample": cands[0].text})
         if progress:
             done = {s: correct[(s, n_max)] for s in scorers}
             print(f"\r[tts] task {t_i + 1}/{len(tasks)} correct@N={n_max}: {done}", end="",

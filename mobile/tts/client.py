@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -15,6 +16,7 @@ class Endpoint:
     model: str
     timeout_s: float = 300.0
     completion_tokens: int = 0  # generated tokens billed so far: the compute axis
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def chat(self, prompt: str, n: int, temperature: float, max_tokens: int,
              top_logprobs: int = 0) -> list[dict]:
@@ -27,7 +29,8 @@ class Endpoint:
                        timeout=self.timeout_s)
         r.raise_for_status()
         data = r.json()
-        self.completion_tokens += data.get("usage", {}).get("completion_tokens", 0)
+        with self._lock:  # verifier requests run on threads
+            self.completion_tokens += data.get("usage", {}).get("completion_tokens", 0)
         return data["choices"]
 
     def sample(self, prompt: str, n: int, temperature: float = 0.7,
