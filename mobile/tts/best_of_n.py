@@ -8,8 +8,8 @@ generated tokens of the candidates used.
 from __future__ import annotations
 
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from mobile.tts.answers import PARSERS
 from mobile.tts.client import Endpoint
