@@ -45,7 +45,7 @@ def evaluate(endpoint: Endpoint, tasks: Sequence[Task], ns: Sequence[int],
         ver = None
         if "verifier" in scorers:  # concurrent requests: the server batches them
             with ThreadPoolExecutor(len(cands)) as pool:
-                ver = list(pool.map(lambda c: endpoint.verify(task.question, c.text), cands))
+                ver = list(pool.map(lambda c, q=task.question: endpoint.verify(q, c.text), cands))
         parsed = [PARSERS[task.kind](c.text) for c in cands]
         for n in ns:
             tokens[n] += sum(len(c.token_logprobs) for c in cands[:n])
