@@ -88,8 +88,10 @@ def child(system: str, budget: int) -> dict:
     else:
         sp = None if system == "af-dense" else float(system.removeprefix("af-sp"))
         th = load_thresholds(THRESHOLDS)[sp] if sp else None
-        model = ActiveFlowEngine(index, EngineOptions(budget_bytes=budget,
-                                                      max_seq_len=WARM + TIMED), th)
+        gap = os.environ.get("AF_ONDEMAND_GAP")  # NOTES: on-demand gap-merging experiment
+        model = ActiveFlowEngine(index, EngineOptions(
+            budget_bytes=budget, max_seq_len=WARM + TIMED,
+            ondemand_merge_gap_bytes=int(gap) if gap else None), th)
     ids = eval_tokens(WARM + TIMED)
     # Join before the first token: every arena page and every page-cache page of the file
     # is charged to the limited cgroup (warm-up tokens absorb interpreter first-use costs).
@@ -199,6 +201,10 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, metavar=("SYSTEM", "BUDGET"))
     parser.add_argument("--quality-tokens", type=int, default=64)
     parser.add_argument("--plot-only", type=Path)
+    parser.add_argument("--curve-only", action="store_true", help="skip the quality pass")
+    parser.add_argument("--shares", default=",".join(map(str, SHARES)))
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--out", default="mobile_activeflow")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]))))
@@ -213,11 +219,11 @@ def main() -> None:
         raise SystemExit("run `tessera mobile calibrate` first (thresholds file missing)")
     index = FlashIndex.load(FLASH)
     print("[mobile_activeflow] quality", flush=True)
-    q = quality([0.0, 0.3, 0.5, 0.7], args.quality_tokens)
+    q = [] if args.curve_only else quality([0.0, 0.3, 0.5, 0.7], args.quality_tokens)
     curve = []
-    for share in SHARES:
+    for share in [float(s) for s in args.shares.split(",")]:
         budget = int(share * index.weight_bytes)
-        for system in SYSTEMS:
+        for system in args.systems.split(","):
             r = run_child(system, budget)
             curve.append(r)
             msg = r.get("error", "").splitlines()[-1:] if "error" in r else (
@@ -227,11 +233,13 @@ def main() -> None:
             print(f"  {share:.0%} {system}: {msg}", flush=True)
     result = {"date": dt.date.today().isoformat(), "script": "benchmarks/mobile_activeflow.py",
               "weight_bytes": index.weight_bytes, "slack_bytes": SLACK, "warm_tokens": WARM,
-              "timed_tokens": TIMED, "quality": q, "curve": curve}
+              "timed_tokens": TIMED, "quality": q, "curve": curve,
+              "ondemand_merge_gap_bytes": os.environ.get("AF_ONDEMAND_GAP")}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "mobile_activeflow.json"
+    out = RESULTS / f"{args.out}.json"
     out.write_text(json.dumps(result, indent=1))
-    plot(result, RESULTS / "mobile_activeflow.png")
+    if q:
+        plot(result, out.with_suffix(".png"))
     print(f"[mobile_activeflow] wrote {out}", flush=True)
 
 

@@ -42,6 +42,8 @@ class EngineOptions:
     ondemand_fraction: float = 0.25  # on-demand buffer per kind (larger misses go in chunks)
     io_threads: int = 2
     merge_gap_bytes: int = 64 << 10
+    # On-demand reads stall compute and their misses are scattered; None = merge_gap_bytes.
+    ondemand_merge_gap_bytes: int | None = None
     max_seq_len: int = 512
     direct: bool | None = None  # None: O_DIRECT where the filesystem allows
     bounce_bytes: int = 1 << 20  # per concurrent reader; O_DIRECT reads land here first
@@ -260,7 +262,8 @@ class ActiveFlowEngine:
             for c0 in range(0, missing.size, buf.shape[0]):
                 chunk = missing[c0: c0 + buf.shape[0]]
                 t0 = time.perf_counter()
-                self.reader.read_channels(layer, kind, chunk, buf)
+                self.reader.read_channels(layer, kind, chunk, buf,
+                                          merge_gap_bytes=self.opt.ondemand_merge_gap_bytes)
                 ctr.stall_s += time.perf_counter() - t0
                 y += x[chunk] @ buf[: chunk.size]
                 cache.admit(chunk, buf[: chunk.size])

@@ -102,7 +102,7 @@ class FlashReader:
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def read_channels(self, layer: int, kind: str, channels: np.ndarray, dest: np.ndarray,
-                      keep_gaps: bool = False) -> np.ndarray:
+                      keep_gaps: bool = False, merge_gap_bytes: int | None = None) -> np.ndarray:
         """Copy rows `channels` (sorted, unique) of (layer, kind) into dest, in id order.
 
         keep_gaps: also keep the unrequested rows that gap merging read anyway, while dest has
@@ -124,7 +124,8 @@ class FlashReader:
             if max_rows < 1:
                 raise ValueError(f"bounce buffer too small for {rb}-byte rows")
             written = 0
-            for start, stop in merge_runs(channels, rb, self.merge_gap_bytes):
+            gap = self.merge_gap_bytes if merge_gap_bytes is None else merge_gap_bytes
+            for start, stop in merge_runs(channels, rb, gap):
                 for c0 in range(start, stop, max_rows):
                     c1 = min(c0 + max_rows, stop)
                     lo = ext.offset + c0 * rb
