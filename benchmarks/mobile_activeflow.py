@@ -88,9 +88,11 @@ def child(system: str, budget: int) -> dict:
     else:
         sp = None if system == "af-dense" else float(system.removeprefix("af-sp"))
         th = load_thresholds(THRESHOLDS)[sp] if sp else None
-        gap = os.environ.get("AF_ONDEMAND_GAP")  # NOTES: on-demand gap-merging experiment
+        # NOTES: gap-merging experiments (unset = the engine's defaults)
+        gap = os.environ.get("AF_ONDEMAND_GAP")
+        preload_gap = int(os.environ.get("AF_PRELOAD_GAP", 64 << 10))
         model = ActiveFlowEngine(index, EngineOptions(
-            budget_bytes=budget, max_seq_len=WARM + TIMED,
+            budget_bytes=budget, max_seq_len=WARM + TIMED, merge_gap_bytes=preload_gap,
             ondemand_merge_gap_bytes=int(gap) if gap else None), th)
     ids = eval_tokens(WARM + TIMED)
     # Join before the first token: every arena page and every page-cache page of the file
@@ -234,7 +236,8 @@ def main() -> None:
     result = {"date": dt.date.today().isoformat(), "script": "benchmarks/mobile_activeflow.py",
               "weight_bytes": index.weight_bytes, "slack_bytes": SLACK, "warm_tokens": WARM,
               "timed_tokens": TIMED, "quality": q, "curve": curve,
-              "ondemand_merge_gap_bytes": os.environ.get("AF_ONDEMAND_GAP")}
+              "ondemand_merge_gap_bytes": os.environ.get("AF_ONDEMAND_GAP"),
+              "preload_merge_gap_bytes": os.environ.get("AF_PRELOAD_GAP")}
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{args.out}.json"
     out.write_text(json.dumps(result, indent=1))
