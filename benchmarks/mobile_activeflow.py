@@ -178,7 +178,8 @@ def plot(result: dict, png: Path) -> None:
         axes[0].plot(xs, [p[1]["tok_s_median"] for p in pts], "o-", label=system)
         axes[1].plot(xs, [p[1]["device_read_bytes_per_token"] / 2**20 for p in pts], "o-",
                      label=system)
-    axes[0].set(xlabel="DRAM budget (% of projection-weight bytes)", ylabel="decode tok/s (median)",
+    axes[0].set(xlabel="DRAM budget (% of projection-weight bytes)", yscale="log",
+                ylabel="decode tok/s (median)",
                 title="SmolLM2-135M fp32, 2-core CPU, cgroup-limited")
     axes[1].set(xlabel="DRAM budget (%)", ylabel="MiB read from disk per token",
                 title="/proc/self/io read_bytes")
@@ -191,6 +192,7 @@ def plot(result: dict, png: Path) -> None:
     ax2.plot([r["sparsity"] for r in q], [r["top1_agreement_with_dense"] for r in q], "s--",
              color="C1")
     axes[2].set(xlabel="target activation sparsity", ylabel="perplexity (Apache-2.0 text)",
+                yscale="log",
                 title="Quality (raw thresholds, no distillation)")
     ax2.set_ylabel("top-1 agreement with dense", color="C1")
     fig.suptitle(f"benchmarks/mobile_activeflow.py, {result['date']}")
