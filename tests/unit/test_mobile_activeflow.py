@@ -196,3 +196,35 @@ def test_mmap_baseline_computes_the_same_dense_logits(tiny_model, tiny_flash) ->
     got = run(model, ids)
     model.close()
     assert np.all(np.abs(got - ref).max(axis=1) <= 2e-5 * np.abs(ref).max(axis=1) + 1e-5)
+
+
+def test_sparse_engine_matches_hf_with_teal_masks(tiny_model, tiny_flash) -> None:
+    """Reference: the HF model with every projection input masked (|x_j| <= tau -> 0)."""
+    from transformers import AutoModelForCausalLM
+
+    rng = np.random.default_rng(7)
+    opt = EngineOptions(budget_bytes=0, direct=False, bounce_bytes=64 << 10)
+    budget = int(tiny_flash.weight_bytes * 0.4) + min_budget_bytes(tiny_flash, opt) + 8192
+    engine = ActiveFlowEngine(tiny_flash, replace(opt, budget_bytes=budget))
+    th = thresholds_for(collect_abs_inputs(engine, rng.integers(0, 320, 32).tolist()), 0.5)
+    engine.thresholds = th
+    ids = [4, 8, 15, 16, 23, 42]
+    got = run(engine, ids)
+    preload_hits = engine.counters.preload_hits
+    engine.close()
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    kinds = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
+             "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
+    for layer, block in enumerate(model.model.layers):
+        for name, kind in kinds.items():
+            proj = getattr(block.self_attn if "proj" in name and name[0] in "qkvo" else block.mlp,
+                           name)
+            tau = th[(layer, kind)]
+            proj.register_forward_pre_hook(lambda m, a, tau=tau: (a[0] * (a[0].abs() > tau),))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.all(np.abs(got - ref).max(axis=1) <= 1e-4 * np.abs(ref).max(axis=1) + 1e-5)
+    dense = hf_logits(tiny_model, ids)
+    assert np.abs(dense - ref).max() > 1e-2  # the masks matter: not the dense logits
+    assert preload_hits > 0  # some active channels came through the preload path
