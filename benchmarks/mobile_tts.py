@@ -59,6 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=15)
     parser.add_argument("--scorers", default="likelihood,vote,verifier")
+    parser.add_argument("--sets", default="arithmetic,choice",
+                        help="comma list of: arithmetic, addition, choice")
     parser.add_argument("--plot-only", type=Path)
     args = parser.parse_args()
     if args.plot_only:
@@ -69,7 +71,8 @@ def main() -> None:
               "model": SERVED_MODEL_NAME, "temperature": 0.7, "task_sets": {}}
     with one_worker(settings) as url:
         endpoint = Endpoint(f"{url}/v1", SERVED_MODEL_NAME)
-        for name, make in TASK_SETS.items():
+        for name in args.sets.split(","):
+            make = TASK_SETS[name]
             print(f"[mobile_tts] {name}", flush=True)
             r = evaluate(endpoint, make(args.count, 0), NS, args.scorers.split(","))
             r["count"] = args.count

@@ -11,7 +11,7 @@ def add_tts_parser(sub: argparse._SubParsersAction) -> None:
     tts.add_argument("--url", default="http://127.0.0.1:8080/v1",
                      help="OpenAI-compatible base URL (default: the gateway)")
     tts.add_argument("--model", default="smollm2-135m-instruct")
-    tts.add_argument("--task", choices=("arithmetic", "choice"), default="arithmetic")
+    tts.add_argument("--task", choices=("arithmetic", "addition", "choice"), default="arithmetic")
     tts.add_argument("--count", type=int, default=20)
     tts.add_argument("--n", default="1,4,8,16", help="sample counts to evaluate")
     tts.add_argument("--scorer", default="likelihood,vote",

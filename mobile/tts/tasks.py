@@ -25,6 +25,16 @@ def arithmetic(count: int, seed: int = 0) -> list[Task]:
     return tasks
 
 
+def addition(count: int, seed: int = 0) -> list[Task]:
+    """Two-operand sums under 100: within reach of a 135M model (3-operand sets are not)."""
+    rng = random.Random(seed + 2)
+    tasks = []
+    for _ in range(count):
+        a, b = rng.randint(2, 49), rng.randint(2, 49)
+        tasks.append(Task(f"What is {a} + {b}? Give the final number.", str(a + b), "number"))
+    return tasks
+
+
 _ANIMALS = ["dog", "cat", "horse", "eagle", "salmon", "rabbit"]
 _COLORS = ["red", "blue", "green", "yellow", "purple", "orange"]
 _TOOLS = ["hammer", "wrench", "saw", "drill", "chisel", "pliers"]
@@ -53,4 +63,4 @@ def multiple_choice(count: int, seed: int = 0) -> list[Task]:
     return tasks
 
 
-TASK_SETS = {"arithmetic": arithmetic, "choice": multiple_choice}
+TASK_SETS = {"arithmetic": arithmetic, "addition": addition, "choice": multiple_choice}

@@ -9,7 +9,7 @@ from mobile.tts.answers import parse_choice, parse_number
 from mobile.tts.beam import Beam, select_beams
 from mobile.tts.best_of_n import choose
 from mobile.tts.scorers import Candidate, pick_by_vote, yes_probability
-from mobile.tts.tasks import _ANIMALS, _COLORS, _TOOLS, arithmetic, multiple_choice
+from mobile.tts.tasks import _ANIMALS, _COLORS, _TOOLS, addition, arithmetic, multiple_choice
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -88,6 +88,9 @@ def test_select_beams_keeps_top_mean_logprob_without_duplicates():
 
 def test_task_sets_are_seeded_and_answers_check_out():
     assert arithmetic(5, seed=3) == arithmetic(5, seed=3)
+    for t in addition(10, seed=1):
+        a, b = map(int, re.findall(r"\d+", t.question))
+        assert t.answer == str(a + b)
     for t in arithmetic(20, seed=1):
         expr = t.question.removeprefix("What is ").split("?")[0]
         assert str(eval(expr)) == t.answer
