@@ -9,7 +9,8 @@ Cross-layer preloading (§1.3): at the start of layer l the residual stream h pr
 attention and MLP inputs of layer l+N as rmsnorm(h) * gamma_{l+N} (block inputs are dominated
 by the residual stream); channels above that layer's threshold and not cached are read on a
 thread pool into a ring of N+1 preload buffers while layers l..l+N-1 compute. The inputs of
-o_proj and down_proj have no such predictor: they rely on the cache and on-demand reads.
+o_proj and down_proj have no such predictor: their preload takes the uncached channels most
+often active so far in the sequence (LFU counts); misses are read on demand.
 Counters: bytes read, hit rate, preload precision/recall, stall time.
 """
 
