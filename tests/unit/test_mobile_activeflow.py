@@ -181,8 +181,11 @@ def test_dense_engine_reproduces_smollm2_hf_logits(tmp_path) -> None:
     ids = [1, 504, 3458, 5866, 314]
     ref = hf_logits(SMOLLM2, ids)
     engine = ActiveFlowEngine(index, EngineOptions(budget_bytes=64 << 20))
-    got = run(engine, ids)
-    engine.close()
+    try:
+        got = run(engine, ids)
+    finally:
+        engine.close()
+        index.path.unlink()  # 425 MB; pytest keeps the last three tmp dirs
     assert np.all(np.abs(got - ref).max(axis=1) <= 1e-3)
     assert np.array_equal(got.argmax(axis=1), ref.argmax(axis=1))
 
