@@ -122,11 +122,15 @@ def child(system: str, budget: int) -> dict:
 
 
 def run_child(system: str, budget: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", system, str(budget)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.Popen([sys.executable, __file__, "--child", system, str(budget)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=300)
+    cg = own_memory_cgroup() / f"tessera_mobile_{proc.pid}"
+    if cg.exists():
+        cg.rmdir()  # empty once the child has exited
     if proc.returncode != 0:
-        return {"system": system, "budget_bytes": budget, "error": proc.stderr[-1500:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"system": system, "budget_bytes": budget, "error": stderr[-1500:]}
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 # -- quality -----------------------------------------------------------------------------------
