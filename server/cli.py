@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_parser(commands)
     add_securitylingua_parser(commands)
     add_patterns_parser(commands)
+    from mobile.cli import add_mobile_parser  # argparse only; mobile/ imports nothing of ours
+
+    add_mobile_parser(commands)
     return parser
 
 
