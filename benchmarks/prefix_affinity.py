@@ -183,11 +183,14 @@ def main() -> None:
     parser.add_argument("--reply-tokens", type=int, default=16)
     parser.add_argument("--doc-tokens", type=int, default=0,
                         help="a document of its own in each conversation's first turn")
+    parser.add_argument("--kv-cache-gib", type=int, default=2,
+                        help="KV cache per worker: smaller than all conversations' prefixes "
+                             "puts the caches under pressure, as in production")
     parser.add_argument("--output", default="prefix_affinity")
     args = parser.parse_args()
 
     load_before = os.getloadavg()
-    settings = ServerSettings(workers=2, kv_cache_space_gib=2, max_model_len=4096)
+    settings = ServerSettings(workers=2, kv_cache_space_gib=args.kv_cache_gib, max_model_len=4096)
     model_path = resolve_model_path(settings)
     # Dev mode exposes POST /reset_prefix_cache, so each policy starts from empty caches.
     dev = {"VLLM_SERVER_DEV_MODE": "1"}
@@ -233,7 +236,7 @@ def main() -> None:
                      "system_tokens": system_tokens, "reply_tokens": args.reply_tokens,
                      "doc_tokens_approx": args.doc_tokens,
                      "workers": 2, "worker_cores": 1, "max_model_len": 4096,
-                     "kv_cache_space_gib_per_worker": 2},
+                     "kv_cache_space_gib_per_worker": args.kv_cache_gib},
         "policies": results,
         "ttft_mean_ratio": results["prefix_affinity"]["ttft_s"]["mean"]
         / results["least_outstanding"]["ttft_s"]["mean"],
