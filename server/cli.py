@@ -14,6 +14,7 @@ from typing import Any, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 
+from kv_manager.leank.cli import add_leank_parser
 from prompt_pipeline.securitylingua.cli import add_securitylingua_parser
 from server.config import CONFIG_ENV, ServerSettings
 from server.ray_cluster import add_cluster_parser
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=_cmd_prepare_model)
     add_cluster_parser(commands)
     add_securitylingua_parser(commands)
+    add_leank_parser(commands)
     return parser
 
 
