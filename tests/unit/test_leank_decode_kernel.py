@@ -81,15 +81,18 @@ def _triton_kernel():
     return paged_pruned_decode
 
 
+@pytest.mark.parametrize("tokens_per_split", [32, 512])
 @pytest.mark.parametrize("seq_lens,counts,q_heads,block_size", CASES)
-def test_triton_kernel_matches_reference_interpreted(seq_lens, counts, q_heads, block_size):
+def test_triton_kernel_matches_reference_interpreted(seq_lens, counts, q_heads, block_size,
+                                                     tokens_per_split):
     kernel = _triton_kernel()
     if torch.cuda.is_available():
         pytest.skip("covered natively by the gpu test")
     for seed in (11, 12):
         tensors, layout, _ = _paged_case(seq_lens, counts, q_heads, block_size, seed=seed)
         expected = paged_pruned_decode_ref(*tensors, layout)
-        _assert_rows_close(kernel(*tensors, layout), expected, rtol=1e-5, atol=1e-5)
+        got = kernel(*tensors, layout, block_n=16, tokens_per_split=tokens_per_split)
+        _assert_rows_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
@@ -102,4 +105,6 @@ def test_triton_kernel_matches_reference_on_gpu(dtype):
         tensors, layout, _ = _paged_case(seq_lens, counts, q_heads, block_size, seed=seed,
                                          device="cuda", dtype=dtype)
         expected = paged_pruned_decode_ref(*[t.cpu() for t in tensors], layout)
-        _assert_rows_close(kernel(*tensors, layout), expected, rtol=2e-2, atol=2e-2)
+        for tokens_per_split in (256, 4096):
+            got = kernel(*tensors, layout, tokens_per_split=tokens_per_split)
+            _assert_rows_close(got, expected, rtol=2e-2, atol=2e-2)

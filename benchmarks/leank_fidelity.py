@@ -1,0 +1,163 @@
+"""LeanK logit fidelity vs dense on SmolLM2-135M, plain torch (HF fp32 forward, CPU).
+
+Variants on byte-identical token ids: dense; the trained mask (``--mask``); a random mask
+with the same per-head budgets (does training matter?); and a too-high sparsity derived from
+the trained mask's importance (negative control, not separately trained). Every key channel
+the mask drops is zeroed in every layer at every position, i.e. the whole text is processed
+as if each token had been decoded from the pruned cache (pessimistic: in serving, the
+prompt's own prefill would be dense). Documents are held out of training
+(kv_manager/leank/train.py HELD_OUT): GPL-3, Apache-2.0, and a repeat document (the first
+half of GPL-3, twice) that dense SmolLM2 copies almost perfectly.
+
+Per document and variant: KL(dense || variant) of next-token distributions (full vocab) and
+top-1 agreement, overall and per position bucket, and perplexity. Also K/V bytes per token
+implied by the mask (computed from the mask, not read from a vLLM worker).
+Writes benchmarks/results/leank_fidelity.json and .png.
+
+    flock -x /tmp/tessera-cpu-timing.lock .venv/bin/python benchmarks/leank_fidelity.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kv_manager.leank.budget import aligned_head_budgets, topk_keep  # noqa: E402
+from kv_manager.leank.cli import DEFAULT_MASK  # noqa: E402
+from kv_manager.leank.layout import LayerLayout  # noqa: E402
+from kv_manager.leank.mask import load_mask  # noqa: E402
+from kv_manager.leank.train import channel_factors, load_frozen_model  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODEL_DIR = Path("data/models/smollm2-135m-instruct")
+DOCS = {"GPL-3": "/usr/share/common-licenses/GPL-3",
+        "Apache-2.0": "/usr/share/common-licenses/Apache-2.0"}
+
+
+def documents(tokenizer, max_tokens: int) -> dict[str, torch.Tensor]:
+    docs = {}
+    for name, path in DOCS.items():
+        ids = tokenizer(Path(path).read_text())["input_ids"][:max_tokens]
+        docs[name] = torch.tensor(ids)
+    half = docs["GPL-3"][: max_tokens // 2]
+    docs["repeat(GPL-3 first half x2)"] = torch.cat([half, half])
+    return docs
+
+
+def logprobs(model, ids: torch.Tensor, factors: torch.Tensor | None) -> torch.Tensor:
+    with torch.no_grad(), channel_factors(factors):
+        return model(input_ids=ids.unsqueeze(0)).logits[0, :-1].float().log_softmax(-1)
+
+
+def compare(dense: torch.Tensor, other: torch.Tensor, ids: torch.Tensor, bucket: int) -> dict:
+    kl = (dense.exp() * (dense - other)).sum(-1)
+    top1 = (dense.argmax(-1) == other.argmax(-1)).float()
+    nll = -other.gather(1, ids[1:].unsqueeze(1)).squeeze(1)
+    buckets = []
+    for start in range(0, len(kl), bucket):
+        part = slice(start, start + bucket)
+        buckets.append({"from": start, "kl": round(float(kl[part].mean()), 5),
+                        "top1": round(float(top1[part].mean()), 4)})
+    return {"kl": round(float(kl.mean()), 5), "top1": round(float(top1.mean()), 4),
+            "perplexity": round(float(nll.mean().exp()), 3), "buckets": buckets}
+
+
+def memory(keep: torch.Tensor, dtype_bytes: int = 2) -> dict:
+    totals = {"k_dense": 0, "k_stored": 0, "v_dense": 0, "v_stored": 0}
+    for layer in keep:
+        for key, value in LayerLayout(layer).bytes_per_token(dtype_bytes).items():
+            totals[key] += value
+    # vLLM wants one page size for all layers of a KV cache group (research digest 3.5):
+    # padded to the widest layer, this is what the first integration would actually save.
+    layouts = [LayerLayout(layer) for layer in keep]
+    widest_k = max(layout.k_width for layout in layouts) * dtype_bytes
+    widest_v = max(len(layout.live_heads) for layout in layouts) * keep.shape[2] * dtype_bytes
+    totals["k_stored_uniform_pages"] = widest_k * len(layouts)
+    totals["v_stored_uniform_pages"] = widest_v * len(layouts)
+    return totals | {"k_saved": round(1 - totals["k_stored"] / totals["k_dense"], 4),
+                     "k_saved_uniform_pages": round(
+                         1 - totals["k_stored_uniform_pages"] / totals["k_dense"], 4),
+                     "v_saved": round(1 - totals["v_stored"] / totals["v_dense"], 4),
+                     "capacity_x": round((totals["k_dense"] + totals["v_dense"])
+                                         / (totals["k_stored"] + totals["v_stored"]), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mask", default=str(DEFAULT_MASK))
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--bucket", type=int, default=512)
+    parser.add_argument("--control-sparsity", type=float, default=0.9)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    from transformers import AutoTokenizer
+
+    mask = load_mask(Path(args.mask))
+    budgets = mask.kept_counts
+    generator = torch.Generator().manual_seed(0)
+    variants = {
+        f"leank trained s={mask.sparsity}": mask.keep,
+        f"random, same budgets s={mask.sparsity}": topk_keep(
+            torch.rand(mask.keep.shape, generator=generator), budgets),
+        f"leank derived s={args.control_sparsity} (negative control)": topk_keep(
+            mask.importance, aligned_head_budgets(mask.importance, args.control_sparsity,
+                                                  mask.align)),
+    }
+    model = load_frozen_model(MODEL_DIR)
+    mask.check_model(type(mask.fingerprint).from_hf_config(model.config), mask.head_dim)
+    docs = documents(AutoTokenizer.from_pretrained(str(MODEL_DIR)), args.tokens)
+    result = {"script": "benchmarks/leank_fidelity.py", "date": time.strftime("%Y-%m-%d"),
+              "mask": args.mask, "tokens": args.tokens, "device": "cpu fp32 (HF transformers)",
+              "memory_fp16_bytes_per_token": {name: memory(keep)
+                                              for name, keep in variants.items()},
+              "documents": {}}
+    for doc_name, ids in docs.items():
+        started = time.perf_counter()
+        dense = logprobs(model, ids, None)
+        nll = -dense.gather(1, ids[1:].unsqueeze(1)).squeeze(1)
+        rows = {"dense": {"perplexity": round(float(nll.mean().exp()), 3)}}
+        for name, keep in variants.items():
+            rows[name] = compare(dense, logprobs(model, ids, keep.float()), ids, args.bucket)
+            print(f"{doc_name:32s} {name:48s} kl={rows[name]['kl']:.4f} "
+                  f"top1={rows[name]['top1']:.3f} ppl={rows[name]['perplexity']:.2f} "
+                  f"(dense {rows['dense']['perplexity']:.2f})", flush=True)
+        result["documents"][doc_name] = rows | {"seconds": round(time.perf_counter() - started)}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "leank_fidelity.json").write_text(json.dumps(result, indent=2))
+    plot(result, RESULTS / "leank_fidelity.png")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    docs = result["documents"]
+    fig, axes = plt.subplots(2, len(docs), figsize=(5 * len(docs), 7), squeeze=False)
+    for col, (doc_name, rows) in enumerate(docs.items()):
+        for name, row in rows.items():
+            if "buckets" not in row:
+                continue
+            x = [b["from"] for b in row["buckets"]]
+            axes[0][col].plot(x, [b["kl"] for b in row["buckets"]], marker="o", label=name)
+            axes[1][col].plot(x, [b["top1"] for b in row["buckets"]], marker="o", label=name)
+        axes[0][col].set_title(f"{doc_name} (dense ppl {rows['dense']['perplexity']})")
+        axes[0][col].set_ylabel("KL(dense || variant)")
+        axes[0][col].set_yscale("log")
+        axes[1][col].set_ylabel("top-1 agreement")
+        axes[1][col].set_xlabel("position bucket start (tokens)")
+    axes[1][0].legend(fontsize=7)
+    fig.suptitle(f"LeanK fidelity, SmolLM2-135M, {result['tokens']} tokens, {result['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
