@@ -31,6 +31,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def add_leank_parser(commands: argparse._SubParsersAction) -> None:
     leank = commands.add_parser("leank", help="LeanK K-channel masks (arXiv 2508.02215)")
+    leank.set_defaults(config=None)  # `tessera` reads args.config for every command
     sub = leank.add_subparsers(dest="leank_command", required=True)
     train = sub.add_parser("train", help="two-stage mask training on a local HF model (CPU)")
     train.add_argument("--model", required=True, help="HF model directory")

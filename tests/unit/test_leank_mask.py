@@ -96,3 +96,13 @@ def test_topk_keeps_highest_scoring_channels():
     importance = torch.arange(64, dtype=torch.float32).view(1, 1, 64)
     keep = topk_keep(importance, torch.tensor([[16]]))
     assert torch.nonzero(keep[0, 0]).flatten().tolist() == list(range(48, 64))
+
+
+def test_cli_show_prints_metadata(tmp_path, capsys):
+    from server.cli import main
+
+    save_mask(_random_mask(), tmp_path / "m.safetensors")
+    assert main(["leank", "show", str(tmp_path / "m.safetensors")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["fingerprint"]["architecture"] == "LlamaForCausalLM"
+    assert shown["align"] == 16 and "kept_channels" not in shown
