@@ -3,8 +3,6 @@ kernel vs the reference (TRITON_INTERPRET=1 on CPU; natively with @gpu on the de
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -72,10 +70,11 @@ def test_paged_reference_matches_zeroed_channel_dense(seq_lens, counts, q_heads,
         _assert_rows_close(got[seq], expected, rtol=1e-5, atol=1e-5)
 
 
-def _triton_kernel():
+def _triton_kernel(monkeypatch: pytest.MonkeyPatch):
     if not torch.cuda.is_available():
-        # Must be set before the kernel module is imported (the decorator reads it).
-        os.environ["TRITON_INTERPRET"] = "1"
+        # Triton reads TRITON_INTERPRET when it is imported and at launch: set it first;
+        # monkeypatch scopes it to this test so no other test's kernels change mode.
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     pytest.importorskip("triton")
     from kv_manager.leank.kernels.decode_triton import paged_pruned_decode
     return paged_pruned_decode
@@ -84,8 +83,8 @@ def _triton_kernel():
 @pytest.mark.parametrize("tokens_per_split", [32, 512])
 @pytest.mark.parametrize("seq_lens,counts,q_heads,block_size", CASES)
 def test_triton_kernel_matches_reference_interpreted(seq_lens, counts, q_heads, block_size,
-                                                     tokens_per_split):
-    kernel = _triton_kernel()
+                                                     tokens_per_split, monkeypatch):
+    kernel = _triton_kernel(monkeypatch)
     if torch.cuda.is_available():
         pytest.skip("covered natively by the gpu test")
     for seed in (11, 12):
@@ -98,8 +97,8 @@ def test_triton_kernel_matches_reference_interpreted(seq_lens, counts, q_heads, 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_kernel_matches_reference_on_gpu(dtype):
-    kernel = _triton_kernel()
+def test_triton_kernel_matches_reference_on_gpu(dtype, monkeypatch):
+    kernel = _triton_kernel(monkeypatch)
     for seed, (seq_lens, counts, q_heads, block_size) in enumerate(
             CASES + [([4096, 777, 9000, 1], [16, 0, 48, 32, 16, 64, 0, 16], 32, 16)]):
         tensors, layout, _ = _paged_case(seq_lens, counts, q_heads, block_size, seed=seed,
