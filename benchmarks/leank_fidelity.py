@@ -1,8 +1,9 @@
 """LeanK logit fidelity vs dense on SmolLM2-135M, plain torch (HF fp32 forward, CPU).
 
 Variants on byte-identical token ids: dense; the trained mask (``--mask``); a random mask
-with the same per-head budgets (does training matter?); and a too-high sparsity derived from
-the trained mask's importance (negative control, not separately trained). Every key channel
+with the same per-head budgets (does training matter?); the trained importance under
+layer-uniform budgets (one K row width for all layers, what vLLM pages want); and a too-high
+sparsity derived from the trained importance (negative control, not separately trained). Every key channel
 the mask drops is zeroed in every layer at every position, i.e. the whole text is processed
 as if each token had been decoded from the pruned cache (pessimistic: in serving, the
 prompt's own prefill would be dense). Documents are held out of training
@@ -29,7 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kv_manager.leank.budget import aligned_head_budgets, topk_keep  # noqa: E402
+from kv_manager.leank.budget import (  # noqa: E402
+    aligned_head_budgets,
+    layer_uniform_head_budgets,
+    topk_keep,
+)
 from kv_manager.leank.cli import DEFAULT_MASK  # noqa: E402
 from kv_manager.leank.layout import LayerLayout  # noqa: E402
 from kv_manager.leank.mask import load_mask  # noqa: E402
@@ -106,6 +111,9 @@ def main() -> None:
         f"leank trained s={mask.sparsity}": mask.keep,
         f"random, same budgets s={mask.sparsity}": topk_keep(
             torch.rand(mask.keep.shape, generator=generator), budgets),
+        f"leank layer-uniform s={mask.sparsity} (derived)": topk_keep(
+            mask.importance, layer_uniform_head_budgets(mask.importance, mask.sparsity,
+                                                        mask.align)),
         f"leank derived s={args.control_sparsity} (negative control)": topk_keep(
             mask.importance, aligned_head_budgets(mask.importance, args.control_sparsity,
                                                   mask.align)),

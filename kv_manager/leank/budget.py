@@ -42,3 +42,13 @@ def topk_keep(importance: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
     """bool [layers, kv_heads, head_dim]: each head's ``budgets`` highest-scoring channels."""
     rank = importance.float().argsort(dim=2, descending=True, stable=True).argsort(dim=2)
     return rank < budgets.unsqueeze(2)
+
+
+def layer_uniform_head_budgets(importance: torch.Tensor, sparsity: float,
+                               align: int) -> torch.Tensor:
+    """Like ``aligned_head_budgets``, but every layer keeps the same number of channels, so
+    a packed K row has one width across layers (vLLM wants one page size per KV cache
+    group). Heads within a layer still compete: the layer's best groups win."""
+    budgets = [aligned_head_budgets(importance[layer: layer + 1], sparsity, align)
+               for layer in range(importance.shape[0])]
+    return torch.cat(budgets)

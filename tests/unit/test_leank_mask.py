@@ -106,3 +106,14 @@ def test_cli_show_prints_metadata(tmp_path, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["fingerprint"]["architecture"] == "LlamaForCausalLM"
     assert shown["align"] == 16 and "kept_channels" not in shown
+
+
+def test_layer_uniform_budgets_give_every_layer_one_width():
+    from kv_manager.leank.budget import layer_uniform_head_budgets
+
+    importance = torch.rand(30, 3, 64, generator=torch.Generator().manual_seed(4)) ** 4
+    importance[3] *= 100.0  # a layer the global ranking would favour
+    budgets = layer_uniform_head_budgets(importance, 0.7, 16)
+    assert set(budgets.sum(dim=1).tolist()) == {round(0.3 * 192 / 16) * 16}
+    assert bool((budgets % 16 == 0).all())
+    assert aligned_head_budgets(importance, 0.7, 16)[3].sum() > budgets[3].sum()
