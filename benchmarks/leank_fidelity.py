@@ -3,8 +3,8 @@
 Variants on byte-identical token ids: dense; the trained mask (``--mask``); a random mask
 with the same per-head budgets (does training matter?); the trained importance under
 layer-uniform budgets (one K row width for all layers, what vLLM pages want); and a too-high
-sparsity derived from the trained importance (negative control, not separately trained). Every key channel
-the mask drops is zeroed in every layer at every position, i.e. the whole text is processed
+sparsity derived from the trained importance (negative control, not separately trained).
+Every key channel the mask drops is zeroed in every layer at every position: the text is processed
 as if each token had been decoded from the pruned cache (pessimistic: in serving, the
 prompt's own prefill would be dense). Documents are held out of training
 (kv_manager/leank/train.py HELD_OUT): GPL-3, Apache-2.0, and a repeat document (the first
