@@ -4,11 +4,12 @@ Variants on byte-identical token ids: dense; the trained mask (``--mask``); a ra
 with the same per-head budgets (does training matter?); the trained importance under
 layer-uniform budgets (one K row width for all layers, what vLLM pages want); and a too-high
 sparsity derived from the trained importance (negative control, not separately trained).
-Every key channel the mask drops is zeroed in every layer at every position: the text is processed
-as if each token had been decoded from the pruned cache (pessimistic: in serving, the
-prompt's own prefill would be dense). Documents are held out of training
-(kv_manager/leank/train.py HELD_OUT): GPL-3, Apache-2.0, and a repeat document (the first
-half of GPL-3, twice) that dense SmolLM2 copies almost perfectly.
+With --mode decode (default) every position is one decode step after a dense prefill of the
+text before it (kv_manager/leank/simulate.py), which is what serving does for the first
+generated token; --mode all zeroes the dropped channels at every position of the pass
+(harsher: the error compounds, like a long generation with no dense prefill). Documents are
+held out of training (kv_manager/leank/train.py HELD_OUT): GPL-3, Apache-2.0, and a repeat
+document (the first half of GPL-3, twice) that dense SmolLM2 copies almost perfectly.
 
 Per document and variant: KL(dense || variant) of next-token distributions (full vocab) and
 top-1 agreement, overall and per position bucket, and perplexity. Also K/V bytes per token
@@ -38,7 +39,7 @@ from kv_manager.leank.budget import (  # noqa: E402
 from kv_manager.leank.cli import DEFAULT_MASK  # noqa: E402
 from kv_manager.leank.layout import LayerLayout  # noqa: E402
 from kv_manager.leank.mask import load_mask  # noqa: E402
-from kv_manager.leank.train import channel_factors, load_frozen_model  # noqa: E402
+from kv_manager.leank.train import load_frozen_model, masked_hidden_states  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL_DIR = Path("data/models/smollm2-135m-instruct")
@@ -56,9 +57,12 @@ def documents(tokenizer, max_tokens: int) -> dict[str, torch.Tensor]:
     return docs
 
 
-def logprobs(model, ids: torch.Tensor, factors: torch.Tensor | None) -> torch.Tensor:
-    with torch.no_grad(), channel_factors(factors):
-        return model(input_ids=ids.unsqueeze(0)).logits[0, :-1].float().log_softmax(-1)
+def logprobs(model, ids: torch.Tensor, keep: torch.Tensor,
+             mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense, masked) next-token log-probabilities [tokens - 1, vocab]."""
+    with torch.no_grad():
+        dense, masked = masked_hidden_states(model, ids.unsqueeze(0), keep.float(), mode)
+        return tuple(model.lm_head(h[:-1]).float().log_softmax(-1) for h in (dense, masked))
 
 
 def compare(dense: torch.Tensor, other: torch.Tensor, ids: torch.Tensor, bucket: int) -> dict:
@@ -100,6 +104,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--bucket", type=int, default=512)
     parser.add_argument("--control-sparsity", type=float, default=0.9)
+    parser.add_argument("--mode", choices=["decode", "all"], default="decode",
+                        help="decode: each position decoded after a dense prefill (serving); "
+                        "all: keys masked at every position (harsher)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     from transformers import AutoTokenizer
@@ -122,21 +129,25 @@ def main() -> None:
     mask.check_model(type(mask.fingerprint).from_hf_config(model.config), mask.head_dim)
     docs = documents(AutoTokenizer.from_pretrained(str(MODEL_DIR)), args.tokens)
     result = {"script": "benchmarks/leank_fidelity.py", "date": time.strftime("%Y-%m-%d"),
-              "mask": args.mask, "tokens": args.tokens, "device": "cpu fp32 (HF transformers)",
+              "mask": args.mask, "tokens": args.tokens, "mode": args.mode,
+              "device": "cpu fp32 (HF transformers)",
               "memory_fp16_bytes_per_token": {name: memory(keep)
                                               for name, keep in variants.items()},
               "documents": {}}
     for doc_name, ids in docs.items():
         started = time.perf_counter()
-        dense = logprobs(model, ids, None)
-        nll = -dense.gather(1, ids[1:].unsqueeze(1)).squeeze(1)
-        rows = {"dense": {"perplexity": round(float(nll.mean().exp()), 3)}}
+        rows: dict[str, dict] = {}
         for name, keep in variants.items():
-            rows[name] = compare(dense, logprobs(model, ids, keep.float()), ids, args.bucket)
-            print(f"{doc_name:32s} {name:48s} kl={rows[name]['kl']:.4f} "
+            dense, masked = logprobs(model, ids, keep, args.mode)
+            if not rows:
+                nll = -dense.gather(1, ids[1:].unsqueeze(1)).squeeze(1)
+                rows["dense"] = {"perplexity": round(float(nll.mean().exp()), 3)}
+            rows[name] = compare(dense, masked, ids, args.bucket)
+            print(f"{doc_name:28s} {name:44s} kl={rows[name]['kl']:.4f} "
                   f"top1={rows[name]['top1']:.3f} ppl={rows[name]['perplexity']:.2f} "
                   f"(dense {rows['dense']['perplexity']:.2f})", flush=True)
-        result["documents"][doc_name] = rows | {"seconds": round(time.perf_counter() - started)}
+        result["documents"][doc_name] = {"rows": rows,
+                                         "seconds": round(time.perf_counter() - started)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "leank_fidelity.json").write_text(json.dumps(result, indent=2))
     plot(result, RESULTS / "leank_fidelity.png")
@@ -149,7 +160,8 @@ def plot(result: dict, path: Path) -> None:
 
     docs = result["documents"]
     fig, axes = plt.subplots(2, len(docs), figsize=(5 * len(docs), 7), squeeze=False)
-    for col, (doc_name, rows) in enumerate(docs.items()):
+    for col, (doc_name, doc) in enumerate(docs.items()):
+        rows = doc["rows"]
         for name, row in rows.items():
             if "buckets" not in row:
                 continue
@@ -162,7 +174,8 @@ def plot(result: dict, path: Path) -> None:
         axes[1][col].set_ylabel("top-1 agreement")
         axes[1][col].set_xlabel("position bucket start (tokens)")
     axes[1][0].legend(fontsize=7)
-    fig.suptitle(f"LeanK fidelity, SmolLM2-135M, {result['tokens']} tokens, {result['date']}")
+    fig.suptitle(f"LeanK fidelity, SmolLM2-135M, {result['tokens']} tokens, mode "
+                 f"{result['mode']}, {result['date']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

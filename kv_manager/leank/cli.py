@@ -13,7 +13,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(model_dir=Path(args.model), out=Path(args.out), sparsity=args.sparsity,
                          align=args.align, seq_len=args.seq_len, stage1_steps=args.stage1_steps,
-                         stage2_steps=args.stage2_steps, seed=args.seed, threads=args.threads)
+                         stage2_steps=args.stage2_steps, mode=args.mode, seed=args.seed,
+                         threads=args.threads)
     print(summary(train(config)))
     return 0
 
@@ -39,8 +40,11 @@ def add_leank_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--sparsity", type=float, default=0.7, help="fraction of K dropped")
     train.add_argument("--align", type=int, default=16, help="kept channels per head: multiple")
     train.add_argument("--seq-len", type=int, default=256, help="training window (tokens)")
-    train.add_argument("--stage1-steps", type=int, default=24)
-    train.add_argument("--stage2-steps", type=int, default=12)
+    train.add_argument("--stage1-steps", type=int, default=100)
+    train.add_argument("--stage2-steps", type=int, default=60)
+    train.add_argument("--mode", choices=["decode", "all"], default="decode",
+                       help="decode: masked decode after dense prefill (serving); all: mask "
+                       "keys at every position")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=2)
     train.set_defaults(func=_cmd_train)

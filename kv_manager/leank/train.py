@@ -3,7 +3,10 @@
 Frozen model; only per-channel factors over post-RoPE keys are learned, shape
 [layers, kv_heads, head_dim]. The loss is distillation: the relative squared error between
 the masked model's and the dense model's final hidden states, over positions >= loss_from
-(early positions see few keys and say little about long-range attention).
+(early positions see few keys and say little about long-range attention). With
+mode="decode" (default, ours) the masked model is the serving situation, every position a
+decode step after a dense prefill (simulate.py); mode="all" masks keys at every position of
+the pass (harsher: errors compound through layers and positions).
 
 - Stage 1 (importance): continuous factors alpha in [0, 1], initialised at 1, trained with
   the distillation loss plus an L1 penalty that pushes unneeded channels to 0 (projected
@@ -36,6 +39,7 @@ from tqdm import tqdm
 from attention_backends.policy import ModelFingerprint
 from kv_manager.leank.budget import aligned_head_budgets, topk_keep
 from kv_manager.leank.mask import LeanKMask, save_mask
+from kv_manager.leank.simulate import decode_after_prefill_attention
 
 ATTENTION_NAME = "leank_channel_factors"
 # Held out for benchmarks/leank_fidelity.py, so fidelity is measured on text not trained on.
@@ -53,11 +57,12 @@ class TrainConfig:
     align: int = 16
     seq_len: int = 256
     loss_from: int = 32
-    stage1_steps: int = 24
-    stage2_steps: int = 12
-    stage1_lr: float = 0.03
-    stage2_lr: float = 0.01
+    stage1_steps: int = 100
+    stage2_steps: int = 60
+    stage1_lr: float = 0.05
+    stage2_lr: float = 0.02
     l1_weight: float = 0.05
+    mode: str = "decode"
     seed: int = 0
     threads: int = 2
     checkpoint_every: int = 5
@@ -76,32 +81,54 @@ class TrainConfig:
         return values
 
 
-# The active factors, read by the attention function below; None = dense (the teacher).
-_ACTIVE: dict[str, torch.Tensor | None] = {"factors": None}
+# Read by the attention function below. factors None = dense. mode "decode": batch rows are
+# (dense stream, decode stream), see simulate.py; mode "all": keys masked everywhere.
+_ACTIVE: dict[str, Any] = {"factors": None, "mode": "decode"}
+MODES = ("decode", "all")
 
 
 def _scaled_key_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                           value: torch.Tensor, attention_mask: torch.Tensor | None,
                           **kwargs: Any) -> tuple[torch.Tensor, None]:
-    # key is post-RoPE [batch, kv_heads, tokens, head_dim]: scaling here is exactly what a
-    # pruned cache does to every cached key (the query is left whole; zeroed key channels
-    # already remove its matching channels from q.k).
+    # key is post-RoPE [batch, kv_heads, tokens, head_dim]: scaling its channels is exactly
+    # what a pruned cache does (zeroed key channels also remove the query's matching ones).
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     factors = _ACTIVE["factors"]
-    if factors is not None:
-        key = key * factors[module.layer_idx].unsqueeze(1).to(key.dtype)
+    if factors is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    layer_factors = factors[module.layer_idx].to(key.dtype)
+    if _ACTIVE["mode"] == "decode":
+        scaling = kwargs.get("scaling") or module.scaling
+        return decode_after_prefill_attention(query, key, value, layer_factors, scaling), None
+    key = key * layer_factors.unsqueeze(1)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 @contextmanager
-def channel_factors(factors: torch.Tensor | None) -> Iterator[None]:
-    previous = _ACTIVE["factors"]
-    _ACTIVE["factors"] = factors
+def channel_factors(factors: torch.Tensor | None, mode: str = "decode") -> Iterator[None]:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    previous = dict(_ACTIVE)
+    _ACTIVE.update(factors=factors, mode=mode)
     try:
         yield
     finally:
-        _ACTIVE["factors"] = previous
+        _ACTIVE.update(previous)
+
+
+def masked_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor,
+                         factors: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense, masked) final hidden states [tokens, hidden] for one sequence [1, tokens].
+    "decode": both from one two-row pass; "all": a dense pass and a masked pass."""
+    if mode == "decode":
+        with channel_factors(factors, mode):
+            hidden = model.model(input_ids=input_ids.repeat(2, 1)).last_hidden_state
+        return hidden[0].detach(), hidden[1]
+    with torch.no_grad(), channel_factors(None):
+        dense = model.model(input_ids=input_ids).last_hidden_state[0]
+    with channel_factors(factors, mode):
+        return dense, model.model(input_ids=input_ids).last_hidden_state[0]
 
 
 def load_frozen_model(model_dir: Path) -> torch.nn.Module:
@@ -134,11 +161,9 @@ def _window(tokens: torch.Tensor, config: TrainConfig, stage: int, step: int) ->
 
 
 def _distill_loss(model: torch.nn.Module, input_ids: torch.Tensor, factors: torch.Tensor,
-                  loss_from: int) -> torch.Tensor:
-    with torch.no_grad(), channel_factors(None):
-        target = model.model(input_ids=input_ids).last_hidden_state[:, loss_from:]
-    with channel_factors(factors):
-        hidden = model.model(input_ids=input_ids).last_hidden_state[:, loss_from:]
+                  loss_from: int, mode: str = "decode") -> torch.Tensor:
+    target, hidden = masked_hidden_states(model, input_ids, factors, mode)
+    target, hidden = target[loss_from:], hidden[loss_from:]
     return (hidden - target).pow(2).sum() / target.pow(2).sum()
 
 
@@ -190,12 +215,12 @@ def train(config: TrainConfig, tokens: torch.Tensor | None = None,
             input_ids = _window(tokens, config, stage, step)
             if stage == 1:
                 factors = scores.clamp(0.0, 1.0)
-                distill = _distill_loss(model, input_ids, factors, config.loss_from)
+                distill = _distill_loss(model, input_ids, factors, config.loss_from, config.mode)
                 loss = distill + config.l1_weight * factors.mean()
             else:
                 hard = topk_keep(scores.detach(), budgets).float()
                 factors = hard + scores - scores.detach()  # straight-through
-                distill = _distill_loss(model, input_ids, factors, config.loss_from)
+                distill = _distill_loss(model, input_ids, factors, config.loss_from, config.mode)
                 loss = distill
             optimizer.zero_grad()
             loss.backward()
