@@ -3,7 +3,8 @@
 Variants on byte-identical token ids: dense; the trained mask (``--mask``); a random mask
 with the same per-head budgets (does training matter?); the trained importance under
 layer-uniform budgets (one K row width for all layers, what vLLM pages want); and a too-high
-sparsity derived from the trained importance (negative control, not separately trained).
+sparsity derived from the trained importance (negative control, not separately trained);
+plus ``--sweep`` sparsities from the same importance, to choose the sparsity by measurement.
 With --mode decode (default) every position is one decode step after a dense prefill of the
 text before it (kv_manager/leank/simulate.py), which is what serving does for the first
 generated token; --mode all zeroes the dropped channels at every position of the pass
@@ -104,6 +105,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--bucket", type=int, default=512)
     parser.add_argument("--control-sparsity", type=float, default=0.9)
+    parser.add_argument("--sweep", type=float, nargs="*", default=[0.25, 0.5],
+                        help="also evaluate masks at these sparsities from the same importance")
     parser.add_argument("--mode", choices=["decode", "all"], default="decode",
                         help="decode: each position decoded after a dense prefill (serving); "
                         "all: keys masked at every position (harsher)")
@@ -121,6 +124,9 @@ def main() -> None:
         f"leank layer-uniform s={mask.sparsity} (derived)": topk_keep(
             mask.importance, layer_uniform_head_budgets(mask.importance, mask.sparsity,
                                                         mask.align)),
+        **{f"leank derived s={sweep}": topk_keep(
+            mask.importance, aligned_head_budgets(mask.importance, sweep, mask.align))
+           for sweep in args.sweep},
         f"leank derived s={args.control_sparsity} (negative control)": topk_keep(
             mask.importance, aligned_head_budgets(mask.importance, args.control_sparsity,
                                                   mask.align)),
