@@ -105,6 +105,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--bucket", type=int, default=512)
     parser.add_argument("--control-sparsity", type=float, default=0.9)
+    parser.add_argument("--trained-only", action="store_true",
+                        help="evaluate only the trained mask (no baselines, sweep or control)")
+    parser.add_argument("--out", default="leank_fidelity", help="results file stem")
     parser.add_argument("--sweep", type=float, nargs="*", default=[0.25, 0.5],
                         help="also evaluate masks at these sparsities from the same importance")
     parser.add_argument("--mode", choices=["decode", "all"], default="decode",
@@ -131,6 +134,8 @@ def main() -> None:
             mask.importance, aligned_head_budgets(mask.importance, args.control_sparsity,
                                                   mask.align)),
     }
+    if args.trained_only:
+        variants = {name: keep for name, keep in variants.items() if "trained" in name}
     model = load_frozen_model(MODEL_DIR)
     mask.check_model(type(mask.fingerprint).from_hf_config(model.config), mask.head_dim)
     docs = documents(AutoTokenizer.from_pretrained(str(MODEL_DIR)), args.tokens)
@@ -155,8 +160,8 @@ def main() -> None:
         result["documents"][doc_name] = {"rows": rows,
                                          "seconds": round(time.perf_counter() - started)}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "leank_fidelity.json").write_text(json.dumps(result, indent=2))
-    plot(result, RESULTS / "leank_fidelity.png")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2))
+    plot(result, RESULTS / f"{args.out}.png")
 
 
 def plot(result: dict, path: Path) -> None:
