@@ -77,9 +77,20 @@ def test_checkpoint_from_other_settings_is_refused(tiny_model_dir, tmp_path):
         leank_train.train(_config(tiny_model_dir, tmp_path / "m.safetensors", seed=7), TOKENS)
 
 
-def test_factor_one_is_the_dense_model(tiny_model_dir):
+@pytest.mark.parametrize("mode", ["decode", "all"])
+def test_factor_one_is_the_dense_model(tiny_model_dir, mode):
     model = load_frozen_model(tiny_model_dir)
     ids = TOKENS[:20].unsqueeze(0)
-    loss = leank_train._distill_loss(model, ids, torch.ones(2, 2, 16), 0)
+    loss = leank_train._distill_loss(model, ids, torch.ones(2, 2, 16), 0, mode)
     assert float(loss) < 1e-10
-    assert float(leank_train._distill_loss(model, ids, torch.zeros(2, 2, 16), 0)) > 1e-4
+    assert float(leank_train._distill_loss(model, ids, torch.zeros(2, 2, 16), 0, mode)) > 1e-4
+
+
+def test_decode_mode_is_milder_than_masking_every_position(tiny_model_dir):
+    # Decode after a dense prefill perturbs only the decoded token's own path.
+    model = load_frozen_model(tiny_model_dir)
+    ids = TOKENS[:40].unsqueeze(0)
+    keep = (torch.rand(2, 2, 16, generator=torch.Generator().manual_seed(3)) > 0.5).float()
+    decode = leank_train._distill_loss(model, ids, keep, 4, "decode")
+    everywhere = leank_train._distill_loss(model, ids, keep, 4, "all")
+    assert 0 < float(decode) < float(everywhere)
