@@ -15,6 +15,7 @@ from typing import Any, get_args, get_origin
 from pydantic.fields import FieldInfo
 
 from attention_backends.patterns.minference.cli import add_patterns_parser
+from kv_manager.leank.cli import add_leank_parser
 from prompt_pipeline.securitylingua.cli import add_securitylingua_parser
 from server.config import CONFIG_ENV, ServerSettings
 from server.ray_cluster import add_cluster_parser
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_parser(commands)
     add_securitylingua_parser(commands)
     add_patterns_parser(commands)
+    add_leank_parser(commands)
     from mobile.cli import add_mobile_parser  # argparse only; mobile/ imports nothing of ours
 
     add_mobile_parser(commands)

@@ -1,0 +1,134 @@
+"""LeanK decode kernel vs dense decode attention over the same KV (GPU timing harness).
+
+Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), one layer, fp16,
+paged with block 16; a random aligned mask at ``--sparsity`` (align 16, per-head budgets
+drawn so some heads are fully pruned, as a trained mask has). Dense baseline: torch SDPA
+(flash / cuDNN picks itself) over contiguous K/V of the same tokens with GQA expanded by
+``enable_gqa``. Reports time, bytes each side must read, effective TB/s and the speedup;
+JSON + PNG in benchmarks/results/. ``--smoke`` runs tiny shapes on CPU under
+TRITON_INTERPRET=1 (checks the harness and correctness only; the times mean nothing).
+
+    .venv/bin/python benchmarks/leank_decode_kernel.py            # on the H200
+    TRITON_INTERPRET=1 .venv/bin/python benchmarks/leank_decode_kernel.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kv_manager.leank.budget import aligned_head_budgets, topk_keep  # noqa: E402
+from kv_manager.leank.kernels.decode_ref import paged_pruned_decode_ref  # noqa: E402
+from kv_manager.leank.kernels.decode_triton import paged_pruned_decode  # noqa: E402
+from kv_manager.leank.layout import LayerLayout  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def random_keep(kv_heads: int, head_dim: int, sparsity: float, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    importance = torch.rand(1, kv_heads, head_dim, generator=generator) ** 4
+    importance *= torch.rand(1, kv_heads, 1, generator=generator) ** 2  # uneven heads
+    return topk_keep(importance, aligned_head_budgets(importance, sparsity, 16))[0]
+
+
+def build(batch: int, context: int, layout: LayerLayout, q_heads: int, block_size: int,
+          device: str, dtype: torch.dtype):
+    kv_heads, head_dim = layout.num_kv_heads, layout.head_dim
+    blocks = batch * (context // block_size)
+    k_cache = torch.randn(blocks, block_size, max(layout.k_width, 1), device=device,
+                          dtype=dtype)
+    v_cache = torch.randn(blocks, block_size, max(len(layout.live_heads), 1), head_dim,
+                          device=device, dtype=dtype)
+    value_sum = torch.randn(batch, len(layout.pruned_heads), head_dim, device=device)
+    block_table = torch.randperm(blocks, device=device, dtype=torch.int32).view(batch, -1)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    query = torch.randn(batch, q_heads, head_dim, device=device, dtype=dtype)
+    dense_k = torch.randn(batch, kv_heads, context, head_dim, device=device, dtype=dtype)
+    dense_v = torch.randn_like(dense_k)
+    return (query, k_cache, v_cache, value_sum, block_table, seq_lens), (dense_k, dense_v)
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--sparsity", type=float, default=0.7)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    smoke = args.smoke
+    device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.float16)
+    q_heads, kv_heads, head_dim, block_size = (8, 2, 64, 16) if smoke else (32, 8, 128, 16)
+    grid = [(1, 256), (2, 512)] if smoke else [(b, c) for c in (32768, 131072)
+                                               for b in (1, 8, 32)]
+    layout = LayerLayout(random_keep(kv_heads, head_dim, args.sparsity, seed=0))
+    dtype_bytes = torch.finfo(dtype).bits // 8
+    rows = []
+    for batch, context in grid:
+        paged, (dense_k, dense_v) = build(batch, context, layout, q_heads, block_size, device,
+                                          dtype)
+        check = paged_pruned_decode(*paged, layout)
+        if smoke:
+            expected = paged_pruned_decode_ref(*paged, layout)
+            assert torch.allclose(check, expected, atol=1e-4), "kernel disagrees with ref"
+        dense_s = timed(partial(torch.nn.functional.scaled_dot_product_attention,
+                                paged[0].unsqueeze(2), dense_k, dense_v, enable_gqa=True),
+                        args.repeats)
+        ours_s = timed(partial(paged_pruned_decode, *paged, layout), args.repeats)
+        sizes = layout.bytes_per_token(dtype_bytes)
+        dense_bytes = batch * context * (sizes["k_dense"] + sizes["v_dense"])
+        ours_bytes = batch * context * (sizes["k_stored"] + sizes["v_stored"])
+        rows.append({"batch": batch, "context": context, "dense_ms": dense_s * 1e3,
+                     "leank_ms": ours_s * 1e3, "speedup": dense_s / ours_s,
+                     "dense_tb_s": dense_bytes / dense_s / 1e12,
+                     "leank_tb_s": ours_bytes / ours_s / 1e12,
+                     "byte_ideal_speedup": dense_bytes / ours_bytes})
+        print(json.dumps(rows[-1]), flush=True)
+    result = {"script": "benchmarks/leank_decode_kernel.py", "date": time.strftime("%Y-%m-%d"),
+              "smoke": smoke, "device": torch.cuda.get_device_name() if not smoke else "cpu",
+              "k_sparsity": 1 - layout.k_width / (kv_heads * head_dim),
+              "pruned_heads": layout.pruned_heads, "rows": rows}
+    name = "leank_decode_kernel_smoke" if smoke else "leank_decode_kernel"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+    if not smoke:
+        plot(result, RESULTS / f"{name}.png")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [f"b{r['batch']}/{r['context'] // 1024}K" for r in result["rows"]]
+    ax.bar(labels, [r["speedup"] for r in result["rows"]], label="measured")
+    ax.plot(labels, [r["byte_ideal_speedup"] for r in result["rows"]], "k_", markersize=30,
+            label="byte ideal")
+    ax.axhline(1.0, color="grey")
+    ax.set_ylabel("speedup over dense SDPA")
+    ax.legend()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Applying a LeanK mask in plain torch: the CPU path and the reference for the kernels.
+
+RoPE: the mask indexes post-RoPE channels, as the paper learns it (the cache stores rotated
+keys, and q.k is a plain sum over channels after rotation, so any channel subset is exact;
+rotation pairs need not be kept together). So the cache write prunes keys after RoPE, and
+decode gathers the same post-RoPE channels of the query. The softmax scale stays
+1/sqrt(head_dim) of the unpruned head: the trained mask was learned with it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kv_manager.leank.layout import LayerLayout
+
+
+def prune_keys(keys: torch.Tensor, layout: LayerLayout) -> torch.Tensor:
+    """keys [tokens, kv_heads, head_dim] (post-RoPE) -> packed [tokens, k_width]."""
+    return keys.flatten(1)[:, layout.flat_kept_index.to(keys.device)]
+
+
+def live_values(values: torch.Tensor, layout: LayerLayout) -> torch.Tensor:
+    """values [tokens, kv_heads, head_dim] -> [tokens, live_heads, head_dim]."""
+    return values[:, layout.live_heads]
+
+
+def pruned_value_sum(values: torch.Tensor, layout: LayerLayout) -> torch.Tensor:
+    """values [tokens, kv_heads, head_dim] -> float32 [pruned_heads, head_dim]: the running
+    sum that stands in for the V pages of fully pruned heads."""
+    return values[:, layout.pruned_heads].float().sum(dim=0)
+
+
+def masked_dense_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                           keep: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The definition: dense attention with the dropped K channels zeroed.
+
+    query [q_tokens, q_heads, head_dim], keys/values [kv_tokens, kv_heads, head_dim],
+    keep bool [kv_heads, head_dim] -> [q_tokens, q_heads, head_dim] float32. With ``causal``
+    the last query attends to the last key (decode = causal with q_tokens == 1).
+    """
+    q_heads, kv_heads = query.shape[1], keys.shape[1]
+    group = q_heads // kv_heads
+    masked_keys = keys.float() * keep.to(keys.device).unsqueeze(0)
+    k = masked_keys.repeat_interleave(group, dim=1).transpose(0, 1)
+    v = values.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    q = query.float().transpose(0, 1)
+    scores = q @ k.transpose(1, 2) / math.sqrt(query.shape[2])
+    if causal:
+        q_len, k_len = q.shape[1], k.shape[1]
+        rows = torch.arange(q_len).unsqueeze(1) + (k_len - q_len)
+        scores = scores.masked_fill(torch.arange(k_len).unsqueeze(0) > rows, float("-inf"))
+    return (scores.softmax(dim=-1) @ v).transpose(0, 1)
+
+
+def pruned_decode_attention(query: torch.Tensor, packed_keys: torch.Tensor,
+                            values_live: torch.Tensor, value_sum: torch.Tensor,
+                            layout: LayerLayout) -> torch.Tensor:
+    """One sequence's decode step on the pruned cache, no dense K anywhere.
+
+    query [q_heads, head_dim] (post-RoPE), packed_keys [tokens, k_width],
+    values_live [tokens, live_heads, head_dim], value_sum float32 [pruned_heads, head_dim]
+    -> float32 [q_heads, head_dim].
+    """
+    q_heads, head_dim = query.shape
+    group = q_heads // layout.num_kv_heads
+    tokens = packed_keys.shape[0]
+    counts, offsets = layout.k_counts.tolist(), layout.k_offsets.tolist()
+    v_slot, sum_slot = layout.v_slot.tolist(), layout.sum_slot.tolist()
+    out = torch.empty(q_heads, head_dim, dtype=torch.float32, device=query.device)
+    for q_head in range(q_heads):
+        kv_head = q_head // group
+        if counts[kv_head] == 0:
+            # All scores are 0: softmax is uniform, the output is the mean of V.
+            out[q_head] = value_sum[sum_slot[kv_head]] / tokens
+            continue
+        kept = torch.nonzero(layout.keep[kv_head]).flatten().to(query.device)
+        k = packed_keys[:, offsets[kv_head]: offsets[kv_head] + counts[kv_head]].float()
+        scores = k @ query[q_head, kept].float() / math.sqrt(head_dim)
+        out[q_head] = scores.softmax(dim=0) @ values_live[:, v_slot[kv_head]].float()
+    return out
