@@ -7,6 +7,7 @@ from what the settings accept; flags override `TESSERA_*` env, which overrides t
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -14,8 +15,6 @@ from typing import Any, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 
-from attention_backends.patterns.minference.cli import add_patterns_parser
-from kv_manager.leank.cli import add_leank_parser
 from prompt_pipeline.securitylingua.cli import add_securitylingua_parser
 from server.config import CONFIG_ENV, ServerSettings
 from server.ray_cluster import add_cluster_parser
@@ -153,12 +152,30 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=_cmd_prepare_model)
     add_cluster_parser(commands)
     add_securitylingua_parser(commands)
-    add_patterns_parser(commands)
-    add_leank_parser(commands)
+    _add_model_tool_parsers(commands)
     from mobile.cli import add_mobile_parser  # argparse only; mobile/ imports nothing of ours
 
     add_mobile_parser(commands)
     return parser
+
+
+# Offline model tools whose packages import torch at import time. The gateway image has no
+# torch (it only proxies), and its `tessera` must still start: there these commands are absent.
+_MODEL_TOOL_PARSERS = (
+    ("attention_backends.patterns.minference.cli", "add_patterns_parser"),
+    ("kv_manager.leank.cli", "add_leank_parser"),
+)
+
+
+def _add_model_tool_parsers(commands: argparse._SubParsersAction) -> None:
+    for module_name, function in _MODEL_TOOL_PARSERS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != "torch":  # only a torch-less install may lack them
+                raise
+            continue
+        getattr(module, function)(commands)
 
 
 def main(argv: list[str] | None = None) -> int:
