@@ -82,6 +82,12 @@ def test_chunks_without_last_rows_launch_no_last_rows() -> None:
     assert pattern_for_sub_batch(dense, early) is dense
 
 
+def _reference(batch, pattern) -> torch.Tensor:
+    return sparse_prefill_ref(batch.query, batch.key_cache, batch.value_cache,
+                              batch.block_table, batch.query_start_loc, batch.seq_lens,
+                              batch.prompt_lens, pattern, 0.125)
+
+
 def test_pattern_without_last_rows_computes_the_same_rows() -> None:
     # A non-final chunk of a longer prompt: the pattern with and without last rows must
     # give identical outputs on it, row by row (else skipping the last-row launch is wrong).
@@ -93,21 +99,9 @@ def test_pattern_without_last_rows_computes_the_same_rows() -> None:
     pattern = TrianglePattern(sink_tokens=4, window_tokens=16, last_q_tokens=32)
     chosen = pattern_for_sub_batch(pattern, split.prefill)
     assert chosen.last_q_tokens == 0
-
-    def run(which):
-        return sparse_prefill_ref(batch.query, batch.key_cache, batch.value_cache,
-                                  batch.block_table, batch.query_start_loc, batch.seq_lens,
-                                  batch.prompt_lens, which, 0.125)
-
-    same, full = run(chosen), run(pattern)
+    same, full = _reference(batch, chosen), _reference(batch, pattern)
     assert (same - full).abs().amax(dim=(1, 2)).max() < 1e-5  # every row (fp32 rounding)
     # the negative control: in the final chunk the last rows differ without them
     final = make_paged_prefill_batch([300], query_lens=[64], generator=generator)
-    full_rows = sparse_prefill_ref(final.query, final.key_cache, final.value_cache,
-                                   final.block_table, final.query_start_loc, final.seq_lens,
-                                   final.prompt_lens, pattern, 0.125)
-    streaming = sparse_prefill_ref(final.query, final.key_cache, final.value_cache,
-                                   final.block_table, final.query_start_loc, final.seq_lens,
-                                   final.prompt_lens, chosen, 0.125)
-    per_row = (full_rows - streaming).abs().amax(dim=(1, 2))
+    per_row = (_reference(final, pattern) - _reference(final, chosen)).abs().amax(dim=(1, 2))
     assert (per_row[-32:] > 1e-3).all() and (per_row[:-32] < 1e-5).all()
