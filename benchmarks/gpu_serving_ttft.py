@@ -129,6 +129,40 @@ def plot(result: dict, png: Path) -> None:
     fig.savefig(png, dpi=120)
 
 
+def itl_checks(runs: dict[str, dict]) -> dict:
+    """Several ITL-only runs (``--sizes --itl``), by label, as one result."""
+    return {"benchmark": "gpu_serving_itl_checks", "date": time.strftime("%Y-%m-%d"),
+            "what": "decode ITL after a 32K prompt, 64 tokens, FA3 vs tessera TriangleMix vs "
+                    "tessera dense; every server in every position; runs with "
+                    "--itl-force-token stream the same text from every server",
+            "runs": {label: {key: run.get(key) for key in
+                             ("itl_median_ms", "itl_runs", "itl_force_token", "server_args",
+                              "healthy_after_s")}
+                     for label, run in runs.items()}}
+
+
+def plot_itl_checks(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(result["runs"])
+    fig, axis = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(DIRECT_PATHS)
+    for offset, name in enumerate(DIRECT_PATHS):
+        xs = [i + (offset - (len(DIRECT_PATHS) - 1) / 2) * width for i in range(len(labels))]
+        axis.bar(xs, [result["runs"][label]["itl_median_ms"][name] for label in labels],
+                 width, label=name)
+    axis.set_xticks(range(len(labels)), labels, fontsize=8)
+    axis.set_ylim(5.0, None)
+    axis.set_ylabel("decode ITL after a 32K prompt, median (ms; axis from 5)")
+    axis.set_title("vLLM 0.26, Llama-3.1-8B shape, H200: FA3 vs tessera TriangleMix / dense")
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def merge_calls(parts: list[dict]) -> dict:
     """One result from the calls of one run (servers kept up between them): sizes, runs and
     the per-size tables are joined; ITL and start-up facts come from the call that had them;
@@ -136,10 +170,8 @@ def merge_calls(parts: list[dict]) -> dict:
     merged: dict = {}
     for part in parts:
         for key, value in part.items():
-            if key == "sizes":
-                merged["sizes"] = merged.get("sizes", []) + value
-            elif key == "runs":
-                merged["runs"] = merged.get("runs", []) + value
+            if key in ("sizes", "runs"):
+                merged[key] = merged.get(key, []) + value
             elif key in ("ttft_median_s", "ttft_change_pct", "dense_vs_fa3_pct"):
                 merged.setdefault(key, {}).update(value)
             elif key in ("tessera_usage", "dense_usage") or key not in merged:
@@ -163,7 +195,17 @@ def main() -> None:
     parser.add_argument("--merge", type=Path, nargs="+",
                         help="merge the JSONs of one run's calls into --out/gpu_serving_ttft.json "
                              "(+ PNG), run nothing")
+    parser.add_argument("--itl-checks", nargs="+", metavar="LABEL=JSON",
+                        help="collect ITL-only runs into --out/gpu_serving_itl_checks.json "
+                             "(+ PNG), run nothing")
     args = parser.parse_args()
+    if args.itl_checks:
+        pairs = [item.split("=", 1) for item in args.itl_checks]
+        result = itl_checks({label: json.loads(Path(path).read_text()) for label, path in pairs})
+        target = args.out / "gpu_serving_itl_checks.json"
+        target.write_text(json.dumps(result, indent=1))
+        plot_itl_checks(result, target.with_suffix(".png"))
+        return
     if args.merge:
         merged = merge_calls([json.loads(path.read_text()) for path in args.merge])
         target = args.out / "gpu_serving_ttft.json"

@@ -119,13 +119,42 @@ def bench_prompt(num_tokens: int, chunk: int, max_model_len: int) -> dict:
     return row
 
 
+def plot(result: dict, png: Path) -> None:
+    """Per length: one call vs the chunks as launched before and since the last-row skip."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["lengths"]
+    series = [("one call", "whole_ms"), ("8K chunks, last rows in every chunk", "chunked_ms"),
+              ("8K chunks as served now", "chunked_as_served_ms"),
+              ("8K chunks, streaming rows only", "chunked_streaming_only_ms")]
+    series = [(label, key) for label, key in series if key in rows[0]]
+    fig, axis = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(series)
+    for offset, (label, key) in enumerate(series):
+        xs = [i + (offset - (len(series) - 1) / 2) * width for i in range(len(rows))]
+        axis.bar(xs, [row[key] for row in rows], width, label=label)
+    axis.set_xticks(range(len(rows)), [f"{row['num_tokens'] // 1024}K" for row in rows])
+    axis.set_ylabel("one 8B-shape layer, ms (median of >= 7)")
+    axis.set_title(f"TriangleMix kernel under chunked prefill, {result['gpu']}")
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 130048])
     parser.add_argument("--chunk", type=int, default=8192)
     parser.add_argument("--max-model-len", type=int, default=131072)
+    parser.add_argument("--plot-only", type=Path, help="draw the PNG of a result JSON, run nothing")
     args = parser.parse_args()
+    if args.plot_only is not None:
+        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        return
     result = {"benchmark": "trianglemix_chunked_kernel", "date": time.strftime("%Y-%m-%d"),
               "gpu": torch.cuda.get_device_name(), "block_size": BLOCK,
               "timing": "median of >= 7 timed runs per figure (triton do_bench); whole and "
