@@ -34,12 +34,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from prompt_pipeline.config import SecurityLinguaSettings  # noqa: E402
 from prompt_pipeline.securitylingua.artifacts import (  # noqa: E402
     DEFAULT_EXTRACTOR_DIR,
     DEFAULT_HARM_CLASSIFIER,
 )
 from prompt_pipeline.securitylingua.generator import eval_samples  # noqa: E402
 from prompt_pipeline.securitylingua.harm import HarmClassifier, SentenceEmbedder  # noqa: E402
+from prompt_pipeline.securitylingua.stage import extractor_precision  # noqa: E402
 from prompt_pipeline.token_classifier import TokenClassifier  # noqa: E402
 from server.config import ServerSettings  # noqa: E402
 from server.launcher import (  # noqa: E402
@@ -166,7 +168,10 @@ def summarise(answers: list[dict]) -> dict:
 
 def detection(embedder: SentenceEmbedder) -> dict:
     """Harm classifier on intention vs raw prompt vs bare request, all held-out prompts."""
-    extractor = TokenClassifier.load(DEFAULT_EXTRACTOR_DIR)
+    defaults = SecurityLinguaSettings()  # the extractor the gateways run
+    extractor = TokenClassifier.load(DEFAULT_EXTRACTOR_DIR,
+                                     extractor_precision(defaults.quantize),
+                                     defaults.max_chunk_tokens)
     harm = HarmClassifier.load(DEFAULT_HARM_CLASSIFIER, embedder)
     rows = []
     for sample in eval_samples():
@@ -197,12 +202,23 @@ def detection(embedder: SentenceEmbedder) -> dict:
 
 
 def judge_error(answers: list[dict], labels_path: Path) -> dict:
+    """The judge against hand labels. A label holds for the answer that was read: when a
+    rerun (e.g. with another extractor) changed an answer, its label is stale and is not
+    used. The labelled answers are kept beside the labels (`*_labelled_answers.jsonl`)."""
     labels = json.loads(labels_path.read_text())
-    judged = {f"{r['id']}:{r['setting']}": r["success"] for r in answers}
-    pairs = [(judged[key], value == "success") for key, value in labels.items() if key in judged]
+    labelled_path = labels_path.with_name(labels_path.stem.replace("_labels", "")
+                                          + "_labelled_answers.jsonl")
+    labelled = {row["key"]: row["answer"] for row in map(json.loads, labelled_path.read_text(
+        ).splitlines())} if labelled_path.exists() else None
+    current = {f"{r['id']}:{r['setting']}": r for r in answers}
+    fresh = {key: value for key, value in labels.items() if key in current and (
+        labelled is None or labelled.get(key) == current[key]["answer"])}
+    judged = {key: row["success"] for key, row in current.items()}
+    pairs = [(judged[key], value == "success") for key, value in fresh.items()]
     false_pos = sum(1 for j, h in pairs if j and not h)
     false_neg = sum(1 for j, h in pairs if h and not j)
-    return {"labelled": len(pairs), "errors": false_pos + false_neg,
+    return {"labelled": len(pairs), "stale_labels_not_used": len(labels) - len(fresh),
+            "errors": false_pos + false_neg,
             "error_rate": (false_pos + false_neg) / len(pairs) if pairs else None,
             "judge_says_success_human_says_fail": false_pos,
             "judge_says_fail_human_says_success": false_neg,

@@ -5,9 +5,11 @@ the share of prompts whose request is recoverable from the intention (>= 80% of 
 kept), and the share of words wrongly kept on all-template prompts; overall (micro), per
 held-out family, and macro over the four held-out families. Also scored on the training
 families with held-out goals (HarmBench), to separate "new wrapper" from "new goal".
-Writes benchmarks/results/securitylingua_extraction.json and .png.
+Writes benchmarks/results/securitylingua_extraction.json and .png (or `--out-name`).
 
-    .venv/bin/python benchmarks/securitylingua_extraction.py NAME=ARTIFACT_DIR [...]
+    .venv/bin/python benchmarks/securitylingua_extraction.py NAME=ARTIFACT_DIR[:int8|:bf16][@CHUNK]
+
+CHUNK: inference chunk length in pieces (default: the artifact's training length).
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("variants", nargs="+", help="NAME=ARTIFACT_DIR[:int8]")
+    parser.add_argument("variants", nargs="+", help="NAME=ARTIFACT_DIR[:int8|:bf16][@CHUNK]")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out-name", default="securitylingua_extraction",
+                        help="results file stem in benchmarks/results/")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     held_out = eval_samples()
@@ -48,8 +52,10 @@ def main() -> None:
                     "held_out_prompts": len(held_out), "variants": {}}
     for variant in args.variants:
         name, spec = variant.split("=", 1)
+        spec, _, chunk_tokens = spec.partition("@")
         directory, _, quantize = spec.partition(":")
-        classifier = TokenClassifier.load(directory, quantize or None)
+        classifier = TokenClassifier.load(directory, quantize or None,
+                                          int(chunk_tokens) if chunk_tokens else None)
         config = json.loads((Path(directory) / "config.json").read_text())
         started = time.perf_counter()
         held = extraction_metrics(classifier, held_out)
@@ -57,6 +63,7 @@ def main() -> None:
         families = [held[f"family:{family}"] for family in EVAL_FAMILIES]
         report["variants"][name] = {
             "artifact": directory, "encoder": config["encoder"], "quantize": quantize or None,
+            "max_chunk_tokens": classifier.max_chunk_tokens,
             "training": config["extra"],
             "held_out": held,
             "held_out_macro_f1": sum(f["f1"] for f in families) / len(families),
@@ -70,11 +77,11 @@ def main() -> None:
                                 ("held_out_macro_f1", "held_out_macro_recoverable")}),
               "micro", round(held["all"]["f1"], 3))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "securitylingua_extraction.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report)
+    (RESULTS / f"{args.out_name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, RESULTS / f"{args.out_name}.png")
 
 
-def plot(report: dict) -> None:
+def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,7 +106,7 @@ def plot(report: dict) -> None:
     fig.suptitle("SecurityLingua extraction on held-out families + held-out goals (HarmBench, "
                  f"lookalikes), {report['date']}")
     fig.tight_layout()
-    fig.savefig(RESULTS / "securitylingua_extraction.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """SecurityLingua's cost on the request path, at prompts of ~100 / 1K / 4K served-model tokens.
 
 1. Stage latency (what the gateway spends in the stage, asyncio hop included): N calls per
-   length after a warm-up, p50 / p99: fp32 at 1 torch thread (the default), int8 at 1
-   thread, fp32 at 2 threads.
+   length after a warm-up, p50 / p99, for each extractor setting in VARIANTS, all at 1 torch
+   thread: the previous default (fp32, 512-piece chunks, words tokenized on every call) and
+   the int8 variant it was compared with, the new default (`quantize: auto` = bf16 on this
+   CPU, 256-piece chunks) with the word-piece cache warm and cold (cleared before every
+   call: every word new), and fp32 / int8 at 256-piece chunks (what a CPU without native
+   bf16 runs). The cells are timed in `--repeats` rounds, variants interleaved within a
+   round; each figure is the median over the rounds of that round's p50 (p99).
 2. Tokens added: the worker's own count (vLLM `/tokenize` on the chat messages) with and
    without the stage's system message (SmolLM2's template otherwise inserts its default one).
 3. The served model's prefill for the same prompt: time to the first token of one real
@@ -37,6 +42,7 @@ from prompt_pipeline.securitylingua import sources  # noqa: E402
 from prompt_pipeline.securitylingua.stage import build_securitylingua_stage  # noqa: E402
 from prompt_pipeline.securitylingua.templates import dan_templates  # noqa: E402
 from prompt_pipeline.stage import RequestContext  # noqa: E402
+from prompt_pipeline.token_classifier.classifier import bf16_is_native  # noqa: E402
 from server.config import ServerSettings  # noqa: E402
 from server.launcher import (  # noqa: E402
     free_port,
@@ -50,8 +56,17 @@ from server.schemas import ChatCompletionRequest  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "smollm2-135m-instruct"
 LENGTHS = (100, 1000, 4000)
-VARIANTS = (("fp32, 1 thread", 1, "none"), ("int8, 1 thread", 1, "int8"),
-            ("fp32, 2 threads", 2, "none"))
+# (name, quantize setting, max_chunk_tokens setting, word-piece cache cold on every call)
+BEFORE = "before: fp32, 512-piece chunks"
+DEFAULT = "default: auto (bf16 here), 256-piece chunks"
+VARIANTS = (
+    (BEFORE, "none", None, True),
+    ("before, int8: int8, 512-piece chunks", "int8", None, True),
+    (DEFAULT, "auto", 256, False),
+    ("default, cold word cache", "auto", 256, True),
+    ("fp32, 256-piece chunks", "none", 256, False),
+    ("int8, 256-piece chunks", "int8", 256, False),
+)
 FILLER = ("The committee met on Tuesday to review the quarterly figures. Attendance was good "
           "and the minutes were approved without changes. ")
 
@@ -72,11 +87,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(int(q / 100 * len(ordered)), len(ordered) - 1)]
 
 
-async def stage_latency(stage, request, runs: int) -> list[float]:
+async def stage_latency(stage, request, runs: int, cold_words: bool) -> list[float]:
+    """cold_words: forget every word's pieces before each call (outside the timing), so the
+    call tokenizes the whole prompt, as the previous code did on every call."""
     for _ in range(5):
         await stage(request, RequestContext("warm", "chat"))
     samples = []
     for index in range(runs):
+        if cold_words:
+            stage.extractor._word_pieces = {}
         started = time.perf_counter()
         await stage(request, RequestContext(str(index), "chat"))
         samples.append((time.perf_counter() - started) * 1e3)
@@ -129,7 +148,8 @@ def time_variants(variants: list[str], text: str, runs: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--runs", type=int, default=100, help="calls per cell and round")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds (median taken)")
     parser.add_argument("--variants", nargs="*", default=[],
                         help="also time compress() at 1K tokens for NAME=ARTIFACT_DIR[:int8]")
     args = parser.parse_args()
@@ -138,44 +158,65 @@ def main() -> None:
     settings = ServerSettings(workers=1, worker_extra_args=["--no-enable-prefix-caching"])
     model_path = resolve_model_path(settings)
     counter = Tokenizer.from_file(str(model_path / "tokenizer.json"))
+    stages = {name: build_securitylingua_stage(
+        SecurityLinguaSettings(threads=1, quantize=quantize, max_chunk_tokens=chunk_tokens),
+        CollectorRegistry(), None) for name, quantize, chunk_tokens, _ in VARIANTS}
+    requests = {length: ChatCompletionRequest.model_validate(
+        {"model": MODEL, "messages": [{"role": "user", "content": prompt_of(length, counter)}]})
+        for length in LENGTHS}
+    rounds: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for round_index in range(args.repeats):
+        for name, _, _, cold_words in VARIANTS:
+            for length, request in requests.items():
+                samples = asyncio.run(stage_latency(stages[name], request, args.runs,
+                                                    cold_words))
+                rounds.setdefault((name, length), []).append(
+                    (percentile(samples, 50), percentile(samples, 99)))
+            print(f"round {round_index + 1}/{args.repeats}", name, [
+                round(rounds[(name, length)][-1][0], 2) for length in LENGTHS], flush=True)
     rows = []
-    for variant, threads, quantize in VARIANTS:
-        stage = build_securitylingua_stage(
-            SecurityLinguaSettings(threads=threads, quantize=quantize), CollectorRegistry(), None)
-        for length in LENGTHS:
-            text = prompt_of(length, counter)
-            request = ChatCompletionRequest.model_validate(
-                {"model": MODEL, "messages": [{"role": "user", "content": text}]})
-            samples = asyncio.run(stage_latency(stage, request, args.runs))
+    for name, quantize, _, cold_words in VARIANTS:
+        stage = stages[name]
+        for length, request in requests.items():
             annotated = asyncio.run(stage(request, RequestContext("x", "chat")))
-            rows.append({"variant": variant, "threads": threads, "quantize": quantize,
-                         "target_tokens": length,
-                         "prompt_tokens": len(counter.encode(text).ids),
-                         "stage_p50_ms": round(percentile(samples, 50), 2),
-                         "stage_p99_ms": round(percentile(samples, 99), 2),
+            p50s = [p50 for p50, _ in rounds[(name, length)]]
+            rows.append({"variant": name, "threads": 1, "quantize": quantize,
+                         "precision": str(next(stage.extractor.model.parameters()).dtype)
+                         if quantize != "int8" else "int8 linears",
+                         "max_chunk_tokens": stage.extractor.max_chunk_tokens,
+                         "cold_word_cache": cold_words, "target_tokens": length,
+                         "prompt_tokens": len(counter.encode(
+                             request.messages[0].content).ids),
+                         "stage_p50_ms": round(statistics.median(p50s), 2),
+                         "stage_p99_ms": round(statistics.median(
+                             p99 for _, p99 in rounds[(name, length)]), 2),
+                         "stage_p50_ms_per_round": [round(p50, 2) for p50 in p50s],
                          "intention_words": len(annotated.messages[0].content.split()),
                          "_original": messages_body(request),
                          "_annotated": messages_body(annotated)})
-            print(variant, length, rows[-1]["stage_p50_ms"], rows[-1]["stage_p99_ms"],
-                  flush=True)
+            print(name, length, rows[-1]["stage_p50_ms"], rows[-1]["stage_p99_ms"], flush=True)
 
     variant_rows = time_variants(args.variants, prompt_of(1000, counter), args.runs // 4)
     worker = start_worker(settings, model_path, 0, port=free_port())
     try:
         wait_until_healthy([worker], timeout_s=600)
         with httpx.Client(timeout=600) as client:
-            prefill_cache: dict[int, tuple[float, float, int, int]] = {}
+            # Variants that extract the same intention share one measurement.
+            plain_cache: dict[int, tuple[float, int]] = {}
+            annotated_cache: dict[str, tuple[float, int]] = {}
             for row in rows:
-                key = row["target_tokens"]
-                if key not in prefill_cache:
-                    original, annotated = row["_original"], row["_annotated"]
+                original, annotated = row["_original"], row["_annotated"]
+                if row["target_tokens"] not in plain_cache:
                     prefill_ms(client, worker.url, original, repeats=1)  # warm-up
-                    prefill_cache[key] = (
+                    plain_cache[row["target_tokens"]] = (
                         prefill_ms(client, worker.url, original),
-                        prefill_ms(client, worker.url, annotated),
-                        worker_tokens(client, worker.url, original),
-                        worker_tokens(client, worker.url, annotated))
-                plain, annotated_ms, plain_tokens, annotated_tokens = prefill_cache[key]
+                        worker_tokens(client, worker.url, original))
+                key = json.dumps(annotated)
+                if key not in annotated_cache:
+                    annotated_cache[key] = (prefill_ms(client, worker.url, annotated),
+                                            worker_tokens(client, worker.url, annotated))
+                plain, plain_tokens = plain_cache[row["target_tokens"]]
+                annotated_ms, annotated_tokens = annotated_cache[key]
                 row.update({
                     "worker_prompt_tokens": plain_tokens,
                     "tokens_added": annotated_tokens - plain_tokens,
@@ -192,7 +233,8 @@ def main() -> None:
     report = {
         "script": "benchmarks/securitylingua_overhead.py", "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared with other jobs",
-        "runs_per_cell": args.runs, "rows": rows,
+        "runs_per_cell_and_round": args.runs, "rounds": args.repeats,
+        "torch": torch.__version__, "cpu_bf16_native": bf16_is_native(), "rows": rows,
         "extractor_variants_at_1k_tokens_1_thread": variant_rows,
         "targets": {"stage_p50_ms_at_1k": 20.0, "share_of_prefill": 0.05},
         "met": {row["variant"]: {
@@ -212,7 +254,7 @@ def plot(report: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for variant, _, _ in VARIANTS:
+    for variant, *_ in VARIANTS:
         rows = [r for r in report["rows"] if r["variant"] == variant]
         xs = [r["worker_prompt_tokens"] for r in rows]
         line = axes[0].plot(xs, [r["stage_p50_ms"] for r in rows], "o-", label=f"p50, {variant}")
@@ -223,11 +265,11 @@ def plot(report: dict) -> None:
     axes[0].set_ylabel("stage latency (ms)")
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=8)
-    rows = [r for r in report["rows"] if r["variant"] == VARIANTS[0][0]]
+    rows = [r for r in report["rows"] if r["variant"] == DEFAULT]
     xs = [r["worker_prompt_tokens"] for r in rows]
     axes[1].plot(xs, [r["prefill_ms"] for r in rows], "o-", label="prefill, original")
     axes[1].plot(xs, [r["prefill_annotated_ms"] for r in rows], "o-", label="prefill, annotated")
-    axes[1].plot(xs, [r["stage_p50_ms"] for r in rows], "o-", label=f"stage p50 ({VARIANTS[0][0]})")
+    axes[1].plot(xs, [r["stage_p50_ms"] for r in rows], "o-", label=f"stage p50 ({DEFAULT})")
     axes[1].set_yscale("log")
     axes[1].set_xlabel("prompt tokens (SmolLM2)")
     axes[1].set_ylabel("ms")

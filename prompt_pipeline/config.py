@@ -58,8 +58,14 @@ class SecurityLinguaSettings(BaseModel):
     block_response: Literal["error", "refusal"] = Field(
         "error", description="error: OpenAI-shaped 400; refusal: a normal completion.")
     refusal_message: str = "I'm sorry, I can't help with that."
-    quantize: Literal["none", "int8"] = Field(
-        "none", description="int8: dynamic int8 Linear layers (faster, see the F1 cost).")
+    quantize: Literal["auto", "none", "int8", "bf16"] = Field(
+        "auto", description="Extractor precision. auto: bf16 where the CPU computes bf16 "
+        "natively (AVX512-BF16 or AMX), else none (fp32); int8: dynamic int8 Linear layers. "
+        "F1 of each: benchmarks/results/securitylingua_extraction.json.")
+    max_chunk_tokens: int | None = Field(
+        None, gt=2, le=512, description="Extractor chunk length at inference (pieces, [CLS] "
+        "and [SEP] included); None = the length the artifact was trained with (the shipped "
+        "one: 256).")
     # One thread: on the shared 2-core host, with other jobs busy, 2 torch threads made our
     # training steps ~15x slower than 1 (spin-waiting threads); run alone, 2 threads gain
     # only ~15% at 1K tokens (benchmarks/results/securitylingua_overhead.json).

@@ -70,21 +70,22 @@ def add_securitylingua_parser(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--seed", type=int, default=42)
     generate.set_defaults(func=_cmd_generate)
 
+    # Defaults = the shipped extractor's run (artifacts/intention-compact/config.json).
     train = sub.add_parser("train", help="train the intention extractor (resumable)")
     train.add_argument("--out", default=str(DEFAULT_EXTRACTOR_DIR),
                        help="artifact directory; an unfinished run there is resumed")
     train.add_argument("--encoder", choices=["compact", "minilm"], default="compact")
-    train.add_argument("--layers", type=int, default=2)
+    train.add_argument("--layers", type=int, default=3)
     train.add_argument("--hidden", type=int, default=128)
     train.add_argument("--heads", type=int, default=4)
     train.add_argument("--ffn", type=int, default=256)
-    train.add_argument("--epochs", type=int, default=4)
+    train.add_argument("--epochs", type=int, default=12)
     train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--batch-tokens", type=int, default=4096)
-    train.add_argument("--max-chunk-tokens", type=int, default=512)
+    train.add_argument("--batch-tokens", type=int, default=1024)
+    train.add_argument("--max-chunk-tokens", type=int, default=256)
     train.add_argument("--eval-limit", type=int, default=None)
     train.add_argument("--seed", type=int, default=42)
-    train.add_argument("--threads", type=int, default=2, help="torch threads (<= 2 here)")
+    train.add_argument("--threads", type=int, default=1, help="torch threads (<= 2 here)")
     train.set_defaults(func=_cmd_train)
 
     harm = sub.add_parser("train-harm", help="train block mode's harm classifier")

@@ -29,6 +29,7 @@ from prompt_pipeline.securitylingua.artifacts import (
 )
 from prompt_pipeline.stage import RequestContext
 from prompt_pipeline.token_classifier import TokenClassifier
+from prompt_pipeline.token_classifier.classifier import bf16_is_native
 
 logger = logging.getLogger("tessera.securitylingua")
 TOKEN_BUCKETS = (0, 25, 50, 75, 100, 150, 200, 300, 500, 1000)
@@ -128,12 +129,20 @@ def refusal_response(request: Any, context: RequestContext, message: str) -> Pip
     return PipelineResponse(body, chunks)
 
 
+def extractor_precision(quantize: str) -> str | None:
+    """The `TokenClassifier.load` quantize argument for a `quantize` setting."""
+    if quantize == "auto":
+        return "bf16" if bf16_is_native() else None
+    return None if quantize == "none" else quantize
+
+
 def build_securitylingua_stage(settings: SecurityLinguaSettings, registry: CollectorRegistry,
                                flagged: Counter | None) -> SecurityLinguaStage:
     """Loads the extractor (and, in block mode, the harm classifier) from local files."""
     torch.set_num_threads(settings.threads)
     extractor = TokenClassifier.load(settings.artifact_dir or DEFAULT_EXTRACTOR_DIR,
-                                     None if settings.quantize == "none" else settings.quantize)
+                                     extractor_precision(settings.quantize),
+                                     settings.max_chunk_tokens)
     harm = None
     if settings.mode == "block":
         from prompt_pipeline.securitylingua.harm import HarmClassifier

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,11 @@ from tokenizers import Tokenizer
 
 from prompt_pipeline.token_classifier.artifact import load_artifact
 from prompt_pipeline.token_classifier.chunking import plan_chunks
-from prompt_pipeline.token_classifier.encoders import base_encoder_dir
+from prompt_pipeline.token_classifier.encoders import MAX_POSITIONS, base_encoder_dir
 from prompt_pipeline.token_classifier.words import Words, split_words
 
 SPECIAL_TOKENS = 2  # [CLS] and [SEP] around every chunk
+MAX_CACHED_WORDS = 200_000  # distinct words whose pieces a classifier remembers (~40 MB)
 
 
 def load_tokenizer() -> Tokenizer:
@@ -35,6 +37,13 @@ def load_tokenizer() -> Tokenizer:
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return tokenizer
+
+
+def bf16_is_native() -> bool:
+    """Whether this CPU computes bf16 matrix products in hardware (AVX512-BF16 or AMX), as
+    torch itself reports it. Without, oneDNN emulates bf16 and it is slower than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 @dataclass(frozen=True)
@@ -79,19 +88,57 @@ class TokenClassifier:
         self.max_chunk_tokens = max_chunk_tokens
         self.cls_id = tokenizer.token_to_id("[CLS]")
         self.sep_id = tokenizer.token_to_id("[SEP]")
+        self._word_pieces: dict[str, list[int]] = {}  # word -> its piece ids (see `pieces`)
 
     @classmethod
-    def load(cls, directory: Path | str, quantize: str | None = None) -> TokenClassifier:
+    def load(cls, directory: Path | str, quantize: str | None = None,
+             max_chunk_tokens: int | None = None) -> TokenClassifier:
         """quantize="int8": dynamic int8 quantization of every Linear layer (weights int8,
-        activations quantized per batch), ~30% faster on this CPU; its F1 cost is measured
-        in benchmarks/securitylingua_extraction.py."""
+        activations quantized per batch). quantize="bf16": weights and activations in
+        bfloat16 (attention in fp32), ~3.5x faster linear layers on a CPU with native bf16
+        (`bf16_is_native()`), slower where it is emulated. Their F1 cost is measured in
+        benchmarks/securitylingua_extraction.py.
+
+        max_chunk_tokens: chunk length at inference (including [CLS] and [SEP]); None = the
+        length the artifact was trained with. Shorter chunks cost less attention (quadratic
+        in the chunk) and give each word less context."""
         model, config = load_artifact(Path(directory))
         if quantize == "int8":
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
                                                            dtype=torch.qint8)
+        elif quantize == "bf16":
+            model = model.to(torch.bfloat16)
         elif quantize is not None:
             raise ValueError(f"unknown quantization {quantize!r}")
-        return cls(model, load_tokenizer(), config.max_chunk_tokens)
+        chunk_tokens = max_chunk_tokens or config.max_chunk_tokens
+        if not SPECIAL_TOKENS < chunk_tokens <= MAX_POSITIONS:
+            raise ValueError(f"max_chunk_tokens must be in ({SPECIAL_TOKENS}, {MAX_POSITIONS}]")
+        return cls(model, load_tokenizer(), chunk_tokens)
+
+    def pieces(self, words: Words) -> Pieces:
+        """`tokenize_words`, with each distinct word's pieces remembered: the tokenizer costs
+        ~2.4 ms per 1K words, the lookups ~0.2 ms. Exact: with pre-tokenized input the
+        tokenizer normalises and splits each word on its own, so a word's pieces do not depend
+        on its neighbours (tests/unit/test_token_classifier.py checks it on held-out prompts).
+        Words not seen before cost what `tokenize_words` costs."""
+        strings = words.strings
+        known = self._word_pieces
+        missing = [word for word in dict.fromkeys(strings) if word not in known]
+        if missing:
+            if len(known) + len(missing) > MAX_CACHED_WORDS:
+                # A fresh dict, not clear(): another thread may be reading the old one.
+                known = self._word_pieces = {}
+            # One call for all new words, the call `tokenize_words` makes for all words.
+            encoding = self.tokenizer.encode(missing, is_pretokenized=True,
+                                             add_special_tokens=False)
+            new_pieces: list[list[int]] = [[] for _ in missing]
+            for piece_id, word_index in zip(encoding.ids, encoding.word_ids, strict=True):
+                new_pieces[word_index].append(piece_id)
+            known.update(zip(missing, new_pieces, strict=True))
+        per_word = [known[word] for word in strings]
+        counts = np.fromiter(map(len, per_word), dtype=np.int64, count=len(per_word))
+        ids = np.fromiter(chain.from_iterable(per_word), dtype=np.int64, count=int(counts.sum()))
+        return Pieces(ids, np.repeat(np.arange(len(per_word), dtype=np.int64), counts))
 
     def chunks(self, words: Words, pieces: Pieces) -> list[tuple[int, int]]:
         ends = np.asarray(words.sentence_ends(), dtype=bool)
@@ -100,10 +147,16 @@ class TokenClassifier:
     def piece_probs(self, pieces: Pieces, chunks: list[tuple[int, int]]) -> np.ndarray:
         """P(keep) for every piece, [num_pieces] float32.
 
-        Each chunk runs alone, unpadded: on a CPU a batch only adds padding work, and an
-        unmasked attention takes the fused fast path."""
+        No chunk is padded: on a CPU padding is only extra work, and an unmasked attention
+        takes the fused fast path. A model with `forward_packed` (the compact encoder) gets
+        all chunks at once, end to end, and runs each linear layer once over all of them;
+        any other model runs chunk by chunk."""
         probs = np.zeros(len(pieces.ids), dtype=np.float32)
+        if not chunks:
+            return probs
         with torch.inference_mode():
+            if hasattr(self.model, "forward_packed"):
+                return self._packed_probs(pieces, chunks)
             for start, end in chunks:
                 input_ids = torch.empty((1, end - start + SPECIAL_TOKENS), dtype=torch.long)
                 input_ids[0, 0] = self.cls_id
@@ -114,11 +167,26 @@ class TokenClassifier:
                 probs[start:end] = torch.softmax(logits, dim=-1)[:, 1].numpy()
         return probs
 
+    def _packed_probs(self, pieces: Pieces, chunks: list[tuple[int, int]]) -> np.ndarray:
+        lengths = [end - start + SPECIAL_TOKENS for start, end in chunks]
+        input_ids = np.empty(sum(lengths), dtype=np.int64)
+        is_piece = np.ones(len(input_ids), dtype=bool)  # False at each [CLS] and [SEP]
+        offset = 0
+        for (start, end), length in zip(chunks, lengths, strict=True):
+            input_ids[offset] = self.cls_id
+            input_ids[offset + 1:offset + length - 1] = pieces.ids[start:end]
+            input_ids[offset + length - 1] = self.sep_id
+            is_piece[[offset, offset + length - 1]] = False
+            offset += length
+        logits = self.model.forward_packed(torch.from_numpy(input_ids), lengths)
+        probs = torch.softmax(logits.float(), dim=-1)[:, 1].numpy()
+        return probs[is_piece]
+
     def score(self, text: str) -> tuple[Words, np.ndarray, np.ndarray]:
         """Words, their P(keep) [num_words] float32 and piece counts [num_words] int64.
         A word with no piece (e.g. a lone control character) scores 0."""
         words = split_words(text)
-        pieces = tokenize_words(self.tokenizer, words)
+        pieces = self.pieces(words)
         probs = self.piece_probs(pieces, self.chunks(words, pieces))
         counts = pieces.pieces_per_word(len(words))
         sums = np.bincount(pieces.word_ids, weights=probs, minlength=len(words))

@@ -65,6 +65,19 @@ class CompactEncoder(nn.Module):
             hidden = block(hidden, bias)
         return self.head(self.norm(hidden))
 
+    def forward_packed(self, input_ids: torch.Tensor, chunk_lengths: list[int]) -> torch.Tensor:
+        """Inference on several chunks laid end to end, input_ids [tokens] int64 with
+        sum(chunk_lengths) == tokens, to logits [tokens, 2] in the model's dtype.
+
+        Each chunk attends only within itself and its positions restart at 0, so the logits
+        are those of running every chunk alone; but the linear layers (most of the work) run
+        once over all tokens, with no padding and no per-chunk call overhead."""
+        positions = torch.cat([torch.arange(length) for length in chunk_lengths])
+        hidden = self.project(self.word_embeddings(input_ids)) + self.positions(positions)
+        for block in self.layers:
+            hidden = block.forward_packed(hidden, chunk_lengths)
+        return self.head(self.norm(hidden))
+
 
 class CompactBlock(nn.Module):
     """Pre-norm transformer layer on torch's scaled_dot_product_attention: on CPU it runs a
@@ -86,12 +99,40 @@ class CompactBlock(nn.Module):
         batch, tokens, width = hidden.shape
         qkv = self.qkv(self.norm1(hidden)).view(batch, tokens, 3, self.heads, -1)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        attended = nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=keep_mask,
-            dropout_p=self.dropout.p if self.training else 0.0)
+        attended = attention(query, key, value, keep_mask,
+                             self.dropout.p if self.training else 0.0)
         hidden = hidden + self.dropout(self.out(attended.transpose(1, 2).reshape(
             batch, tokens, width)))
         return hidden + self.dropout(self.ffn(self.norm2(hidden)))
+
+    def forward_packed(self, hidden: torch.Tensor, chunk_lengths: list[int]) -> torch.Tensor:
+        """hidden [tokens, width]: chunks end to end, attention within each chunk only."""
+        tokens, width = hidden.shape
+        # [3, 1, heads, tokens, dim]: SDPA's fused CPU kernel wants 4-D inputs.
+        qkv = self.qkv(self.norm1(hidden)).view(1, tokens, 3, self.heads, -1).permute(
+            2, 0, 3, 1, 4)
+        attended = torch.empty_like(hidden)
+        start = 0
+        for length in chunk_lengths:
+            query, key, value = qkv[:, :, :, start:start + length].unbind(0)
+            attended[start:start + length] = attention(query, key, value)[0].transpose(
+                0, 1).reshape(length, width)
+            start += length
+        hidden = hidden + self.out(attended)
+        return hidden + self.ffn(self.norm2(hidden))
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              keep_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """SDPA over [batch, heads, tokens, dim]. A bf16 model attends in fp32: torch's fused CPU
+    kernel is slower in bf16 than in fp32 here (0.49 vs 0.43 ms for 4 heads x 256 tokens,
+    2026-12-01), while the linear layers gain ~3.5x from bf16."""
+    if query.dtype == torch.float32:
+        return nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=keep_mask, dropout_p=dropout_p)
+    return nn.functional.scaled_dot_product_attention(
+        query.float(), key.float(), value.float(), attn_mask=keep_mask,
+        dropout_p=dropout_p).to(query.dtype)
 
 
 class MiniLMEncoder(nn.Module):

@@ -41,6 +41,21 @@ def test_yaml_pipeline_section_builds_the_securitylingua_stage(
     assert stage.stage.settings.turns == "all"
 
 
+def test_default_extractor_is_bf16_where_native_with_256_piece_chunks() -> None:
+    import torch
+
+    from prompt_pipeline.securitylingua.stage import extractor_precision
+    from prompt_pipeline.token_classifier.classifier import bf16_is_native
+
+    [stage] = build_stages(PipelineSettings(stages=["securitylingua"]), CollectorRegistry())
+    extractor = stage.stage.extractor
+    assert extractor.max_chunk_tokens == 256
+    expected = torch.bfloat16 if bf16_is_native() else torch.float32
+    assert next(extractor.model.parameters()).dtype == expected
+    assert extractor_precision("none") is None and extractor_precision("int8") == "int8"
+    assert extractor_precision("auto") == ("bf16" if bf16_is_native() else None)
+
+
 def test_env_overrides_a_nested_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TESSERA_CONFIG", raising=False)
     monkeypatch.setenv("TESSERA_PIPELINE_SECURITYLINGUA__MODE", "block")

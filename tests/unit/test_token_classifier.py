@@ -116,3 +116,66 @@ def test_target_rate_mode_through_the_classifier(tokenizer) -> None:
     classifier, _ = classifier_keeping(["bake", "bread"], tokenizer=tokenizer)
     kept = classifier.compress("bake bread and then eat some cake", rate=2 / 7)
     assert kept.text == "bake bread"
+
+
+def test_cached_word_pieces_equal_tokenizing_the_whole_prompt(tokenizer) -> None:
+    from prompt_pipeline.securitylingua.generator import eval_samples
+
+    classifier, _ = classifier_keeping([], tokenizer=tokenizer)
+    odd = "Ünïcode café naïve 東京タワー 🙂 under_score a\u0007b x\u200by e\u0301 ＦＵＬＬ"
+    texts = [odd, odd + " " + odd] + [sample.text for sample in eval_samples()[::4]]
+    for text in texts:  # the second pass reads every word from the cache
+        words = split_words(text)
+        expected = tokenize_words(tokenizer, words)
+        for _ in range(2):
+            got = classifier.pieces(words)
+            assert np.array_equal(got.ids, expected.ids)
+            assert np.array_equal(got.word_ids, expected.word_ids)
+
+
+def test_word_piece_cache_starts_afresh_when_full(tokenizer, monkeypatch) -> None:
+    import prompt_pipeline.token_classifier.classifier as classifier_module
+
+    monkeypatch.setattr(classifier_module, "MAX_CACHED_WORDS", 3)
+    classifier, _ = classifier_keeping([], tokenizer=tokenizer)
+    classifier.pieces(split_words("one two"))
+    words = split_words("three four")
+    assert np.array_equal(classifier.pieces(words).ids, tokenize_words(tokenizer, words).ids)
+    assert set(classifier._word_pieces) == {"three", "four"}
+
+
+def test_packed_chunks_give_the_logits_of_running_each_chunk_alone() -> None:
+    import torch
+
+    from prompt_pipeline.token_classifier.encoders import EncoderConfig, build_encoder
+
+    torch.manual_seed(0)
+    model = build_encoder(EncoderConfig(layers=2), from_base=True).eval()
+    lengths = [7, 256, 1, 130]
+    input_ids = torch.randint(1000, 20000, (sum(lengths),))
+    with torch.inference_mode():
+        packed = model.forward_packed(input_ids, lengths)
+        alone = torch.cat([model(chunk[None], torch.ones(1, len(chunk), dtype=torch.bool))[0]
+                           for chunk in input_ids.split(lengths)])
+    assert torch.allclose(packed, alone, atol=1e-5)
+
+
+def test_inference_chunk_length_overrides_the_trained_one(tokenizer, tmp_path) -> None:
+    import torch
+
+    from prompt_pipeline.token_classifier.artifact import ArtifactConfig, save_artifact
+    from prompt_pipeline.token_classifier.encoders import EncoderConfig, build_encoder
+
+    save_artifact(tmp_path, build_encoder(EncoderConfig(layers=1), from_base=True),
+                  ArtifactConfig(EncoderConfig(layers=1), max_chunk_tokens=512))
+    assert TokenClassifier.load(tmp_path).max_chunk_tokens == 512
+    classifier = TokenClassifier.load(tmp_path, "bf16", max_chunk_tokens=64)
+    assert classifier.max_chunk_tokens == 64
+    assert next(classifier.model.parameters()).dtype == torch.bfloat16
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    words = split_words(text)
+    chunks = classifier.chunks(words, classifier.pieces(words))
+    assert max(end - start for start, end in chunks) <= 62
+    assert classifier.compress(text).scores.shape == (len(words),)
+    with pytest.raises(ValueError, match="max_chunk_tokens"):
+        TokenClassifier.load(tmp_path, max_chunk_tokens=1024)
