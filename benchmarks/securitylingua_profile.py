@@ -3,7 +3,8 @@
 Each part alone, median of `--repeats` rounds of `--runs` calls (variants interleaved in a
 round): tokenizing the words (every word new vs remembered), the encoder on the prompt's
 chunks (512- vs 256-piece chunks; fp32 / bf16 / int8; chunk by chunk vs packed end to end),
-one attention call (fp32 vs bf16), and `compress()` whole. The numbers behind
+one attention call (fp32 vs bf16), `compress()` whole, and block mode's harm classifier on
+the extracted intention. The numbers behind
 benchmarks/securitylingua_NOTES.md.
 
     flock -x /tmp/tessera-cpu-timing.lock .venv/bin/python benchmarks/securitylingua_profile.py
@@ -26,7 +27,11 @@ from tokenizers import Tokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.securitylingua_overhead import prompt_of  # noqa: E402
-from prompt_pipeline.securitylingua.artifacts import DEFAULT_EXTRACTOR_DIR  # noqa: E402
+from prompt_pipeline.securitylingua.artifacts import (  # noqa: E402
+    DEFAULT_EXTRACTOR_DIR,
+    DEFAULT_HARM_CLASSIFIER,
+)
+from prompt_pipeline.securitylingua.harm import HarmClassifier  # noqa: E402
 from prompt_pipeline.token_classifier import TokenClassifier  # noqa: E402
 from prompt_pipeline.token_classifier.classifier import (  # noqa: E402
     SPECIAL_TOKENS,
@@ -90,6 +95,11 @@ def main() -> None:
         cases[f"compress() whole, {classifier.max_chunk_tokens}-piece chunks, "
               f"{precision or 'fp32'}, word cache warm"] = lambda c=classifier: c.compress(text)
     fp32.max_chunk_tokens = classifiers["bf16"].max_chunk_tokens
+    # Block mode adds the harm classifier (full MiniLM-L6 on the intention) to the stage.
+    harm = HarmClassifier.load(DEFAULT_HARM_CLASSIFIER)
+    intention = classifiers["bf16"].compress(text).text
+    cases[f"block mode: harm classifier on the intention ({len(intention.split())} words)"] = \
+        lambda: harm.probability(intention)
 
     rounds: dict[str, list[float]] = {name: [] for name in cases}
     with torch.inference_mode():
