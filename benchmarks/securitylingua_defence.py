@@ -125,7 +125,7 @@ def run_generation(prompts: list[dict], max_tokens: int, run_dir: Path) -> list[
                     started = time.perf_counter()
                     status, answer = ask(client, url, item["prompt"], max_tokens)
                     answers.append({**item, "setting": name, "status": status,
-                                    "answer": answer,
+                                    "answer": answer, "max_tokens": max_tokens,
                                     "seconds": round(time.perf_counter() - started, 2)})
                 print(f"{index + 1}/{len(prompts)}", flush=True)
     finally:
@@ -229,7 +229,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--harmful", type=int, default=40)
     parser.add_argument("--benign", type=int, default=40)
-    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=40)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--reuse-answers", action="store_true",
                         help="re-judge the saved answers instead of generating again")
@@ -251,7 +251,9 @@ def main() -> None:
     answers_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answers))
     report = {
         "script": "benchmarks/securitylingua_defence.py", "date": time.strftime("%Y-%m-%d"),
-        "served_model": MODEL, "max_tokens": args.max_tokens, "temperature": 0,
+        # The answers' own limit: --reuse-answers re-judges answers generated earlier.
+        "served_model": MODEL, "max_tokens": answers[0].get("max_tokens", args.max_tokens),
+        "temperature": 0,
         "seed": args.seed, "judge": {"refusal_phrases": list(REFUSAL_PHRASES),
                                      "on_topic_cosine": ON_TOPIC},
         "settings": summarise(answers),
