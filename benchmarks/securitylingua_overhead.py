@@ -56,30 +56,54 @@ from server.schemas import ChatCompletionRequest  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "smollm2-135m-instruct"
 LENGTHS = (100, 1000, 4000)
-# (name, quantize setting, max_chunk_tokens setting, word-piece cache cold on every call)
+# (name, quantize setting, max_chunk_tokens setting, prompts): prompts "same" = one prompt
+# per length, called again and again (warm word cache, repeated shapes); "cold" = the same
+# prompt with the word-piece cache cleared before every call (every word new, as the
+# previous code tokenized on every call); "distinct" = a different prompt on every call
+# (1K tokens only), the closest to traffic.
 BEFORE = "before: fp32, 512-piece chunks"
 DEFAULT = "default: auto (bf16 here), 256-piece chunks"
 VARIANTS = (
-    (BEFORE, "none", None, True),
-    ("before, int8: int8, 512-piece chunks", "int8", None, True),
-    (DEFAULT, "auto", 256, False),
-    ("default, cold word cache", "auto", 256, True),
-    ("fp32, 256-piece chunks", "none", 256, False),
-    ("int8, 256-piece chunks", "int8", 256, False),
+    (BEFORE, "none", 512, "cold"),
+    ("before, a different prompt every call", "none", 512, "distinct"),
+    ("before, int8: int8, 512-piece chunks", "int8", 512, "cold"),
+    (DEFAULT, "auto", None, "same"),
+    ("default, cold word cache", "auto", None, "cold"),
+    ("default, a different prompt every call", "auto", None, "distinct"),
+    ("fp32, 256-piece chunks", "none", None, "same"),
+    ("int8, 256-piece chunks", "int8", None, "same"),
 )
+WARM_UP_CALLS = 5
 FILLER = ("The committee met on Tuesday to review the quarterly figures. Attendance was good "
           "and the minutes were approved without changes. ")
 
 
-def prompt_of(tokens: int, counter: Tokenizer) -> str:
+def prompt_of(tokens: int, counter: Tokenizer, request: str | None = None) -> str:
     """A jailbreak-shaped prompt of about `tokens` SmolLM2 tokens: background text, a DAN
-    preamble when it fits, then a HarmBench request at the end."""
-    request = sources.harmbench()[3]
+    preamble when it fits, then a request (default: HarmBench's fourth) at the end; the
+    fewest FILLERs that reach `tokens`."""
+    request = request or sources.harmbench()[3]
     preamble = dan_templates()[0].replace("{instruction}", request)
     text = preamble if len(counter.encode(preamble).ids) < tokens else request
-    while len(counter.encode(text).ids) < tokens:
-        text = FILLER + text
-    return text
+
+    def length(fillers: int) -> int:
+        return len(counter.encode(FILLER * fillers + text).ids)
+
+    fillers = max(0, (tokens - length(0)) // max(length(1) - length(0), 1))
+    while fillers > 0 and length(fillers - 1) >= tokens:
+        fillers -= 1
+    while length(fillers) < tokens:
+        fillers += 1
+    return FILLER * fillers + text
+
+
+def distinct_prompts(tokens: int, counter: Tokenizer, count: int) -> list[str]:
+    """`count` prompts like `prompt_of`, each around a different AdvBench / HarmBench
+    request: every call then brings a new length (new shapes) and some new words."""
+    requests = [*sources.harmbench(), *sources.advbench()]
+    if count > len(requests):
+        raise ValueError(f"only {len(requests)} distinct requests")
+    return [prompt_of(tokens, counter, request) for request in requests[:count]]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -87,19 +111,25 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(int(q / 100 * len(ordered)), len(ordered) - 1)]
 
 
-async def stage_latency(stage, request, runs: int, cold_words: bool) -> list[float]:
-    """cold_words: forget every word's pieces before each call (outside the timing), so the
-    call tokenizes the whole prompt, as the previous code did on every call."""
-    for _ in range(5):
-        await stage(request, RequestContext("warm", "chat"))
+async def stage_latency(stage, requests: list, cold_words: bool) -> list[float]:
+    """One call per request after WARM_UP_CALLS on the first. cold_words: forget every
+    word's pieces before each call (outside the timing), so the call tokenizes the whole
+    prompt, as the previous code did on every call."""
+    for _ in range(WARM_UP_CALLS):
+        await stage(requests[0], RequestContext("warm", "chat"))
     samples = []
-    for index in range(runs):
+    for index, request in enumerate(requests):
         if cold_words:
             stage.extractor._word_pieces = {}
         started = time.perf_counter()
         await stage(request, RequestContext(str(index), "chat"))
         samples.append((time.perf_counter() - started) * 1e3)
     return samples
+
+
+def chat_request(text: str) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate(
+        {"model": MODEL, "messages": [{"role": "user", "content": text}]})
 
 
 def messages_body(request: ChatCompletionRequest) -> list[dict]:
@@ -161,30 +191,41 @@ def main() -> None:
     stages = {name: build_securitylingua_stage(
         SecurityLinguaSettings(threads=1, quantize=quantize, max_chunk_tokens=chunk_tokens),
         CollectorRegistry(), None) for name, quantize, chunk_tokens, _ in VARIANTS}
-    requests = {length: ChatCompletionRequest.model_validate(
-        {"model": MODEL, "messages": [{"role": "user", "content": prompt_of(length, counter)}]})
-        for length in LENGTHS}
+    requests = {length: chat_request(prompt_of(length, counter)) for length in LENGTHS}
+    # Round r of a "distinct" variant calls prompts [r * runs, (r + 1) * runs): no prompt
+    # twice, and the same prompts for every "distinct" variant.
+    distinct = [chat_request(text) for text in distinct_prompts(
+        1000, counter, args.runs * args.repeats + WARM_UP_CALLS)]
     rounds: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for round_index in range(args.repeats):
-        for name, _, _, cold_words in VARIANTS:
+        for name, _, _, prompts in VARIANTS:
             for length, request in requests.items():
-                samples = asyncio.run(stage_latency(stages[name], request, args.runs,
-                                                    cold_words))
+                if prompts == "distinct":
+                    if length != 1000:
+                        continue
+                    first = round_index * args.runs + WARM_UP_CALLS
+                    calls = distinct[first:first + args.runs]
+                else:
+                    calls = [request] * args.runs
+                samples = asyncio.run(stage_latency(stages[name], calls, prompts == "cold"))
                 rounds.setdefault((name, length), []).append(
                     (percentile(samples, 50), percentile(samples, 99)))
             print(f"round {round_index + 1}/{args.repeats}", name, [
-                round(rounds[(name, length)][-1][0], 2) for length in LENGTHS], flush=True)
+                round(rounds[(name, length)][-1][0], 2) for length in LENGTHS
+                if (name, length) in rounds], flush=True)
     rows = []
-    for name, quantize, _, cold_words in VARIANTS:
+    for name, quantize, _, prompts in VARIANTS:
         stage = stages[name]
         for length, request in requests.items():
+            if (name, length) not in rounds:
+                continue
             annotated = asyncio.run(stage(request, RequestContext("x", "chat")))
             p50s = [p50 for p50, _ in rounds[(name, length)]]
             rows.append({"variant": name, "threads": 1, "quantize": quantize,
                          "precision": str(next(stage.extractor.model.parameters()).dtype)
                          if quantize != "int8" else "int8 linears",
                          "max_chunk_tokens": stage.extractor.max_chunk_tokens,
-                         "cold_word_cache": cold_words, "target_tokens": length,
+                         "prompts": prompts, "target_tokens": length,
                          "prompt_tokens": len(counter.encode(
                              request.messages[0].content).ids),
                          "stage_p50_ms": round(statistics.median(p50s), 2),
