@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--plot-only", type=Path, help="draw the PNG of a result JSON, run nothing")
     parser.add_argument("--model", default="/root/models/smollm2")
     parser.add_argument("--docs", type=Path, default=Path("/root/stash/docs"))
-    parser.add_argument("--splits", type=int, nargs="+", default=[15, 22, 24])
+    parser.add_argument("--splits", type=int, nargs="+", default=[15, 24, 26, 28])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 7168])
     parser.add_argument("--cases", type=int, default=50)
     parser.add_argument("--tasks", nargs="+",
