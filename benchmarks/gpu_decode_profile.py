@@ -76,11 +76,17 @@ def summarize_trace(path: Path, top: int = 15) -> dict:
     for kernel in kernels:
         by_correlation[kernel.get("args", {}).get("correlation", -1)].append(kernel)
     graph_correlations = {e.get("args", {}).get("correlation") for e in launches}
-    graph_busy, graph_span, graph_kernels = [], [], []
+    graph_busy, graph_span, graph_kernels, boundary_gaps, overlapping = [], [], [], [], []
     for launch in launches:
         inside = by_correlation.get(launch.get("args", {}).get("correlation"), [])
         if not inside:
             continue
+        # Gaps between consecutive kernels of one replay: ~0.1 us with overlapping
+        # (early-launched) kernels, ~0.4 us without (issue 18's decode ITL).
+        ordered = sorted(inside, key=lambda k: k["ts"])
+        gaps = [b["ts"] - (a["ts"] + a["dur"]) for a, b in zip(ordered, ordered[1:], strict=False)]
+        boundary_gaps.extend(gaps)
+        overlapping.append(sum(gap < 0 for gap in gaps))
         graph_busy.append(sum(k["dur"] for k in inside))
         graph_span.append(max(k["ts"] + k["dur"] for k in inside) - min(k["ts"] for k in inside))
         graph_kernels.append(len(inside))
@@ -98,6 +104,9 @@ def summarize_trace(path: Path, top: int = 15) -> dict:
         "graph_gpu_busy_us_median": statistics.median(graph_busy) if graph_busy else None,
         "graph_gpu_span_us_median": statistics.median(graph_span) if graph_span else None,
         "kernels_per_graph_median": statistics.median(graph_kernels) if graph_kernels else None,
+        "boundary_gap_us_median": statistics.median(boundary_gaps) if boundary_gaps else None,
+        "overlapping_boundaries_per_graph": (statistics.median(overlapping) if overlapping
+                                             else None),
         "outside_graph_kernels_per_step": len(outside) / steps,
         "outside_graph_gpu_us_per_step": sum(k["dur"] for k in outside) / steps,
         "top_kernels_per_step": [

@@ -106,15 +106,15 @@ def stream(url: str, prompt: list[int], max_tokens: int, force_token: int | None
 
 
 def itl(paths: dict[str, str], prompt_sizes: list[int], repeats: int,
-        force_token: int | None) -> list[dict]:
-    """Decode ITL of the three direct servers after each prompt length, every server in
-    every position (rotated, and reversed every other repeat), SM clock and power sampled
-    during each stream."""
+        force_token: int | None, names: tuple[str, ...] = DIRECT_PATHS) -> list[dict]:
+    """Decode ITL of the servers ``names`` (default: the three direct ones) after each prompt
+    length, every server in every position (rotated, and reversed every other repeat), SM
+    clock and power sampled during each stream."""
     runs = []
     for size in prompt_sizes:
         for repeat in range(repeats):
-            shift = (repeat // 2) % len(DIRECT_PATHS)
-            order = DIRECT_PATHS[shift:] + DIRECT_PATHS[:shift]
+            shift = (repeat // 2) % len(names)
+            order = names[shift:] + names[:shift]
             for name in order[:: 1 if repeat % 2 == 0 else -1]:
                 with ClockSampler() as clocks:
                     arrivals = stream(paths[name], prompt_tokens(size, 777 + repeat * 7), 64,
@@ -161,7 +161,11 @@ def plot(result: dict, png: Path) -> None:
 
     sizes = result["sizes"]
     medians = result["ttft_median_s"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    with_itl = "itl_median_ms_by_prompt" in result
+    fig, axes = plt.subplots(1, 3 if with_itl else 2, figsize=(16 if with_itl else 11, 4))
+    left, right = axes[0], axes[1]
+    if with_itl:
+        plot_itl(result, axes[2])
     names = [n for n in ("fa3_direct", "tessera_direct", "dense_direct", "fa3_gateway",
                          "tessera_gateway") if f"{n}@{sizes[0]}" in medians]
     width = 0.8 / len(names)
@@ -187,6 +191,25 @@ def plot(result: dict, png: Path) -> None:
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
+
+
+def plot_itl(result: dict, axis) -> None:
+    """Decode ITL per server after each prompt length; the legend gives the median gap
+    between kernels of the replayed decode graph where a profile was taken."""
+    prompts = result["itl_prompts"]
+    width = 0.8 / len(DIRECT_PATHS)
+    profile = result.get("decode_profile", {})
+    for offset, name in enumerate(DIRECT_PATHS):
+        xs = [i + (offset - (len(DIRECT_PATHS) - 1) / 2) * width for i in range(len(prompts))]
+        gap = profile.get(name, {}).get("boundary_gap_us_median")
+        label = name if gap is None else f"{name} (graph kernel gap {gap:.2f} us)"
+        axis.bar(xs, [result["itl_median_ms_by_prompt"][f"{name}@{p}"] for p in prompts],
+                 width, label=label)
+    axis.set_xticks(range(len(prompts)), [f"after {p} tokens" for p in prompts])
+    axis.set_ylim(4.0, None)
+    axis.set_ylabel("decode ITL, median of 5 (ms; axis from 4)")
+    axis.set_title("decode ITL (target: unchanged within noise)")
+    axis.legend(fontsize=7)
 
 
 def itl_checks(runs: dict[str, dict]) -> dict:
