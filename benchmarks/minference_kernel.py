@@ -55,7 +55,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -79,6 +79,7 @@ from attention_backends.patterns.minference import (  # noqa: E402
     TriangleHead,
     VerticalSlashHead,
 )
+from attention_backends.patterns.mminference.grid import GridHead  # noqa: E402
 
 JSON_NAME = "minference_kernel.json"
 ROPE_THETA = 500000.0  # Llama-3.1's
@@ -109,9 +110,16 @@ class OutOfTime(BaseException):
     through."""
 
 
-def layer_configs(shape: Shape, smoke: bool) -> dict[str, LayerHeadPatterns]:
+GRID = "grid_64"
+
+
+def layer_configs(shape: Shape, smoke: bool, num_tokens: int | None = None
+                  ) -> dict[str, LayerHeadPatterns]:
     """One pattern for every head of the layer; sizes as MInference/TriangleMix ship them
-    (smoke: scaled down so each pattern still drops keys at 512 tokens)."""
+    (smoke: scaled down so each pattern still drops keys at 512 tokens). With
+    ``num_tokens``, also MMInference's grid (``--grid``): a video span from token 1024 to
+    1024 before the end, frames of 64 tokens (a line at every tile in token order), sinks
+    64, window 256 (its synthetic-grid benchmark's shape, ``mminference_grid.py``)."""
     if smoke:
         heads = {
             HEADLINE: VerticalSlashHead(40, 100, last_q_tokens=16, sink_tokens=8,
@@ -128,6 +136,12 @@ def layer_configs(shape: Shape, smoke: bool) -> dict[str, LayerHeadPatterns]:
             "block_sparse_100": BlockSparseHead(100),
             TRIANGLE: TriangleHead(8, 512, 128),
         }
+    if num_tokens is not None:
+        margin = 32 if smoke else 1024
+        stride = 16 if smoke else 64
+        heads[GRID] = GridHead(margin, num_tokens - margin, stride, phase_q=1, phase_k=5,
+                               sink_tokens=4 if smoke else 64,
+                               window_tokens=16 if smoke else 256)
     return {name: LayerHeadPatterns((head,) * shape.q_heads, block_size=shape.tile)
             for name, head in heads.items()}
 
@@ -329,7 +343,8 @@ def reference_row_error(out: torch.Tensor, query: torch.Tensor, keys: torch.Tens
 
 def bench_length(row: dict, shape: Shape, configs: dict[str, LayerHeadPatterns], reps: int,
                  device: str, deadline: float, sweep: bool, peak_tflops: float,
-                 check_reference: bool, launch: HeadSparseLaunch) -> HeadSparseLaunch:
+                 check_reference: bool, launch: HeadSparseLaunch,
+                 with_flex: bool = True) -> HeadSparseLaunch:
     """Fill ``row`` (already in the results, so a stop midway keeps what was measured)
     for ``row["num_tokens"]``; returns the launch config used (the sweep's pick)."""
     num_tokens = row["num_tokens"]
@@ -407,7 +422,7 @@ def bench_length(row: dict, shape: Shape, configs: dict[str, LayerHeadPatterns],
         del index, plan, first_output
     row["launch"] = asdict(launch)
 
-    flex = FlexRunner(num_tokens, shape, device)
+    flex = FlexRunner(num_tokens, shape, device) if with_flex else None
     callables: dict[str, dict[str, Callable[[], object]]] = {}
     for name, patterns in configs.items():
         if time.time() > deadline:
@@ -440,6 +455,8 @@ def bench_length(row: dict, shape: Shape, configs: dict[str, LayerHeadPatterns],
                                                  block_table[0], num_tokens, scale, launch),
         }
         try:
+            if flex is None:
+                raise RuntimeError("not run (with_flex=False)")
             block_mask = flex.block_mask(index, kept128)
             flex_out = flex.attend(q_bhsd, k_bhsd, v_bhsd, block_mask=block_mask,
                                    enable_gqa=True, scale=scale)
@@ -450,6 +467,16 @@ def bench_length(row: dict, shape: Shape, configs: dict[str, LayerHeadPatterns],
                                                              scale=scale)
         except Exception as error:  # noqa: BLE001 - report, keep the other numbers
             entry["flex_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        if name == GRID:  # the grid's horizontal lines packed in a rows pass (permuted)
+            rows_pass = replace(launch, separate_full_rows=True)
+            calls["e2e_rows_pass"] = lambda p=patterns, r=rows_pass: e2e(p, r)
+            rows_plan = prepare_plan(index, 0, num_tokens, query.device, True)
+            calls["kernel_rows_pass"] = lambda p=rows_plan, r=rows_pass: launch_plan(
+                p, query, out, key_cache, value_cache, block_table[0], num_tokens, scale, r)
+            out.fill_(float("nan"))
+            e2e(patterns, rows_pass)
+            entry["rows_pass_all_rows_written"] = not bool(torch.isnan(out).any())
+            entry["rows_pass_rel_err_vs_token_order"] = relative_error(out, ours)
         if name == TRIANGLE and device == "cuda":
             try:
                 from attention_backends.kernels.sparse_prefill_triton import (
@@ -498,9 +525,9 @@ def bench_length(row: dict, shape: Shape, configs: dict[str, LayerHeadPatterns],
             break
         for key, value in timed.items():  # only whole repetitions count
             samples.setdefault(key, []).append(value)
+        first = next(iter(callables))
         print(f"  {num_tokens} rep {rep + 1}/{reps}: dense {samples['dense'][-1]:.2f} ms, "
-              f"{HEADLINE} {samples.get(f'{HEADLINE}.e2e', [float('nan')])[-1]:.2f} ms",
-              flush=True)
+              f"{first} {samples[f'{first}.e2e'][-1]:.2f} ms", flush=True)
     row["reps_completed"] = len(samples["dense"])
     if device == "cuda":
         row["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -575,7 +602,7 @@ def tokens_label(num_tokens: int) -> str:
 def summary_table(results: dict) -> str:
     lines = [f"{'len':>5} {'config':<17} {'e2e':>8} {'est':>7} {'plan':>7} {'kernel':>8} "
              f"{'flex':>8} {'dense':>8} {'x flex':>6} {'%id128':>6} {'%idcmp':>6} {'%peak':>5}"]
-    for row in results.get("lengths", []):
+    for row in results.get("lengths", []) + ([results["grid"]] if "grid" in results else []):
         for name, entry in row.get("configs", {}).items():
             if "e2e_ms" not in entry:
                 continue
@@ -587,6 +614,10 @@ def summary_table(results: dict) -> str:
                 f"{entry['kernel_pct_of_ideal_blocks_128']:6.1f} "
                 f"{entry['kernel_pct_of_ideal_computed']:6.1f} "
                 f"{entry['kernel_pct_of_peak_computed']:5.1f}")
+            if "e2e_rows_pass_ms" in entry:
+                lines.append(f"{'':>6}{'(rows pass: e2e / kernel)':<35}"
+                             f"{entry['e2e_rows_pass_ms']:8.2f} "
+                             f"{entry['kernel_rows_pass_ms']:8.2f}")
             if "dedicated_trianglemix_kernel_ms" in entry:
                 lines.append(f"{'':>6}{'(dedicated TriangleMix kernel)':<35}"
                              f"{entry['dedicated_trianglemix_kernel_ms']:8.2f}")
@@ -654,6 +685,9 @@ def main() -> None:
                         help="stop starting new work after this many seconds")
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch sweep")
     parser.add_argument("--tests-log", help="pytest output to record in the JSON")
+    parser.add_argument("--grid", action="store_true",
+                        help="after the first length, MMInference's grid at that length: "
+                             "token order vs the rows pass, vs dense (no Flex)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, CPU (run with TRITON_INTERPRET=1): code paths only")
     parser.add_argument("--plot-only", metavar="JSON", help="draw the PNG beside a JSON")
@@ -739,6 +773,24 @@ def main() -> None:
                   flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
+            if position == 0 and args.grid and "error" not in row:
+                # after the MInference numbers are safe on disk, before longer lengths: a
+                # failure here costs only what comes after
+                grid_row: dict = {"num_tokens": num_tokens, "grid_only": True}
+                results["grid"] = grid_row
+                grid_configs = {GRID: layer_configs(shape, args.smoke, num_tokens)[GRID]}
+                try:
+                    bench_length(grid_row, shape, grid_configs, args.reps, device, deadline,
+                                 sweep=False, peak_tflops=results["peak_bf16_tflops_measured"],
+                                 check_reference=num_tokens <= 131072, launch=launch,
+                                 with_flex=False)
+                except Exception as error:  # noqa: BLE001 - keep the MInference rows
+                    grid_row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+                    write(results, out_dir)
+                    break
+                write(results, out_dir)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
     except OutOfTime as stop:
         results["stopped"] = f"out of time: {stop}"
         print(f"stopped: {stop}", flush=True)

@@ -5,9 +5,9 @@ config, the registers, stack (spill) bytes and shared memory, whether ptxas seri
 wgmma instructions (warning C7515), and counts of telling SASS instructions (HGMMA
 tensor-core ops, UTMALDG TMA loads, LDGSTS async copies, LDL/STL local-memory spills). It
 costs no device time. ``"kernel": "gluon"`` compiles the Gluon kernel instead of the Triton
-one; ``"kernel": "head_sparse"`` the per-head (MInference) kernel, with
-``HEAD_SPARSE_DEFAULTS`` overridden by the object's other keys. Compile with the device's
-Triton for numbers that hold there (3.6 in 2026-11):
+one; ``"kernel": "head_sparse"`` the per-head (MInference) kernel (``"head_sparse_rows"``:
+its full-rows pass), with ``HEAD_SPARSE_DEFAULTS`` overridden by the object's other keys.
+Compile with the device's Triton for numbers that hold there (3.6 in 2026-11):
 
     .venv/bin/pip download --no-deps triton==3.6.0 -d /tmp/w
     .venv/bin/pip install --no-deps --target /tmp/t36 /tmp/w/*.whl
@@ -139,7 +139,8 @@ def compile_head_sparse_kernel(variant: dict):
     """``head_sparse_triton._head_sparse_kernel`` with the launcher's constexprs."""
     from attention_backends.kernels import head_sparse_triton
 
-    fn = head_sparse_triton._head_sparse_kernel
+    fn = (head_sparse_triton._full_rows_kernel if variant.get("kernel") == "head_sparse_rows"
+          else head_sparse_triton._head_sparse_kernel)
     variant = {**HEAD_SPARSE_DEFAULTS, **variant}
     constexprs = {
         "GROUP": variant["group"], "KV_BLOCK_SIZE": variant["cache_block"],
@@ -202,6 +203,7 @@ def main() -> None:
         compile_kernel = {
             "gluon": compile_gluon_streaming_kernel,
             "head_sparse": compile_head_sparse_kernel,
+            "head_sparse_rows": compile_head_sparse_kernel,
         }.get(variant.get("kernel"), compile_streaming_kernel)
         print(json.dumps({"variant": overrides, **resource_report(compile_kernel(variant))}))
 

@@ -25,23 +25,30 @@ of one launch per sequence, estimation and planning in kernels.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-from attention_backends.kernels.head_sparse_plan import make_plan
+from attention_backends.kernels.head_sparse_plan import compact, make_plan
 from attention_backends.kernels.sparse_prefill_ref import gather_sequence_kv
 from attention_backends.patterns.minference.index import HeadsIndex, SequenceChunk
 
 
 @dataclass(frozen=True)
 class HeadSparseLaunch:
-    """Launch parameters. 4 warps = one warpgroup, the wgmma shape of a 64-row tile."""
+    """Launch parameters. 4 warps = one warpgroup, the wgmma shape of a 64-row tile.
+
+    ``separate_full_rows``: compute the full rows (MMInference's horizontal grid lines,
+    TriangleMix's last rows, dense heads) in a second pass over just those rows, packed
+    ``TILE`` at a time in position order, i.e. on the permuted layout where each line is one
+    contiguous run. In token order a grid line puts one full row in every query tile at
+    strides <= the tile, and that row alone makes the whole tile visit every key tile."""
 
     num_warps: int = 4
     num_stages: int = 2
+    separate_full_rows: bool = False
 
 
 DEFAULT_LAUNCH = HeadSparseLaunch()
@@ -137,6 +144,52 @@ def _head_sparse_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+@triton.jit
+def _full_rows_kernel(
+    q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, row_count_ptr,
+    row_positions_ptr, first_pos, seq_len, scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, max_rows,
+    GROUP: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``TILE`` full rows of one head (ascending absolute positions, any spacing) against
+    every causal key: the rows pass of ``separate_full_rows``."""
+    head = tl.program_id(0)
+    pack = tl.program_id(1)
+    kv_head = head // GROUP
+    head64 = head.to(tl.int64)
+    offs_r = pack * TILE + tl.arange(0, TILE)
+    row_ok = offs_r < tl.load(row_count_ptr + head)
+    positions = tl.load(row_positions_ptr + head64 * max_rows + offs_r, mask=row_ok, other=0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_rows = (positions - first_pos).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    last = tl.max(tl.where(row_ok, positions, -1), axis=0)
+    num_key_tiles = tl.where(last >= 0, last // TILE + 1, 0)  # a pack with no row: none
+    m_i = tl.full([TILE], float("-inf"), tl.float32)
+    l_i = tl.zeros([TILE], tl.float32)
+    acc = tl.zeros([TILE, HEAD_DIM], tl.float32)
+    k_head = k_cache_ptr + kv_head * stride_kh
+    v_head = v_cache_ptr + kv_head * stride_vh
+    for key_tile in range(0, num_key_tiles):
+        offs_n = key_tile * TILE + tl.arange(0, TILE)
+        key_ok = offs_n < seq_len
+        physical = tl.load(block_table_ptr + offs_n // KV_BLOCK_SIZE, mask=key_ok, other=0)
+        physical = physical.to(tl.int64)
+        in_block = offs_n % KV_BLOCK_SIZE
+        k = tl.load(k_head + physical[:, None] * stride_kb + in_block[:, None] * stride_kt
+                    + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_head + physical[:, None] * stride_vb + in_block[:, None] * stride_vt
+                    + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        keep = (positions[:, None] >= offs_n[None, :]) & row_ok[:, None] & key_ok[None, :]
+        m_i, l_i, acc = _online_update(q, k, v, keep, m_i, l_i, acc, scale_log2, PRECISION)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
 @dataclass(frozen=True)
 class DevicePlan:
     """One sequence's plan and index flags as the kernel reads them (int32 / int8)."""
@@ -148,6 +201,10 @@ class DevicePlan:
     num_tiles: int
     num_tokens_index: int
     tile: int
+    # separate_full_rows only: per head, the full rows of this step (absolute positions,
+    # ascending, int32 [H, max_rows], padded) and their count (int32 [H])
+    full_row_count: torch.Tensor | None = None
+    full_row_positions: torch.Tensor | None = None
 
 
 def estimate_index(query_rows: torch.Tensor, key_cache: torch.Tensor,
@@ -164,10 +221,18 @@ def estimate_index(query_rows: torch.Tensor, key_cache: torch.Tensor,
     return layer_heads.build_index(chunk)
 
 
-def prepare_plan(index: HeadsIndex, first_pos: int, seq_len: int,
-                 device: torch.device) -> DevicePlan:
-    """Plan of the query tiles covering positions ``first_pos .. seq_len - 1``."""
+def prepare_plan(index: HeadsIndex, first_pos: int, seq_len: int, device: torch.device,
+                 separate_full_rows: bool = False) -> DevicePlan:
+    """Plan of the query tiles covering positions ``first_pos .. seq_len - 1``. With
+    ``separate_full_rows`` the tile plan leaves the full rows out (the rows pass computes
+    them whole and overwrites what the tile pass wrote there)."""
     tile = index.block_size
+    row_count = row_positions = None
+    if separate_full_rows:
+        row_count, row_offsets = compact(index.full_rows[:, first_pos:seq_len])
+        if int(row_count.max()) > 0:  # else no rows pass at all
+            row_count, row_positions = row_count.int(), (row_offsets + first_pos).int()
+        index = replace(index, full_rows=torch.zeros_like(index.full_rows))
     query_tiles = torch.arange(first_pos // tile, (seq_len - 1) // tile + 1, device=device)
     plan = make_plan(index, query_tiles)
     to_device = lambda t: t.to(device).contiguous()  # noqa: E731
@@ -177,7 +242,7 @@ def prepare_plan(index: HeadsIndex, first_pos: int, seq_len: int,
         tuple(to_device(t.to(torch.int8)) for t in (index.columns, index.diagonals,
                                                     index.full_rows, index.blocks)),
         first_pos // tile, query_tiles.numel(), int(index.blocks.shape[1]), index.num_tokens,
-        tile)
+        tile, row_count, row_positions)
 
 
 def launch_plan(plan: DevicePlan, query_rows: torch.Tensor, out_rows: torch.Tensor,
@@ -188,20 +253,34 @@ def launch_plan(plan: DevicePlan, query_rows: torch.Tensor, out_rows: torch.Tens
     num_q_heads, head_dim = query_rows.shape[1], query_rows.shape[2]
     tile_count, tile_index, column_count, column_index = plan.plan_tensors
     grid = (num_q_heads, plan.num_query_tiles)
+    # float32 inputs get true fp32 products (Triton's default would be tf32, ~1e-3 error,
+    # and the float32 test cases bound rows at 1e-4); ignored for bf16/fp16
+    precision = "ieee" if query_rows.dtype == torch.float32 else "tf32"
+    first_pos = seq_len - int(query_rows.shape[0])
     _head_sparse_kernel[grid](
         query_rows, out_rows, key_cache, value_cache, block_table_row,
         tile_count, tile_index, column_count, column_index, *plan.flags,
-        seq_len - int(query_rows.shape[0]), seq_len, plan.first_query_tile,
+        first_pos, seq_len, plan.first_query_tile,
         plan.num_query_tiles, plan.num_tiles, scale * math.log2(math.e),
         query_rows.stride(0), query_rows.stride(1), out_rows.stride(0), out_rows.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         tile_index.shape[2], column_index.shape[2], plan.num_tokens_index,
         GROUP=num_q_heads // key_cache.shape[1], KV_BLOCK_SIZE=key_cache.shape[2],
-        TILE=plan.tile, HEAD_DIM=head_dim,
-        # float32 inputs get true fp32 products (Triton's default would be tf32, ~1e-3
-        # error, and the float32 test cases bound rows at 1e-4); ignored for bf16/fp16
-        PRECISION="ieee" if query_rows.dtype == torch.float32 else "tf32",
+        TILE=plan.tile, HEAD_DIM=head_dim, PRECISION=precision,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
+    )
+    if plan.full_row_positions is None:
+        return
+    max_rows = plan.full_row_positions.shape[1]  # >= the most full rows of any head
+    _full_rows_kernel[(num_q_heads, -(-max_rows // plan.tile))](
+        query_rows, out_rows, key_cache, value_cache, block_table_row, plan.full_row_count,
+        plan.full_row_positions, first_pos, seq_len, scale * math.log2(math.e),
+        query_rows.stride(0), query_rows.stride(1), out_rows.stride(0), out_rows.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), max_rows,
+        GROUP=num_q_heads // key_cache.shape[1], KV_BLOCK_SIZE=key_cache.shape[2],
+        TILE=plan.tile, HEAD_DIM=head_dim, PRECISION=precision,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
 
@@ -233,7 +312,8 @@ def head_sparse_prefill_triton(
         rows_q, rows_out = query[begin:end], out[begin:end]
         index = estimate_index(rows_q, key_cache, block_table[seq], seq_len, prompt_len,
                                layer_heads, scale)
-        plan = prepare_plan(index, seq_len - (end - begin), seq_len, query.device)
+        plan = prepare_plan(index, seq_len - (end - begin), seq_len, query.device,
+                            launch.separate_full_rows)
         launch_plan(plan, rows_q, rows_out, key_cache, value_cache, block_table[seq], seq_len,
                     scale, launch)
     return out
