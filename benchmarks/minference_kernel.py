@@ -19,6 +19,9 @@ plan + kernel), each of the three steps alone, FlexAttention (compiled) with the
 mask at 128-token blocks and the same per-token ``mask_mod``, and cuDNN dense causal SDPA.
 Every figure is a median of ``--reps`` (>= 5) single timed calls (CUDA events) taken in
 alternation: each repetition times dense, then every config, so drift hits all alike.
+Lengths after the first run only ``LONG_CONFIGS`` (the headline, block-sparse, the triangle)
+and no Flex, and only when the first length's timings predict they fit ``--budget-s``;
+``--grid`` then adds MMInference's grid at the first length with what is left.
 
 Work accounting (as ``trianglemix_kernel.py``): the fraction of dense work the pattern needs,
 per element (kept pairs / causal pairs, head average; rows sampled), per 64-block and per
@@ -87,8 +90,12 @@ DATASHEET_PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16, vendor datasheet (a l
 HEADLINE = "vs_512_2048"
 TRIANGLE = "triangle"
 DENSE_LAYERS, NUM_LAYERS = 16, 32  # TriangleMix's starting_layer for Llama-3.1-8B
-LAUNCH_SWEEP = {"w4 s2": HeadSparseLaunch(4, 2), "w4 s3": HeadSparseLaunch(4, 3),
-                "w8 s2": HeadSparseLaunch(8, 2)}
+# w4 s3 compiles to the same resources as w4 s2 with Triton 3.6 (triton_resources.py):
+# the pipeliner does not deepen this loop, so it is not swept
+LAUNCH_SWEEP = {"w4 s2": HeadSparseLaunch(4, 2), "w8 s2": HeadSparseLaunch(8, 2)}
+LONG_CONFIGS = (HEADLINE, "block_sparse_100", TRIANGLE)  # lengths after the first
+LONG_SETUP_S = 20.0  # a longer length's untimed part: inputs, index, fractions, warm-up
+GRID_MIN_S = 20.0  # what the grid section needs at 128K (dense-like token order x 5)
 
 
 @dataclass(frozen=True)
@@ -686,8 +693,8 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch sweep")
     parser.add_argument("--tests-log", help="pytest output to record in the JSON")
     parser.add_argument("--grid", action="store_true",
-                        help="after the first length, MMInference's grid at that length: "
-                             "token order vs the rows pass, vs dense (no Flex)")
+                        help="last, with the budget left: MMInference's grid at the first "
+                             "length, token order vs the rows pass, vs dense (no Flex)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, CPU (run with TRITON_INTERPRET=1): code paths only")
     parser.add_argument("--plot-only", metavar="JSON", help="draw the PNG beside a JSON")
@@ -737,11 +744,18 @@ def main() -> None:
         results["peak_bf16_tflops_measured"] = measured_peak_tflops(device)
         results["peak_bf16_tflops_datasheet"] = DATASHEET_PEAK_TFLOPS
         print(f"peak bf16 {results['peak_bf16_tflops_measured']:.0f} TFLOP/s", flush=True)
-        per_length_s: list[tuple[int, float]] = []
+        timed_s_per_config: dict[str, float] = {}  # first length, per rep, no Flex
+        failed = False
         for position, num_tokens in enumerate(lengths):
-            if per_length_s:  # predict: fixed setup (Flex recompiles) + quadratic timings
-                last_tokens, last_s = per_length_s[-1]
-                predicted = 40.0 + last_s * (num_tokens / last_tokens) ** 2
+            length_configs = configs
+            if position > 0:
+                # longer lengths: the configs the comparisons need, no Flex (its recompile
+                # for a new shape alone takes tens of seconds; the x-Flex target is at 128K)
+                length_configs = {n: p for n, p in configs.items() if n in LONG_CONFIGS}
+                ratio = (num_tokens / lengths[0]) ** 2
+                per_rep = timed_s_per_config.get("dense", 0.0) + sum(
+                    timed_s_per_config.get(n, 0.0) for n in length_configs)
+                predicted = LONG_SETUP_S + ratio * per_rep * args.reps
                 if time.time() + predicted > deadline:
                     results["lengths"].append({"num_tokens": num_tokens, "skipped":
                                                f"predicted {predicted:.0f} s, budget left "
@@ -754,43 +768,48 @@ def main() -> None:
             results["lengths"].append(row)
             try:
                 launch = bench_length(
-                    row, shape, configs, args.reps, device, deadline,
+                    row, shape, length_configs, args.reps, device, deadline,
                     sweep=position == 0 and not args.no_sweep,
                     peak_tflops=results["peak_bf16_tflops_measured"],
-                    check_reference=num_tokens <= 131072, launch=launch)
+                    check_reference=num_tokens <= 131072, launch=launch,
+                    with_flex=position == 0)
             except torch.cuda.OutOfMemoryError as error:
                 row["error"] = f"out of memory: {str(error)[:200]}"
             except Exception as error:  # noqa: BLE001 - a CUDA error poisons the context
                 row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
                 write(results, out_dir)
                 print(f"length {num_tokens} failed: {row['error']}", flush=True)
+                failed = True
                 break
-            # the timed part (setup and compiles are the predicted constant)
-            spent = sum(sum(v) for v in row.get("samples_ms", {}).values()) / 1000
-            per_length_s.append((num_tokens, spent))
+            if position == 0:  # median seconds per repetition, by config, without Flex
+                for key, values in row.get("samples_ms", {}).items():
+                    name = key.split(".")[0]
+                    if not key.endswith(".flex"):
+                        timed_s_per_config[name] = (timed_s_per_config.get(name, 0.0)
+                                                    + statistics.median(values) / 1000)
             write(results, out_dir)
             print(f"length {num_tokens} done in {time.time() - length_started:.0f} s",
                   flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
-            if position == 0 and args.grid and "error" not in row:
-                # after the MInference numbers are safe on disk, before longer lengths: a
-                # failure here costs only what comes after
-                grid_row: dict = {"num_tokens": num_tokens, "grid_only": True}
-                results["grid"] = grid_row
-                grid_configs = {GRID: layer_configs(shape, args.smoke, num_tokens)[GRID]}
-                try:
-                    bench_length(grid_row, shape, grid_configs, args.reps, device, deadline,
-                                 sweep=False, peak_tflops=results["peak_bf16_tflops_measured"],
-                                 check_reference=num_tokens <= 131072, launch=launch,
-                                 with_flex=False)
-                except Exception as error:  # noqa: BLE001 - keep the MInference rows
-                    grid_row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-                    write(results, out_dir)
-                    break
-                write(results, out_dir)
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+        if args.grid and not failed and time.time() + GRID_MIN_S < deadline:
+            # last, with what is left: the MInference rows are on disk whatever happens here
+            num_tokens = lengths[0]
+            grid_row: dict = {"num_tokens": num_tokens, "grid_only": True}
+            results["grid"] = grid_row
+            print(f"grid at {num_tokens}", flush=True)
+            try:
+                bench_length(grid_row, shape,
+                             {GRID: layer_configs(shape, args.smoke, num_tokens)[GRID]},
+                             args.reps, device, deadline, sweep=False,
+                             peak_tflops=results["peak_bf16_tflops_measured"],
+                             check_reference=num_tokens <= 131072, launch=launch,
+                             with_flex=False)
+            except Exception as error:  # noqa: BLE001 - keep the MInference rows
+                grid_row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        elif args.grid:
+            results["grid"] = {"skipped": f"budget left {deadline - time.time():.0f} s < "
+                                          f"{GRID_MIN_S} s"}
     except OutOfTime as stop:
         results["stopped"] = f"out of time: {stop}"
         print(f"stopped: {stop}", flush=True)
