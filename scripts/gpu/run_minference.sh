@@ -9,17 +9,17 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,memory.used --format=csv \
   > "$OUT/minference_nvidia_smi.txt" 2>&1
-# the tests get 70 s (a hang must not eat the benchmark's time); ~15 kernel variants compile,
+# the tests get 65 s (a hang must not eat the benchmark's time); ~15 kernel variants compile,
 # so 4 xdist workers when the image has pytest-xdist (it lists it; checked, not assumed)
 XDIST=(); python3 -c "import xdist" 2>/dev/null && XDIST=(-n 4)
-timeout -k 5 70 python3 -m pytest tests/gpu_minference tests/unit/head_sparse_triton_cases.py \
+timeout -k 5 65 python3 -m pytest tests/gpu_minference tests/unit/head_sparse_triton_cases.py \
   -q -p no:cacheprovider --tb=short "${XDIST[@]}" > "$OUT/minference_gpu_tests.txt" 2>&1
 echo "gpu tests rc=$? : $(tail -1 "$OUT/minference_gpu_tests.txt")"
 # the benchmark stops starting new work at --budget-s and writes its JSON; SIGTERM at the
 # outer limit also writes what exists (SIGKILL 10 s later)
 # 128K in full; 256K (headline, block-sparse, triangle; no Flex) when 128K's timings predict
 # it fits; --grid: MMInference's grid at 128K last, with what is left
-timeout -k 10 160 python3 benchmarks/minference_kernel.py --out "$OUT" --budget-s 145 --grid \
+timeout -k 10 165 python3 benchmarks/minference_kernel.py --out "$OUT" --budget-s 140 --grid \
   --tests-log "$OUT/minference_gpu_tests.txt" > "$OUT/minference_kernel.log" 2>&1
 echo "benchmark rc=$?"
 tail -25 "$OUT/minference_kernel.log"
