@@ -132,17 +132,19 @@ def layer_configs(shape: Shape, smoke: bool, num_tokens: int | None = None
         heads = {
             HEADLINE: VerticalSlashHead(40, 100, last_q_tokens=16, sink_tokens=8,
                                         local_tokens=24),
+            TRIANGLE: TriangleHead(4, 64, 32),
+            "block_sparse_100": BlockSparseHead(3),
             "vs_1000_6096": VerticalSlashHead(60, 150, last_q_tokens=16, sink_tokens=8,
                                               local_tokens=24),
-            "block_sparse_100": BlockSparseHead(3),
-            TRIANGLE: TriangleHead(4, 64, 32),
         }
     else:
+        # in order of need: a setup past the budget drops the last ones (the headline and
+        # the triangle make the TriangleMix + MInference comparison)
         heads = {
             HEADLINE: VerticalSlashHead(512, 2048),
-            "vs_1000_6096": VerticalSlashHead(1000, 6096),
-            "block_sparse_100": BlockSparseHead(100),
             TRIANGLE: TriangleHead(8, 512, 128),
+            "block_sparse_100": BlockSparseHead(100),
+            "vs_1000_6096": VerticalSlashHead(1000, 6096),
         }
     if num_tokens is not None:
         margin = 32 if smoke else 1024
