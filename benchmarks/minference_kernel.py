@@ -166,8 +166,9 @@ def structured_qkv(num_tokens: int, shape: Shape, seed: int, device: str
     ``i - j`` only: large near the diagonal and at RoPE's long-range recurrences (slashes).
     Four sink keys and one key in 512 get an extra component in the 8 lowest-frequency
     pairs, which RoPE barely rotates over 256K tokens, so every query scores them high
-    (verticals). Noise 0.5 per element; V is plain noise. Probed on CPU at 128K
-    (2026-12-01): ``vs_512_2048`` covers ~23% of the causal 64-tiles, block-sparse ~10%.
+    (verticals). Noise 0.5 per element; V is plain noise. Probed on CPU at 128K with 8 heads
+    and another seed (2026-12-01, minference_NOTES.md): ``vs_512_2048`` covers ~23% of the
+    causal 64-tiles, ``vs_1000_6096`` ~44%, block-sparse ~10%.
     """
     generator = torch.Generator(device=device).manual_seed(seed)
     dims, half = shape.head_dim, shape.head_dim // 2
