@@ -37,8 +37,20 @@ def sparse_prefill(
     ``config``: the GPU kernel's ``LaunchConfig`` (None: the measured best for the cache).
     """
     if not hasattr(pattern, "key_ranges"):
-        # a per-head pattern (patterns/minference: LayerHeadPatterns). Torch reference on
-        # every device until its Triton kernel exists (next GPU session).
+        # a per-head pattern (patterns/minference: LayerHeadPatterns): the Triton kernel on
+        # CUDA where it takes the shapes (tests/gpu/test_head_sparse_triton.py), else the
+        # torch reference (the CPU worker's path).
+        if query.is_cuda:
+            from attention_backends.kernels.head_sparse_triton import (
+                head_sparse_prefill_triton,
+                head_sparse_supported,
+            )
+
+            if head_sparse_supported(query, key_cache):
+                return head_sparse_prefill_triton(
+                    query, key_cache, value_cache, block_table, query_start_loc,
+                    seq_lens, prompt_lens, pattern, scale, out,
+                )  # fmt: skip
         from attention_backends.kernels.head_sparse_ref import head_sparse_prefill_ref
 
         return head_sparse_prefill_ref(

@@ -285,6 +285,14 @@ def launch_plan(plan: DevicePlan, query_rows: torch.Tensor, out_rows: torch.Tens
     )
 
 
+def head_sparse_supported(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
+    """Whether the kernel takes these inputs: CUDA, a power-of-two head dim >= 16, cache
+    blocks of >= 16 tokens (its tile)."""
+    head_dim = query.shape[-1]
+    return (query.is_cuda and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+            and key_cache.shape[2] >= 16)
+
+
 def head_sparse_prefill_triton(
     query: torch.Tensor,
     key_cache: torch.Tensor,

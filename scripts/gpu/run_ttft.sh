@@ -17,5 +17,5 @@ timeout 560 python3 benchmarks/gpu_serving_ttft.py --out "$OUT" --sizes "${sizes
   "${flags[@]}" 2>&1 | tail -45
 tar -czf "$OUT/ttft_logs_$(echo "${sizes[@]}" | tr " " _).tar.gz" -C /root $(cd /root && ls server-*.log gateway-*.log 2>/dev/null) 2>/dev/null || true
 if [ $stop = 1 ]; then
-  echo "== tests/gpu"; timeout 150 python3 -m pytest -q tests/gpu 2>&1 | tail -4
+  echo "== tests/gpu"; timeout 240 python3 -m pytest -q tests/gpu 2>&1 | tail -4
 fi
