@@ -15,8 +15,9 @@ stores nothing. Then the conversation's open tail is segmented: by the served mo
 worker over HTTP, `use_model`), by TextTiling where the model's reply does not parse or the
 call fails (counted by prompt and reason), or by TextTiling only (`segmenter: embedding`).
 SQLite and MiniLM run in a worker thread, off the event loop; the model call is awaited
-with no lock held. Writes of one conversation run one at a time in this process, so each
-asks the model about a tail no other write is changing.
+with no thread lock held. The exchange is stored at once; segmentations of one conversation
+run one at a time in this process, so each asks the model about a tail no other write is
+changing, and a burst of writes is segmented in fewer calls than it has writes.
 
 A write carries the erase generation read when its request arrived: an erase
 (`DELETE /v1/memory/...`) that comes before the write commits wins, and the write stores
@@ -90,11 +91,13 @@ class SecomMetrics:
             "answer, so the next prompt or TextTiling decided, by prompt and reason.",
             ["prompt", "reason"], registry=registry)
 
-    def count_segmentation(self, report: SegmentationReport, current: bool) -> None:
+    def count_model_calls(self, report: SegmentationReport) -> None:
         for prompt, result in report.model_calls:
             self.segmentation_calls.labels(prompt, result).inc()
         for prompt, reason in report.fallbacks:
             self.segmentation_fallbacks.labels(prompt, reason).inc()
+
+    def count_decision(self, report: SegmentationReport, current: bool) -> None:
         if not current:  # another writer moved the tail on: TextTiling redid it
             self.segmentation_fallbacks.labels("any", "tail_moved").inc()
         self.segmentations.labels(report.segmenter if current else "texttiling").inc()
@@ -178,10 +181,8 @@ class SecomStage:
             return
         started = time.perf_counter()
         generation = context.notes.get(GENERATION_NOTE)
-        stripe = zlib.crc32(f"{key.tenant}\0{key.user}\0{key.conversation}".encode())
         try:
-            async with self._write_locks[stripe % WRITE_LOCK_STRIPES]:
-                stored = await self._write(request, context, outcome, key, generation)
+            stored = await self._write(request, context, outcome, key, generation)
         except ConversationErased:
             self.metrics.writes.labels("erased").inc()
             return
@@ -198,13 +199,20 @@ class SecomStage:
                                        user_text(request.messages, "latest"), outcome.text,
                                        generation):
             return False
-        # The exchange is committed (acknowledged); the units follow. A crash from here on
-        # leaves an uncovered tail, which the next recall segments.
-        tail = await asyncio.to_thread(memory.open_tail, key)
-        report = await memory.segment(tail, self._complete_for(request))
-        current = await asyncio.to_thread(memory.apply_tail, key, tail, report.segments,
-                                          generation)
-        self.metrics.count_segmentation(report, current)
+        # The exchange is committed (acknowledged) without waiting for segmentation. The
+        # units follow, one write of this conversation at a time: a write that finds its
+        # exchange already segmented by the one before it (a burst) asks nothing. A crash
+        # from here on leaves an uncovered tail, which the next recall segments.
+        stripe = zlib.crc32(f"{key.tenant}\0{key.user}\0{key.conversation}".encode())
+        async with self._write_locks[stripe % WRITE_LOCK_STRIPES]:
+            tail = await asyncio.to_thread(memory.open_tail, key)
+            if len(tail.texts) == tail.open_exchanges:
+                return True
+            report = await memory.segment(tail, self._complete_for(request))
+            self.metrics.count_model_calls(report)
+            current = await asyncio.to_thread(memory.apply_tail, key, tail, report.segments,
+                                              generation)
+        self.metrics.count_decision(report, current)
         return True
 
     # --- the memory routes (GET/DELETE /v1/memory/...)
