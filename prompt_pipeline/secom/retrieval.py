@@ -204,11 +204,13 @@ def select(units: Sequence[MemoryUnit], scores: np.ndarray, top_k: int | None = 
     return sorted(chosen, key=lambda i: (units[i].first_exchange, i))
 
 
-def render_context(units: Sequence[MemoryUnit]) -> str:
+CONTEXT_HEADER = "Relevant parts of your earlier conversation with this user:"
+
+
+def render_context(units: Sequence[MemoryUnit], header: str = CONTEXT_HEADER) -> str:
     """The memory block given to the generator (the units' original text)."""
     if not units:
         return ""
     parts = [f"[Memory {number + 1}, exchanges {unit.first_exchange}-{unit.last_exchange}]\n"
              f"{unit.text}" for number, unit in enumerate(units)]
-    return ("Relevant parts of your earlier conversation with this user:\n\n"
-            + "\n\n".join(parts))
+    return f"{header}\n\n" + "\n\n".join(parts)

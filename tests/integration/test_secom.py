@@ -159,6 +159,17 @@ def metric_values(text: str, name: str) -> dict[str, float]:
     return values
 
 
+def wait_for_metric(url: str, name: str, total: float, timeout_s: float = 180) -> str:
+    """The gateway's /metrics once the values of ``name`` add up to ``total``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        if sum(metric_values(metrics, name).values()) >= total:
+            return metrics
+        time.sleep(0.3)
+    raise AssertionError(f"{name} did not reach {total} within {timeout_s} s")
+
+
 def worker_requests_finished(stack: Stack) -> float:
     """Requests the generative vLLM workers finished, from their own /metrics."""
     return sum(sum(metric_values(httpx.get(f"{w.url}/metrics", timeout=10).text,
@@ -177,14 +188,11 @@ def test_segmentation_asks_the_served_model_and_counts_the_fallback(
                 "I booked a flight to Lisbon in June."]
         for number, content in enumerate(talk):
             assert chat(gateway.url, content, "erin", "seg").status_code == 200
-            wait_for_exchanges(gateway.url, "erin", "seg", number + 1)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # the last write's segmentation comes after it
-            metrics = httpx.get(f"{gateway.url}/metrics", timeout=10).text
-            decided = metric_values(metrics, "tessera_secom_segmentations_total")
-            if sum(decided.values()) >= len(talk):
-                break
-            time.sleep(0.5)
+            # Each write's segmentation (after the answer) ends before the next request, so
+            # no recall catches an unsegmented tail up first.
+            metrics = wait_for_metric(gateway.url, "tessera_secom_segmentations_total",
+                                      number + 1)
+        decided = metric_values(metrics, "tessera_secom_segmentations_total")
         calls = metric_values(metrics, "tessera_secom_segmentation_model_calls_total")
         fallbacks = metric_values(metrics, "tessera_secom_segmentation_fallbacks_total")
         print(f"segmenters: {decided}\nmodel calls: {calls}\nfallbacks: {fallbacks}")
@@ -206,29 +214,26 @@ def test_segmentation_asks_the_served_model_and_counts_the_fallback(
 
 
 def test_an_erase_wins_over_a_write_in_flight(stack: Stack, run_dir: Path) -> None:
-    """The write of an answered request waits on the served model (a long segmentation
-    reply); the conversation is erased meanwhile; nothing of it may come back."""
+    """The conversation is erased as soon as a request's answer arrives, while its write is
+    in flight: storing the exchange (then the erase counts 1 exchange) or waiting on the
+    served model to segment it (a long reply; then the erase counts 2). Either way the
+    write must not land after the erase."""
     gateway = start(stack, run_dir, "erase", segmenter="model_first",
                     segmenter_prompts=["batch"], segmenter_max_tokens=400)
     marker = "passport-QX81773"
     try:
         assert chat(gateway.url, "My dog is called Biscuit.", "fay", "e1").status_code == 200
         wait_for_exchanges(gateway.url, "fay", "e1", 1)
+        wait_for_metric(gateway.url, "tessera_secom_writes_total", 1)
         assert chat(gateway.url, f"My {marker}.", "fay", "e1").status_code == 200
-        wait_for_exchanges(gateway.url, "fay", "e1", 2)  # stored; segmentation in flight
         erased = httpx.delete(f"{gateway.url}/v1/memory/fay/e1", timeout=30)
-        assert erased.json()["exchanges_deleted"] == 2
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:  # until both writes have ended, one way or another
-            metrics = httpx.get(f"{gateway.url}/metrics", timeout=10).text
-            writes = metric_values(metrics, "tessera_secom_writes_total")
-            if sum(writes.values()) >= 2:
-                break
-            time.sleep(0.5)
+        print(f"exchanges erased: {erased.json()['exchanges_deleted']}")
+        assert erased.json()["exchanges_deleted"] in (1, 2)
+        # Until both writes have ended, one way or another.
+        metrics = wait_for_metric(gateway.url, "tessera_secom_writes_total", 2)
+        writes = metric_values(metrics, "tessera_secom_writes_total")
         print(f"writes: {writes}")
-        assert writes.get('{result="erased"}') == 1  # the model was still answering
-        calls = metric_values(metrics, "tessera_secom_segmentation_model_calls_total")
-        assert sum(calls.values()) == 1
+        assert writes.get('{result="erased"}') == 1
         assert exchanges(gateway.url, "fay", "e1") == []
         with sqlite3.connect(gateway.db) as db:
             assert db.execute("SELECT COUNT(*) FROM units").fetchone()[0] == 0
