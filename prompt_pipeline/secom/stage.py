@@ -206,7 +206,10 @@ class SecomStage:
         stripe = zlib.crc32(f"{key.tenant}\0{key.user}\0{key.conversation}".encode())
         async with self._write_locks[stripe % WRITE_LOCK_STRIPES]:
             tail = await asyncio.to_thread(memory.open_tail, key)
-            if len(tail.texts) == tail.open_exchanges:
+            if len(tail.texts) == tail.open_exchanges:  # nothing left to segment
+                if generation is not None and generation != await asyncio.to_thread(
+                        memory.generation, key):
+                    raise ConversationErased(key.conversation)  # erased since it was stored
                 return True
             report = await memory.segment(tail, self._complete_for(request))
             self.metrics.count_model_calls(report)
