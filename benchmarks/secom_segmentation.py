@@ -88,7 +88,8 @@ def plot(result: dict, png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
-def replay_tail(vectors, max_exchanges: int = 24, context_rows: int = 2) -> list:
+def replay_tail(vectors, max_exchanges: int = 24, context_rows: int = 2,
+                settle: int = 2) -> list:
     """The segments the gateway's writes leave: one exchange at a time, only the open tail
     segmented again (as ConversationMemory does with TextTiling)."""
     closed: list = []
@@ -96,7 +97,7 @@ def replay_tail(vectors, max_exchanges: int = 24, context_rows: int = 2) -> list
     for count in range(1, len(vectors) + 1):
         context = min(context_rows, open_first)
         tail = segment_tail(vectors[open_first - context : count], context,
-                            max_exchanges=max_exchanges)
+                            max_exchanges=max_exchanges, settle=settle)
         absolute = [(open_first + first, open_first + last) for first, last in tail]
         closed += absolute[:-1]
         open_first = absolute[-1][0]
@@ -104,7 +105,7 @@ def replay_tail(vectors, max_exchanges: int = 24, context_rows: int = 2) -> list
 
 
 def tail_only(encoder) -> None:
-    rows = {}
+    rows, sweep = {}, {}
     sets = {"sessions (seed 2, 20 x 1 session)": [
                 (conversation.sessions[0], session_truth(conversation.topics))
                 for conversation in make_corpus(20, seed=2, sessions=1)],
@@ -113,9 +114,16 @@ def tail_only(encoder) -> None:
                 for conversation in make_corpus(40, seed=0)]}
     for name, dialogues in sets.items():
         whole, tail, units_whole, units_tail = [], [], 0, 0
+        scores: dict[str, list[float]] = {}
         for exchanges, truth in dialogues:
             vectors = encoder.encode([f"[user]: {u}\n[assistant]: {a}" for u, a in exchanges])
             batch, replayed = segment_by_embeddings(vectors), replay_tail(vectors)
+            # The choices behind the defaults (settle 2, context 2): what the others give.
+            for settle in (0, 1, 2, 3):
+                for context_rows in (2, 4, 8):
+                    scores.setdefault(f"settle {settle}, context {context_rows}", []).append(
+                        boundary_f1(replay_tail(vectors, context_rows=context_rows,
+                                                settle=settle), truth))
             whole.append(boundary_f1(batch, truth))
             tail.append(boundary_f1(replayed, truth))
             units_whole += len(batch)
@@ -124,9 +132,11 @@ def tail_only(encoder) -> None:
                       "f1_texttiling_whole": round(statistics.mean(whole), 3),
                       "f1_texttiling_open_tail": round(statistics.mean(tail), 3),
                       "segments_whole": units_whole, "segments_open_tail": units_tail}
-        print(name, rows[name], flush=True)
+        sweep[name] = {label: round(statistics.mean(f1), 3) for label, f1 in scores.items()}
+        print(name, rows[name], sweep[name], flush=True)
     result = {"benchmark": "secom_segmentation_tail", "date": time.strftime("%Y-%m-%d"),
-              "window": 2, "settle": 2, "context_rows": 2, "max_exchanges": 24, "sets": rows}
+              "window": 2, "settle": 2, "context_rows": 2, "max_exchanges": 24, "sets": rows,
+              "f1_open_tail_by_setting": sweep}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "secom_segmentation_tail.json").write_text(json.dumps(result, indent=1))
     plot_tail(result, RESULTS / "secom_segmentation_tail.png")
