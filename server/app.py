@@ -38,6 +38,7 @@ from server.memory import (
     find_memory,
     install_memory_routes,
     memory_notes,
+    stage_model_client,
 )
 from server.metrics import GatewayMetrics
 from server.middleware import RequestIdMiddleware
@@ -106,6 +107,8 @@ class Gateway:
         memory = find_memory(stages)
         if memory is not None and hasattr(memory, "use_units_histogram"):
             memory.use_units_histogram(self.metrics.memory_units_retrieved)
+        if memory is not None and hasattr(memory, "use_model"):  # segmentation by the model
+            memory.use_model(stage_model_client(self.pool, lambda: self.client))
         self.in_flight_per_key: Tally[str] = Tally()
         self.response_owners = ResponseOwners()
         self._api_keys = [key.encode() for key in settings.api_keys]
