@@ -40,6 +40,14 @@ class AttentionSettings(TesseraSettings):
     last_q_tokens: int = Field(
         128, ge=0, description="TriangleMix: final prompt rows that attend densely."
     )
+    kernel_overlap_last_rows: bool = Field(
+        True, description="TriangleMix GPU kernel: last-q rows on a high-priority side stream, "
+        "overlapped with the streaming rows (off: one stream, one after the other).",
+    )  # fmt: skip
+    kernel_streaming: Literal["auto", "triton"] = Field(
+        "auto", description="TriangleMix GPU kernel for the streaming rows: auto (Gluon on "
+        "Hopper when the cache allows, else Triton) or always the Triton kernel.",
+    )  # fmt: skip
     stats_dir: Path | None = Field(
         None, description="If set, each worker writes per-layer attention path counts here."
     )

@@ -74,6 +74,16 @@ class TesseraFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         return metadata
 
 
+def kernel_launch_config(settings, key_cache: torch.Tensor, value_cache: torch.Tensor):
+    """None (the kernel picks its measured best) unless ``settings`` override it."""
+    if settings.kernel_overlap_last_rows and settings.kernel_streaming == "auto":
+        return None
+    from attention_backends.kernels.sparse_prefill_triton import default_config, with_overrides
+
+    return with_overrides(default_config(key_cache, value_cache),
+                          settings.kernel_overlap_last_rows, settings.kernel_streaming)
+
+
 def _rows(tensor: torch.Tensor, sub: SubBatch) -> torch.Tensor:
     if sub.row_range is not None:
         return tensor[sub.row_range[0] : sub.row_range[1]]
@@ -114,6 +124,15 @@ class TesseraFlashAttentionImpl(PerLayerPattern, FlashAttentionImpl):
         self.end_step_if_last(usage)
         return output
 
+    def _launch_config(self, key_cache: torch.Tensor, value_cache: torch.Tensor):
+        """The kernel's launch config: its own measured best unless the settings override
+        the side-stream overlap or the streaming kernel (issue 18's decode-ITL variants).
+        Decided once per layer: the cache's layout never changes while serving."""
+        if not hasattr(self, "_kernel_config"):
+            self._kernel_config = kernel_launch_config(attention_settings(), key_cache,
+                                                       value_cache)
+        return self._kernel_config
+
     def _forward_sparse(self, layer, query, kv_cache, attn_metadata, output, split) -> None:
         from attention_backends.kernels import sparse_prefill
 
@@ -129,6 +148,7 @@ class TesseraFlashAttentionImpl(PerLayerPattern, FlashAttentionImpl):
             _rows(query, prefill), key_cache, value_cache, prefill.block_table,
             prefill.query_start_loc, prefill.seq_lens, prefill.prompt_lens,
             pattern_for_sub_batch(pattern, prefill), self.scale, out=prefill_out,
+            config=self._launch_config(key_cache, value_cache),
         )  # fmt: skip
         if prefill_out is None:
             heads_out[prefill.token_rows] = result

@@ -9,8 +9,11 @@ A third server runs tessera's backend in dense mode: its gap to FA3 is what our 
 fixed KV budget each (20 GiB: one 128K prompt is 16 GiB); fa3 and tessera also sit behind a
 tessera gateway. TTFT = send to first streamed token, `max_tokens=1`, random-token prompts
 distinct per request (no prefix-cache hit); the five paths alternate within every repeat.
-Inter-token latency: streamed decode of 64 tokens after a 32K prompt, the three servers
-alternating. Servers outlive one call (own sessions) so a run can span two calls:
+Inter-token latency: streamed decode of 64 tokens after a 32K prompt (and other prompt
+lengths with --itl-prompts), the three servers alternating, with the GPU's SM clock and power
+sampled during each. --profile-decode records a torch profile of 20 decode steps inside each
+server (benchmarks/gpu_decode_profile.py) and reduces it to per-step figures. Servers outlive
+one call (own sessions) so a run can span two calls:
 
     python3 benchmarks/gpu_serving_ttft.py --out $OUT --sizes 32768 65536 --itl      # call 1
     python3 benchmarks/gpu_serving_ttft.py --out $OUT --sizes 130048 --stop          # call 2
@@ -32,6 +35,12 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_decode_profile import (  # noqa: E402
+    ClockSampler,
+    profile_window,
+    profiler_args,
+    summarize_trace,
+)
 from gpu_servers import GpuServer, grep_log, healthy, wait_healthy  # noqa: E402
 
 from attention_backends.usage import total_usage  # noqa: E402
@@ -39,6 +48,9 @@ from attention_backends.usage import total_usage  # noqa: E402
 MODEL = "llama8b-dummy"
 STATE = Path("/root/ttft_servers.json")
 STATS_DIR = Path("/root/ttft_stats")
+PROFILE_DIR = Path("/root/decode_profiles")
+# A 32K prompt is 4 prefill steps of 8192 tokens: the profile skips 6 steps, then records 20.
+PROFILE_SKIP_STEPS, PROFILE_STEPS = 6, 20
 COMMON_ARGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "131072",
                "--block-size", "64", "--gpu-memory-utilization", "0.3",
                "--kv-cache-memory-bytes", str(20 << 30)]
@@ -46,13 +58,19 @@ DIRECT_PATHS = ("fa3_direct", "tessera_direct", "dense_direct")
 
 
 def make_servers() -> list[GpuServer]:
+    def args(name: str, backend: str) -> list[str]:
+        # The profiler is idle until /start_profile: every server gets it, so all three keep
+        # identical settings whether or not a run profiles.
+        profile = profiler_args(PROFILE_DIR / name, PROFILE_SKIP_STEPS, PROFILE_STEPS)
+        return [*COMMON_ARGS, "--attention-backend", backend, *profile]
+
     return [
-        GpuServer("fa3", 8411, [*COMMON_ARGS, "--attention-backend", "FLASH_ATTN"]),
-        GpuServer("tessera", 8412, [*COMMON_ARGS, "--attention-backend", "CUSTOM"],
+        GpuServer("fa3", 8411, args("fa3", "FLASH_ATTN")),
+        GpuServer("tessera", 8412, args("tessera", "CUSTOM"),
                   {"TESSERA_ATTENTION_METHOD": "trianglemix",
                    "TESSERA_ATTENTION_DENSE_FIRST_LAYERS": "16",
                    "TESSERA_ATTENTION_STATS_DIR": str(STATS_DIR)}),
-        GpuServer("dense", 8413, [*COMMON_ARGS, "--attention-backend", "CUSTOM"],
+        GpuServer("dense", 8413, args("dense", "CUSTOM"),
                   {"TESSERA_ATTENTION_METHOD": "dense",
                    "TESSERA_ATTENTION_STATS_DIR": str(STATS_DIR / "dense")}),
     ]
@@ -87,6 +105,48 @@ def stream(url: str, prompt: list[int], max_tokens: int, force_token: int | None
     return {"ttft_s": arrivals[0], "arrivals": arrivals}
 
 
+def itl(paths: dict[str, str], prompt_sizes: list[int], repeats: int,
+        force_token: int | None, names: tuple[str, ...] = DIRECT_PATHS) -> list[dict]:
+    """Decode ITL of the servers ``names`` (default: the three direct ones) after each prompt
+    length, every server in every position (rotated, and reversed every other repeat), SM
+    clock and power sampled during each stream."""
+    runs = []
+    for size in prompt_sizes:
+        for repeat in range(repeats):
+            shift = (repeat // 2) % len(names)
+            order = names[shift:] + names[:shift]
+            for name in order[:: 1 if repeat % 2 == 0 else -1]:
+                with ClockSampler() as clocks:
+                    arrivals = stream(paths[name], prompt_tokens(size, 777 + repeat * 7), 64,
+                                      force_token)["arrivals"]
+                gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+                runs.append({"path": name, "prompt": size, "repeat": repeat,
+                             "itl_median_ms": 1000 * statistics.median(gaps),
+                             "tokens": len(arrivals), "gpu": clocks.summary()})
+                print(f"  itl {size:6d} r{repeat} {name:16s} {runs[-1]['itl_median_ms']:.3f} ms"
+                      f" {runs[-1]['gpu']}", flush=True)
+    return runs
+
+
+def profile_decode(paths: dict[str, str], out: Path) -> dict:
+    """A torch profile of 20 decode steps after a 32K prompt in each direct server, reduced
+    to per-step figures; the raw traces and vLLM's kernel tables go to one archive."""
+    summaries = {}
+    for name in DIRECT_PATHS:
+        server = name.removesuffix("_direct")
+        trace_dir = PROFILE_DIR / server
+        prompt = prompt_tokens(32768, 4242)
+        print(f"[profile] {name}", flush=True)
+        traces = profile_window(paths[name], trace_dir,
+                                lambda url=paths[name], p=prompt: stream(url, p, 40))
+        worker = [t for t in traces if "profiler_out" not in t.name]
+        summaries[name] = (summarize_trace(worker[0]) if worker
+                           else {"error": f"no trace in {trace_dir}"})
+    subprocess.run(["tar", "-czf", str(out / "decode_profiles.tar.gz"), "-C",
+                    str(PROFILE_DIR.parent), PROFILE_DIR.name], check=False)
+    return summaries
+
+
 def prompt_tokens(size: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(100, 49000) for _ in range(size)]
@@ -101,7 +161,11 @@ def plot(result: dict, png: Path) -> None:
 
     sizes = result["sizes"]
     medians = result["ttft_median_s"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    with_itl = "itl_median_ms_by_prompt" in result
+    fig, axes = plt.subplots(1, 3 if with_itl else 2, figsize=(16 if with_itl else 11, 4))
+    left, right = axes[0], axes[1]
+    if with_itl:
+        plot_itl(result, axes[2])
     names = [n for n in ("fa3_direct", "tessera_direct", "dense_direct", "fa3_gateway",
                          "tessera_gateway") if f"{n}@{sizes[0]}" in medians]
     width = 0.8 / len(names)
@@ -127,6 +191,25 @@ def plot(result: dict, png: Path) -> None:
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
+
+
+def plot_itl(result: dict, axis) -> None:
+    """Decode ITL per server after each prompt length; the legend gives the median gap
+    between kernels of the replayed decode graph where a profile was taken."""
+    prompts = result["itl_prompts"]
+    width = 0.8 / len(DIRECT_PATHS)
+    profile = result.get("decode_profile", {})
+    for offset, name in enumerate(DIRECT_PATHS):
+        xs = [i + (offset - (len(DIRECT_PATHS) - 1) / 2) * width for i in range(len(prompts))]
+        gap = profile.get(name, {}).get("boundary_gap_us_median")
+        label = name if gap is None else f"{name} (graph kernel gap {gap:.2f} us)"
+        axis.bar(xs, [result["itl_median_ms_by_prompt"][f"{name}@{p}"] for p in prompts],
+                 width, label=label)
+    axis.set_xticks(range(len(prompts)), [f"after {p} tokens" for p in prompts])
+    axis.set_ylim(4.0, None)
+    axis.set_ylabel("decode ITL, median of 5 (ms; axis from 4)")
+    axis.set_title("decode ITL (target: unchanged within noise)")
+    axis.legend(fontsize=7)
 
 
 def itl_checks(runs: dict[str, dict]) -> dict:
@@ -189,6 +272,11 @@ def main() -> None:
     parser.add_argument("--itl", action="store_true", help="also time decode (64 tokens)")
     parser.add_argument("--itl-force-token", type=int,
                         help="ITL runs emit this token id at every step (same text everywhere)")
+    parser.add_argument("--itl-prompts", type=int, nargs="+", default=[32768],
+                        help="prompt lengths the ITL runs decode after (600: TriangleMix's "
+                             "pattern is then dense, so its KV cache equals dense's)")
+    parser.add_argument("--profile-decode", action="store_true",
+                        help="torch-profile 20 decode steps in each server (after --itl)")
     parser.add_argument("--stop", action="store_true", help="stop the servers at the end")
     parser.add_argument("--fresh", action="store_true", help="stop other vLLM servers first")
     parser.add_argument("--plot-only", type=Path, help="draw the PNG of a result JSON, run nothing")
@@ -279,24 +367,20 @@ def main() -> None:
         result.setdefault("dense_vs_fa3_pct", {})[f"{size}"] = (
             100 * (dense / result["ttft_median_s"][f"fa3_direct@{size}"] - 1))
     if args.itl:
-        itl_runs = []
-        for repeat in range(args.repeats):
-            # every server in every position: rotate, and reverse every other repeat
-            shift = (repeat // 2) % len(DIRECT_PATHS)
-            order = DIRECT_PATHS[shift:] + DIRECT_PATHS[:shift]
-            for name in order[:: 1 if repeat % 2 == 0 else -1]:
-                arrivals = stream(paths[name], prompt_tokens(32768, 777 + repeat * 7), 64,
-                                  args.itl_force_token)[
-                    "arrivals"]
-                gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
-                itl_runs.append({"path": name, "repeat": repeat,
-                                 "itl_median_ms": 1000 * statistics.median(gaps),
-                                 "tokens": len(arrivals)})
+        itl_runs = itl(paths, args.itl_prompts, args.repeats, args.itl_force_token)
         result["itl_runs"] = itl_runs
         result["itl_force_token"] = args.itl_force_token
-        result["itl_median_ms"] = {
-            name: statistics.median(r["itl_median_ms"] for r in itl_runs if r["path"] == name)
-            for name in DIRECT_PATHS}
+        result["itl_prompts"] = args.itl_prompts
+        medians = {f"{name}@{size}": statistics.median(
+            r["itl_median_ms"] for r in itl_runs if r["path"] == name and r["prompt"] == size)
+            for size in args.itl_prompts for name in DIRECT_PATHS}
+        result["itl_median_ms_by_prompt"] = medians
+        # the headline: after the first prompt length (32K unless told otherwise)
+        result["itl_median_ms"] = {name: medians[f"{name}@{args.itl_prompts[0]}"]
+                                   for name in DIRECT_PATHS}
+        (args.out / f"gpu_serving_ttft_{tag}.json").write_text(json.dumps(result, indent=1))
+    if args.profile_decode:
+        result["decode_profile"] = profile_decode(paths, args.out)
     result["tessera_usage"] = total_usage(STATS_DIR)
     result["dense_usage"] = total_usage(STATS_DIR / "dense")
     (args.out / f"gpu_serving_ttft_{tag}.json").write_text(json.dumps(result, indent=1))
@@ -304,7 +388,10 @@ def main() -> None:
     print("[ttft] change vs fa3 (%):", json.dumps(result.get("ttft_change_pct"), indent=1))
     print("[ttft] tessera dense vs fa3 (%):", json.dumps(result.get("dense_vs_fa3_pct")))
     if args.itl:
-        print("[ttft] ITL median ms:", result["itl_median_ms"])
+        print("[ttft] ITL median ms:", json.dumps(result["itl_median_ms_by_prompt"], indent=1))
+    for name, summary in result.get("decode_profile", {}).items():
+        print(f"[profile] {name}: " + json.dumps({k: v for k, v in summary.items()
+                                                  if k != "top_kernels_per_step"}))
     if args.stop:
         subprocess.run(["pkill", "-f", "vllm.entrypoints.openai.api_server"], check=False)
         subprocess.run(["pkill", "-f", "server.cli gateway"], check=False)

@@ -88,7 +88,14 @@ async def conversation(client: httpx.AsyncClient, gateway: str, system: str, ind
                        args: argparse.Namespace, ttfts: list[float]) -> None:
     topic = TOPICS[index % len(TOPICS)]
     messages = [{"role": "system", "content": system}]
+    # Users pause between turns (exponential think time, seeded per conversation). Without
+    # it the conversations advance in lockstep, and least-outstanding then sends each
+    # conversation to the same worker every turn by accident (2026-12-01: both policies
+    # gave identical hit counts).
+    think = random.Random(5000 + index)
     for turn in range(args.turns):
+        if args.think_s > 0:
+            await asyncio.sleep(think.expovariate(1 / args.think_s))
         question = (f"Conversation {index}, question {turn + 1}: tell me one short fact "
                     f"about {topic}, number {turn + 1}.")
         if turn == 0 and args.doc_tokens:
@@ -186,11 +193,21 @@ def main() -> None:
     parser.add_argument("--kv-cache-gib", type=int, default=2,
                         help="KV cache per worker: smaller than all conversations' prefixes "
                              "puts the caches under pressure, as in production")
+    parser.add_argument("--kv-blocks", type=int, default=None,
+                        help="cap each worker's KV cache at this many blocks (vLLM's "
+                             "--num-gpu-blocks-override): caches smaller than 1 GiB, the "
+                             "floor of VLLM_CPU_KVCACHE_SPACE, so that the conversations' "
+                             "prefixes do not all fit on one worker")
+    parser.add_argument("--think-s", type=float, default=0.0,
+                        help="mean pause before each turn (exponential, seeded), the first "
+                             "included: conversations drift apart as real ones do")
     parser.add_argument("--output", default="prefix_affinity")
     args = parser.parse_args()
 
     load_before = os.getloadavg()
-    settings = ServerSettings(workers=2, kv_cache_space_gib=args.kv_cache_gib, max_model_len=4096)
+    extra = [] if args.kv_blocks is None else ["--num-gpu-blocks-override", str(args.kv_blocks)]
+    settings = ServerSettings(workers=2, kv_cache_space_gib=args.kv_cache_gib, max_model_len=4096,
+                              worker_extra_args=extra)
     model_path = resolve_model_path(settings)
     # Dev mode exposes POST /reset_prefix_cache, so each policy starts from empty caches.
     dev = {"VLLM_SERVER_DEV_MODE": "1"}
@@ -236,7 +253,8 @@ def main() -> None:
                      "system_tokens": system_tokens, "reply_tokens": args.reply_tokens,
                      "doc_tokens_approx": args.doc_tokens,
                      "workers": 2, "worker_cores": 1, "max_model_len": 4096,
-                     "kv_cache_space_gib_per_worker": args.kv_cache_gib},
+                     "kv_cache_space_gib_per_worker": args.kv_cache_gib,
+                     "kv_blocks_per_worker": args.kv_blocks, "think_s_mean": args.think_s},
         "policies": results,
         "ttft_mean_ratio": results["prefix_affinity"]["ttft_s"]["mean"]
         / results["least_outstanding"]["ttft_s"]["mean"],

@@ -4,7 +4,11 @@ selection) plus injection into the system message, with 100 / 1,000 / 10,000 sto
 Units and their key embeddings are stored with the conversation (schema v2): a write embeds
 the new exchange and the changed units only and refreshes the cached index, off the request
 path; a fresh process loads the index from the stored vectors. Reported apart: that load,
-and the after-response write cost (median of 5 writes) at each size. Queries are the corpus
+and the after-response write cost (median of 5 writes, TextTiling: the served model's
+segmentation call, where it runs, comes on top) at each size. Since the open-tail writes, a
+write segments only the conversation's open segment and updates BM25 and the embedding
+matrix in place; `results/secom_overhead_before.json` is the same script run on the
+whole-conversation rebuild (commit a1ded14), drawn beside it. Queries are the corpus
 questions, cycled; 300 timed calls per size after 20 warm-up calls; one torch thread (the
 gateway's setting). Target (issue 21): < 15 ms p50 at 10,000 units on the 2-core CPU. Run
 it alone on the machine:
@@ -55,7 +59,7 @@ def plot(result: dict, png: Path) -> None:
     sizes = list(result["sizes"])
     # The units TextTiling actually made (runs before that count was stored: the size asked).
     xs = [result["sizes"][n].get("units", int(n)) for n in sizes]
-    fig, axis = plt.subplots(figsize=(6, 4))
+    fig, (axis, writes) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
         axis.plot(xs, [result["sizes"][n][key] for n in sizes], "o-", label=label)
     axis.axhline(15, color="gray", ls=":", label="target p50 < 15 ms")
@@ -63,6 +67,19 @@ def plot(result: dict, png: Path) -> None:
     axis.set(xlabel="stored units", ylabel="recall + injection (ms)",
              title=f"SeCom request-path overhead, 2-core CPU ({result['date']})")
     axis.legend()
+    exchanges = [result["sizes"][n]["exchanges"] for n in sizes]
+    writes.plot(exchanges, [result["sizes"][n]["write_median_s"] for n in sizes], "o-",
+                label="open-tail write (median of 5)")
+    before_path = png.with_name("secom_overhead_before.json")
+    if before_path.exists():
+        before = json.loads(before_path.read_text())
+        writes.plot([before["sizes"][n]["exchanges"] for n in before["sizes"]],
+                    [before["sizes"][n]["write_median_s"] for n in before["sizes"]], "s--",
+                    color="gray", label=f"whole-conversation rebuild ({before['date']})")
+    writes.set(xscale="log", yscale="log", xlabel="stored exchanges",
+               ylabel="one memory write, after the answer (s)",
+               title="write cost vs conversation length")
+    writes.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
@@ -91,7 +108,7 @@ def fill(store: SQLiteMemoryStore, key: ConversationKey, pairs: list[tuple[str, 
         db.executemany("INSERT INTO exchanges VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [
             (key.tenant, key.user, key.conversation, i, f"bulk-{i}", u, a, 0.0,
              vectors[i].astype(np.float32).tobytes()) for i, (u, a) in enumerate(pairs)])
-    ConversationMemory(store, embed)._rebuild(key)  # noqa: SLF001
+    ConversationMemory(store, embed).rebuild(key)
 
 
 def main() -> None:

@@ -10,6 +10,12 @@ combination the gateway runs (the model where it parses, else TextTiling).
 
     .venv/bin/python benchmarks/secom_segmentation.py [--sessions 20]
     .venv/bin/python benchmarks/secom_segmentation.py --plot-only results/secom_segmentation.json
+
+`--tail-only` (no model server) compares TextTiling over a whole session with TextTiling as
+the gateway's writes run it, over the open tail only, one exchange at a time
+(`segment_tail`, replayed), on the same 20 sessions and on 40 whole multi-session
+conversations (seed 0; the gateway does not know where sessions end). Writes
+`results/secom_segmentation_tail.{json,png}`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from prompt_pipeline.secom.segmentation import (  # noqa: E402
     parse_batch_segments,
     parse_continues,
     segment_by_embeddings,
+    segment_tail,
 )
 from server.config import ServerSettings  # noqa: E402
 from server.launcher import one_worker  # noqa: E402
@@ -81,7 +88,85 @@ def plot(result: dict, png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
+def replay_tail(vectors, max_exchanges: int = 24, context_rows: int = 2,
+                settle: int = 2) -> list:
+    """The segments the gateway's writes leave: one exchange at a time, only the open tail
+    segmented again (as ConversationMemory does with TextTiling)."""
+    closed: list = []
+    open_first = 0
+    for count in range(1, len(vectors) + 1):
+        context = min(context_rows, open_first)
+        tail = segment_tail(vectors[open_first - context : count], context,
+                            max_exchanges=max_exchanges, settle=settle)
+        absolute = [(open_first + first, open_first + last) for first, last in tail]
+        closed += absolute[:-1]
+        open_first = absolute[-1][0]
+    return [*closed, (open_first, len(vectors) - 1)]
+
+
+def tail_only(encoder) -> None:
+    rows, sweep = {}, {}
+    sets = {"sessions (seed 2, 20 x 1 session)": [
+                (conversation.sessions[0], session_truth(conversation.topics))
+                for conversation in make_corpus(20, seed=2, sessions=1)],
+            "conversations (seed 0, 40 x 4 sessions)": [
+                (conversation.exchanges, conversation.true_segments())
+                for conversation in make_corpus(40, seed=0)]}
+    for name, dialogues in sets.items():
+        whole, tail, units_whole, units_tail = [], [], 0, 0
+        scores: dict[str, list[float]] = {}
+        for exchanges, truth in dialogues:
+            vectors = encoder.encode([f"[user]: {u}\n[assistant]: {a}" for u, a in exchanges])
+            batch, replayed = segment_by_embeddings(vectors), replay_tail(vectors)
+            # The choices behind the defaults (settle 2, context 2): what the others give.
+            for settle in (0, 1, 2, 3):
+                for context_rows in (2, 4, 8):
+                    scores.setdefault(f"settle {settle}, context {context_rows}", []).append(
+                        boundary_f1(replay_tail(vectors, context_rows=context_rows,
+                                                settle=settle), truth))
+            whole.append(boundary_f1(batch, truth))
+            tail.append(boundary_f1(replayed, truth))
+            units_whole += len(batch)
+            units_tail += len(replayed)
+        rows[name] = {"dialogues": len(dialogues),
+                      "f1_texttiling_whole": round(statistics.mean(whole), 3),
+                      "f1_texttiling_open_tail": round(statistics.mean(tail), 3),
+                      "segments_whole": units_whole, "segments_open_tail": units_tail}
+        sweep[name] = {label: round(statistics.mean(f1), 3) for label, f1 in scores.items()}
+        print(name, rows[name], sweep[name], flush=True)
+    result = {"benchmark": "secom_segmentation_tail", "date": time.strftime("%Y-%m-%d"),
+              "window": 2, "settle": 2, "context_rows": 2, "max_exchanges": 24, "sets": rows,
+              "f1_open_tail_by_setting": sweep}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "secom_segmentation_tail.json").write_text(json.dumps(result, indent=1))
+    plot_tail(result, RESULTS / "secom_segmentation_tail.png")
+
+
+def plot_tail(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["sets"])
+    fig, axis = plt.subplots(figsize=(7, 4))
+    for offset, (field, label) in enumerate((("f1_texttiling_whole", "whole dialogue"),
+                                             ("f1_texttiling_open_tail",
+                                              "open tail, per write"))):
+        axis.bar([i + 0.38 * offset for i in range(len(names))],
+                 [result["sets"][n][field] for n in names], width=0.38, label=label)
+    axis.set_xticks([i + 0.19 for i in range(len(names))], names, fontsize=8)
+    axis.set(ylim=(0, 1), ylabel="boundary F1",
+             title=f"TextTiling: whole dialogue vs the gateway's open tail ({result['date']})")
+    axis.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main() -> None:
+    if len(sys.argv) == 2 and sys.argv[1] == "--tail-only":
+        tail_only(SentenceEncoder(threads=1))
+        return
     if len(sys.argv) == 3 and sys.argv[1] == "--plot-only":
         result = json.loads(Path(sys.argv[2]).read_text())
         plot(result, Path(sys.argv[2]).with_suffix(".png"))

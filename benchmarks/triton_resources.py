@@ -5,7 +5,9 @@ config, the registers, stack (spill) bytes and shared memory, whether ptxas seri
 wgmma instructions (warning C7515), and counts of telling SASS instructions (HGMMA
 tensor-core ops, UTMALDG TMA loads, LDGSTS async copies, LDL/STL local-memory spills). It
 costs no device time. ``"kernel": "gluon"`` compiles the Gluon kernel instead of the Triton
-one. Compile with the device's Triton for numbers that hold there (3.6 in 2026-11):
+one; ``"kernel": "head_sparse"`` the per-head (MInference) kernel (``"head_sparse_rows"``:
+its full-rows pass), with ``HEAD_SPARSE_DEFAULTS`` overridden by the object's other keys.
+Compile with the device's Triton for numbers that hold there (3.6 in 2026-11):
 
     .venv/bin/pip download --no-deps triton==3.6.0 -d /tmp/w
     .venv/bin/pip install --no-deps --target /tmp/t36 /tmp/w/*.whl
@@ -125,6 +127,45 @@ def compile_gluon_streaming_kernel(variant: dict):
     )
 
 
+HEAD_SPARSE_DEFAULTS = {  # issue 24's per-head kernel at Llama-3.1-8B shapes
+    "group": 4, "head_dim": 128, "cache_block": 64, "tile": 64, "num_warps": 4,
+    "num_stages": 2, "dtype": "bf16",
+}  # fmt: skip
+HEAD_SPARSE_DATA = {"q_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr"}  # of the variant's dtype
+HEAD_SPARSE_FLAGS = {"columns_ptr", "diagonals_ptr", "full_rows_ptr", "blocks_ptr"}  # int8
+
+
+def compile_head_sparse_kernel(variant: dict):
+    """``head_sparse_triton._head_sparse_kernel`` with the launcher's constexprs."""
+    from attention_backends.kernels import head_sparse_triton
+
+    fn = (head_sparse_triton._full_rows_kernel if variant.get("kernel") == "head_sparse_rows"
+          else head_sparse_triton._head_sparse_kernel)
+    variant = {**HEAD_SPARSE_DEFAULTS, **variant}
+    constexprs = {
+        "GROUP": variant["group"], "KV_BLOCK_SIZE": variant["cache_block"],
+        "TILE": variant["tile"], "HEAD_DIM": variant["head_dim"],
+        "PRECISION": "ieee" if variant["dtype"] == "fp32" else "tf32",
+    }  # fmt: skip
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in HEAD_SPARSE_DATA:
+            signature[name] = f"*{variant['dtype']}"
+        elif name in HEAD_SPARSE_FLAGS:
+            signature[name] = "*i8"
+        elif name.endswith("_ptr"):
+            signature[name] = "*i32"
+        else:
+            signature[name] = "fp32" if name == "scale_log2" else "i32"
+    return triton.compile(
+        ASTSource(fn, signature, constexprs, _alignment_hints(fn, signature)),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": variant["num_warps"], "num_stages": variant["num_stages"]},
+    )
+
+
 def resource_report(compiled) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as ptx:
         ptx.write(compiled.asm["ptx"])
@@ -159,11 +200,11 @@ def main() -> None:
     variants = json.loads(sys.argv[1]) if len(sys.argv) > 1 else [{}]
     for overrides in variants:
         variant = {**STREAMING_DEFAULTS, **overrides}
-        compile_kernel = (
-            compile_gluon_streaming_kernel
-            if variant.get("kernel") == "gluon"
-            else compile_streaming_kernel
-        )
+        compile_kernel = {
+            "gluon": compile_gluon_streaming_kernel,
+            "head_sparse": compile_head_sparse_kernel,
+            "head_sparse_rows": compile_head_sparse_kernel,
+        }.get(variant.get("kernel"), compile_streaming_kernel)
         print(json.dumps({"variant": overrides, **resource_report(compile_kernel(variant))}))
 
 

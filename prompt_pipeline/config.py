@@ -92,6 +92,20 @@ class SecomSettings(BaseModel):
     compression_rate: float = Field(0.6, gt=0.0, le=1.0,
                                      description="Target rate: share of word pieces kept.")
     threads: int = Field(1, ge=1, description="torch threads for MiniLM.")
+    segmenter: Literal["model_first", "embedding"] = Field(
+        "model_first", description="Who segments a conversation after each write: the served "
+        "model first (the paper's prompts, TextTiling where the reply does not parse; "
+        "counted) or TextTiling only (no model call).")
+    segmenter_prompts: list[Literal["batch", "incremental"]] = Field(
+        default_factory=lambda: ["batch", "incremental"],
+        description="model_first: the prompts tried in order before TextTiling.")
+    segmenter_model: str | None = Field(
+        None, description="Model that segments; None = the model the request named.")
+    segmenter_max_tokens: int = Field(200, ge=1, description="Reply limit of a batch prompt.")
+    segmenter_timeout_s: float = Field(60.0, gt=0, description="One segmentation call.")
+    max_segment_exchanges: int = Field(
+        24, ge=1, description="A segment this long is closed: bounds a write's work and the "
+        "segmentation prompt.")
 
     def resolved_db_path(self) -> Path:
         if self.db_path is not None:

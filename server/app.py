@@ -38,11 +38,21 @@ from server.memory import (
     find_memory,
     install_memory_routes,
     memory_notes,
+    stage_model_client,
 )
 from server.metrics import GatewayMetrics
 from server.middleware import RequestIdMiddleware
 from server.outcome import StreamFollower, follow_stream, outcome_of_json
 from server.proxy import ConnectionBudget, Forwarder, ForwardRequest
+from server.response_owners import (
+    ResponseOwners,
+    check_id,
+    id_from_json,
+    key_digest,
+    locate,
+    not_found,
+    watch_stream_for_id,
+)
 from server.router import WorkerPool
 from server.schemas import (
     ChatCompletionRequest,
@@ -97,7 +107,10 @@ class Gateway:
         memory = find_memory(stages)
         if memory is not None and hasattr(memory, "use_units_histogram"):
             memory.use_units_histogram(self.metrics.memory_units_retrieved)
+        if memory is not None and hasattr(memory, "use_model"):  # segmentation by the model
+            memory.use_model(stage_model_client(self.pool, lambda: self.client))
         self.in_flight_per_key: Tally[str] = Tally()
+        self.response_owners = ResponseOwners()
         self._api_keys = [key.encode() for key in settings.api_keys]
         self.client: httpx.AsyncClient | None = None
         self.forwarder: Forwarder | None = None
@@ -278,6 +291,11 @@ class Gateway:
                     assert isinstance(parsed, GenerationRequest)
                     payload = parsed.upstream_body()
                     body = json.dumps(payload).encode()
+            pinned, served_by = None, []
+            if spec.route == "responses":
+                previous = getattr(parsed, "previous_response_id", None)
+                if previous is not None:  # the worker that stored it must answer
+                    pinned = await self.response_owner(previous, api_key, "previous_response_id")
             fingerprints: list[int] = []
             if self.pool.routing == "prefix_affinity":
                 text = prompt_text(spec.route, payload)
@@ -289,14 +307,75 @@ class Gateway:
                     stream=bool(getattr(parsed, "stream", False)), request_id=request_id,
                     started=started, model=getattr(parsed, "model", None),
                     fingerprints=fingerprints, on_stream_end=release_slot,
+                    pinned_worker=pinned,
+                    on_worker=served_by.append if spec.route == "responses" else None,
                 )))
         except BaseException:
             release_slot()
             raise
         if response.media_type != "text/event-stream":
             release_slot()
+        if served_by:
+            self._remember_response(response, served_by[0], api_key)
         if context is not None and context.wants_outcome:
             self._after_response(response, original, context)
+        return response
+
+    # --- Responses-API state lives on the worker that stored it (server/response_owners.py)
+    async def response_owner(self, response_id: str, api_key: str | None,
+                             param: str | None) -> str:
+        """The URL of the worker holding ``response_id``; a 404 if no worker has it or it
+        belongs to another API key."""
+        check_id(response_id, param)
+        owner = self.response_owners.get(response_id)
+        if owner is not None:
+            if owner.key_digest is not None and owner.key_digest != key_digest(api_key):
+                raise not_found(response_id, param)
+            return owner.worker_url
+        assert self.client is not None, "lifespan not started"
+        url = await locate(self.client, [w.url for w in self.pool.healthy()], response_id)
+        if url is None:
+            raise not_found(response_id, param)
+        self.response_owners.record(response_id, url, None)
+        return url
+
+    def _remember_response(self, response: Response, worker_url: str,
+                           api_key: str | None) -> None:
+        digest = key_digest(api_key)
+
+        def remember(response_id: str) -> None:
+            self.response_owners.record(response_id, worker_url, digest)
+
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = watch_stream_for_id(response.body_iterator, remember)
+        elif response.status_code == 200:
+            response_id = id_from_json(response.body)
+            if response_id is not None:
+                remember(response_id)
+
+    async def forward_by_id(self, request: Request, response_id: str, method: str,
+                            suffix: str = "") -> Response:
+        """`GET /v1/responses/{id}` and `POST /v1/responses/{id}/cancel`, sent to the worker
+        holding the response; its query string (`stream`, `starting_after`) goes along."""
+        started = time.perf_counter()
+        api_key = self.authenticate(request)
+        owner = await self.response_owner(response_id, api_key, None)
+        query = request.url.query
+        path = f"/v1/responses/{response_id}{suffix}" + (f"?{query}" if query else "")
+        stream = request.query_params.get("stream", "").lower() == "true"
+        release_slot = self.acquire_slot(api_key)
+        assert self.forwarder is not None, "lifespan not started"
+        try:
+            response = await _unless_client_leaves(request.receive, self.forwarder.forward(
+                ForwardRequest(route="responses_by_id", path=path, body=b"", stream=stream,
+                               request_id=request.state.request_id, started=started,
+                               on_stream_end=release_slot, method=method,
+                               pinned_worker=owner)))
+        except BaseException:
+            release_slot()
+            raise
+        if response.media_type != "text/event-stream":
+            release_slot()
         return response
 
     def _after_response(self, response: Response, request: BaseModel,
@@ -385,6 +464,14 @@ def create_app(
             raise OpenAIError(404, f"The model `{model_id}` does not exist.", param="model",
                               type="not_found_error", code="model_not_found")
         return JSONResponse(_model_card(model_id, int(time.time())))
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(request: Request, response_id: str) -> Response:
+        return await gateway.forward_by_id(request, response_id, "GET")
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(request: Request, response_id: str) -> Response:
+        return await gateway.forward_by_id(request, response_id, "POST", "/cancel")
 
     install_memory_routes(app, gateway.authenticate, gateway.pipeline.stages)
 

@@ -85,6 +85,11 @@ class ServerSettings(TesseraSettings):
         1000, ge=1, description="Upstream connections in use at once; a request that finds "
         "none free within the connect timeout gets 503 gateway_overloaded.",
     )
+    responses_store: bool = Field(
+        False, description="Workers keep Responses-API answers (`store: true`) so that "
+        "`previous_response_id`, `GET /v1/responses/{id}` and cancel work; the gateway routes "
+        "those to the worker holding the response. vLLM keeps them in memory, unbounded.",
+    )  # fmt: skip
     shutdown_grace_s: float = Field(30.0, description="In-flight requests get this long on stop.")
     log_level: str = Field("info", description="Gateway log level.")
 

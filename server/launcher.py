@@ -91,6 +91,8 @@ def worker_env(settings: ServerSettings, worker_index: int) -> dict[str, str]:
         first = (worker_index * per_worker) % cores
         env["VLLM_CPU_OMP_THREADS_BIND"] = f"{first}-{first + per_worker - 1}"
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    if settings.responses_store:
+        env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
     env["HF_HUB_OFFLINE"] = "1"  # never download anything at serve time
     env["TRANSFORMERS_OFFLINE"] = "1"
     return env

@@ -10,13 +10,16 @@ tokens; anything else is a 400, never stored.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from prompt_pipeline.secom.store import VALID_ID
 from server.errors import OpenAIError
+from server.router import WorkerPool
 
 CONVERSATION_HEADER = "x-tessera-conversation"
 CONVERSATION_FIELD = "conversation_id"
@@ -62,6 +65,36 @@ def find_memory(stages: list[Any]) -> MemoryAdmin | None:
         if hasattr(inner, "list_memory") and hasattr(inner, "erase_memory"):
             return inner
     return None
+
+
+class NoWorkerForModel(RuntimeError):
+    pass
+
+
+def stage_model_client(pool: WorkerPool, client: Callable[[], httpx.AsyncClient | None],
+                       ) -> Callable[[str, str, int, float], Awaitable[str]]:
+    """How the memory stage asks the served model to segment a conversation (after the
+    answer): a chat completion sent over HTTP to the least loaded healthy worker serving
+    the model, counted in that worker's outstanding requests like any other. Raises on any
+    failure; the stage falls back to TextTiling and counts it."""
+
+    async def complete(model: str, prompt: str, max_tokens: int, timeout_s: float) -> str:
+        http = client()
+        worker = pool.choose(model=model)
+        if http is None or worker is None:
+            raise NoWorkerForModel(model)
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens, "temperature": 0}
+        pool.track_start(worker)
+        try:
+            response = await http.post(f"{worker.url}/v1/chat/completions", json=body,
+                                       timeout=timeout_s)
+        finally:
+            pool.track_end(worker)
+        response.raise_for_status()
+        return response.json()["choices"][0]["message"]["content"] or ""
+
+    return complete
 
 
 def install_memory_routes(app: FastAPI, authenticate: Any, stages: list[Any]) -> None:

@@ -33,6 +33,8 @@ def route_label(path: str) -> str:
     # Bounded label values: unknown paths share one label instead of one series each.
     if path.startswith("/v1/models/"):
         return "models"
+    if path.startswith("/v1/responses/"):
+        return "responses_by_id"
     if path.startswith("/v1/memory/"):
         return "memory"
     return KNOWN_ROUTES.get(path, "other")

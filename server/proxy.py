@@ -44,6 +44,11 @@ class ForwardRequest:
     model: str | None = None  # only workers serving it are chosen
     fingerprints: list[int] = field(default_factory=list)  # prompt prefixes, for affinity
     on_stream_end: Callable[[], None] | None = None  # called once a relayed stream ends
+    method: str = "POST"
+    # Only this worker may answer (it holds the state the request refers to): no other is
+    # tried, and its being down is the client's 503, not a retry elsewhere.
+    pinned_worker: str | None = None
+    on_worker: Callable[[str], None] | None = None  # told which worker's answer is returned
 
 
 def _gateway_busy() -> OpenAIError:
@@ -89,6 +94,8 @@ class Forwarder:
         self._budget = budget
 
     async def forward(self, request: ForwardRequest) -> Response:
+        if request.pinned_worker is not None:
+            return await self._forward_pinned(request)
         tried: set[str] = set()
         for _attempt in range(MAX_ATTEMPTS):
             worker = self._pool.choose(exclude=tried, model=request.model,
@@ -101,6 +108,16 @@ class Forwarder:
                 return outcome
         raise no_healthy_worker_error()
 
+    async def _forward_pinned(self, request: ForwardRequest) -> Response:
+        worker = self._pool.find(request.pinned_worker)
+        outcome = None
+        if worker is not None and worker.healthy:
+            outcome = await self._try_worker(worker, request)
+        if outcome is None:
+            raise OpenAIError(503, "The worker holding this response is unavailable; try again "
+                              "shortly.", type="server_error", code="response_owner_unavailable")
+        return outcome
+
     async def _try_worker(self, worker: Worker, request: ForwardRequest) -> Response | None:
         """The response from this worker, or None when it could not be reached at all."""
         await self._budget.take()
@@ -108,16 +125,18 @@ class Forwarder:
         handed_to_stream = False
         response: aiohttp.ClientResponse | None = None
         try:
-            response = await self._session.post(
-                f"{worker.url}{request.path}", data=request.body,
+            response = await self._session.request(
+                request.method, f"{worker.url}{request.path}", data=request.body or None,
                 headers={"x-request-id": request.request_id,
                          "content-type": "application/json"},
             )
             if not 200 <= response.status < 300:
                 payload = await response.read()
                 raise normalise_upstream_error(response.status, payload, request.route,
-                                               f"POST {request.path}")
+                                               f"{request.method} {request.path}")
             content_type = response.headers.get("content-type", "application/json")
+            if request.on_worker is not None:
+                request.on_worker(worker.url)
             if request.stream and content_type.startswith("text/event-stream"):
                 handed_to_stream = True
                 relay = self._relay(worker, response, request)

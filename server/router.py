@@ -60,6 +60,9 @@ class WorkerPool:
         return True
 
     # --- selection
+    def find(self, url: str) -> Worker | None:
+        return next((worker for worker in self.workers if worker.url == url), None)
+
     def healthy(self) -> list[Worker]:
         return [worker for worker in self.workers if worker.healthy]
 

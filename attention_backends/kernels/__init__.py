@@ -24,6 +24,7 @@ def sparse_prefill(
     pattern: AttentionPattern,
     scale: float,
     out: torch.Tensor | None = None,
+    config=None,
 ) -> torch.Tensor:
     """Pattern-masked causal prefill attention over a paged KV cache.
 
@@ -33,10 +34,23 @@ def sparse_prefill(
     seq_lens int32 ``[num_seqs]`` (cached + new tokens); prompt_lens int32 ``[num_seqs]``
     (whole prompt, decides the last-q rows). Query ``i`` of sequence ``s`` sits at absolute
     position ``seq_lens[s] - query_len_s + i``. Returns ``[T, Hq, D]`` (``out`` if given).
+    ``config``: the GPU kernel's ``LaunchConfig`` (None: the measured best for the cache).
     """
     if not hasattr(pattern, "key_ranges"):
-        # a per-head pattern (patterns/minference: LayerHeadPatterns). Torch reference on
-        # every device until its Triton kernel exists (next GPU session).
+        # a per-head pattern (patterns/minference: LayerHeadPatterns): the Triton kernel on
+        # CUDA where it takes the shapes (tests/gpu/test_head_sparse_triton.py), else the
+        # torch reference (the CPU worker's path).
+        if query.is_cuda:
+            from attention_backends.kernels.head_sparse_triton import (
+                head_sparse_prefill_triton,
+                head_sparse_supported,
+            )
+
+            if head_sparse_supported(query, key_cache):
+                return head_sparse_prefill_triton(
+                    query, key_cache, value_cache, block_table, query_start_loc,
+                    seq_lens, prompt_lens, pattern, scale, out,
+                )  # fmt: skip
         from attention_backends.kernels.head_sparse_ref import head_sparse_prefill_ref
 
         return head_sparse_prefill_ref(
@@ -48,7 +62,7 @@ def sparse_prefill(
 
         return sparse_prefill_triton(
             query, key_cache, value_cache, block_table, query_start_loc,
-            seq_lens, prompt_lens, pattern, scale, out,
+            seq_lens, prompt_lens, pattern, scale, out, config,
         )  # fmt: skip
     return sparse_prefill_ref(
         query, key_cache, value_cache, block_table, query_start_loc,

@@ -1,36 +1,70 @@
-"""Per-head sparse prefill in Triton: the first GPU path for ``patterns/minference``.
+"""Per-head sparse prefill in Triton: the GPU path for ``patterns/minference``.
 
 A program owns one (query tile, query head) of one sequence and walks the ``KernelPlan``:
 first the listed key tiles (loaded whole, masked per token with the index's four sets, so the
 result is exactly ``HeadsIndex.keep_mask``), then the gathered columns in groups of ``TILE``
 keys, with one online softmax over both. K/V are read through the block table per key (the
 gather layout of ``sparse_prefill_triton``'s 16-token-block path), so any cache block size
-works. Correctness first: checked against the torch reference with ``TRITON_INTERPRET=1`` on
-CPU. Not yet done (GPU session): GQA-packed programs sharing K/V tiles, TMA tile loads for
-64-token cache blocks, a varlen launch instead of one launch per sequence, timing.
+works.
+
+Launch order (Hopper lessons, ``benchmarks/trianglemix_NOTES.md``): the head is the fastest
+grid axis, so the ``GROUP`` query heads that read one KV head, and neighbouring query tiles
+whose bands overlap, run at the same time and share K/V tiles in L2 (per KV head, K+V are
+64 MiB at 128K: more than the 50 MiB L2, so a head-major order would re-read them from
+HBM). Query tiles run last-first: causal and full-row tiles make late tiles the longest,
+and starting them first shortens the tail. One warpgroup (4 warps) per 64-row tile, the
+shape of one wgmma; the softmax runs in exp2 with the scale folded in.
+
+Three steps per sequence, public so that the benchmark can time each: ``estimate_index``
+(the patterns' torch estimators), ``prepare_plan`` (the tile/column plan, torch), and
+``launch_plan`` (the kernel). Not yet done: GQA-packed programs sharing K/V tiles in
+registers/shared memory, TMA tile loads for 64-token cache blocks, a varlen launch instead
+of one launch per sequence, estimation and planning in kernels.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-from attention_backends.kernels.head_sparse_plan import make_plan
+from attention_backends.kernels.head_sparse_plan import compact, make_plan
 from attention_backends.kernels.sparse_prefill_ref import gather_sequence_kv
-from attention_backends.patterns.minference.index import SequenceChunk
+from attention_backends.patterns.minference.index import HeadsIndex, SequenceChunk
+
+
+@dataclass(frozen=True)
+class HeadSparseLaunch:
+    """Launch parameters. 4 warps = one warpgroup, the wgmma shape of a 64-row tile.
+
+    ``separate_full_rows``: compute the full rows (MMInference's horizontal grid lines,
+    TriangleMix's last rows, dense heads) in a second pass over just those rows, packed
+    ``TILE`` at a time in position order, i.e. on the permuted layout where each line is one
+    contiguous run. In token order a grid line puts one full row in every query tile at
+    strides <= the tile, and that row alone makes the whole tile visit every key tile."""
+
+    num_warps: int = 4
+    num_stages: int = 2
+    separate_full_rows: bool = False
+
+
+DEFAULT_LAUNCH = HeadSparseLaunch()
 
 
 @triton.jit
-def _online_update(q, k, v, keep, m_i, l_i, acc, scale):
-    scores = tl.dot(q, tl.trans(k)) * scale
+def _online_update(q, k, v, keep, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
+    # scores in log2 units (scale * log2(e) folded in), so exp2 replaces exp
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     scores = tl.where(keep, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
-    probs = tl.exp(scores - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
+    probs = tl.math.exp2(scores - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(probs, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -39,15 +73,15 @@ def _head_sparse_kernel(
     q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr,
     tile_count_ptr, tile_index_ptr, column_count_ptr, column_index_ptr,
     columns_ptr, diagonals_ptr, full_rows_ptr, blocks_ptr,
-    first_pos, seq_len, first_query_tile, num_query_tiles, num_tiles, scale,
+    first_pos, seq_len, first_query_tile, num_query_tiles, num_tiles, scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     max_tiles, max_columns, num_tokens_index,
     GROUP: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    slot = tl.program_id(0)  # query tile, relative to first_query_tile
-    head = tl.program_id(1)
+    head = tl.program_id(0)
+    slot = num_query_tiles - 1 - tl.program_id(1)  # query tile, last first
     kv_head = head // GROUP
     query_tile = first_query_tile + slot
     offs_m = query_tile * TILE + tl.arange(0, TILE)  # absolute positions
@@ -56,11 +90,15 @@ def _head_sparse_kernel(
     q_rows = (offs_m - first_pos).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    full_row = tl.load(full_rows_ptr + head * num_tokens_index + offs_m, mask=row_ok, other=0)
+    # int64 bases: at 1M tokens x 32 heads the plan and block-flag offsets pass 2^31
+    head64 = head.to(tl.int64)
+    flags_base = head64 * num_tokens_index
+    full_row = tl.load(full_rows_ptr + flags_base + offs_m, mask=row_ok, other=0)
     m_i = tl.full([TILE], float("-inf"), tl.float32)
     l_i = tl.zeros([TILE], tl.float32)
     acc = tl.zeros([TILE, HEAD_DIM], tl.float32)
-    plan_row = head * num_query_tiles + slot
+    plan_row = head64 * num_query_tiles + slot
+    block_row = (head64 * num_tiles + query_tile) * num_tiles
     k_head = k_cache_ptr + kv_head * stride_kh
     v_head = v_cache_ptr + kv_head * stride_vh
 
@@ -78,13 +116,12 @@ def _head_sparse_kernel(
                     + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         distance = offs_m[:, None] - offs_n[None, :]
         causal = (distance >= 0) & row_ok[:, None] & key_ok[None, :]
-        on_diagonal = tl.load(diagonals_ptr + head * num_tokens_index + distance,
-                              mask=causal, other=0)
-        column = tl.load(columns_ptr + head * num_tokens_index + offs_n, mask=key_ok, other=0)
-        block = tl.load(blocks_ptr + (head * num_tiles + query_tile) * num_tiles + key_tile)
+        on_diagonal = tl.load(diagonals_ptr + flags_base + distance, mask=causal, other=0)
+        column = tl.load(columns_ptr + flags_base + offs_n, mask=key_ok, other=0)
+        block = tl.load(blocks_ptr + block_row + key_tile)
         keep = causal & ((on_diagonal != 0) | (column[None, :] != 0)
                          | (full_row[:, None] != 0) | (block != 0))
-        m_i, l_i, acc = _online_update(q, k, v, keep, m_i, l_i, acc, scale)
+        m_i, l_i, acc = _online_update(q, k, v, keep, m_i, l_i, acc, scale_log2, PRECISION)
 
     columns = tl.load(column_count_ptr + plan_row)
     for first in range(0, columns, TILE):
@@ -100,11 +137,160 @@ def _head_sparse_kernel(
         v = tl.load(v_head + physical[:, None] * stride_vb + in_block[:, None] * stride_vt
                     + offs_d[None, :], mask=column_ok[:, None], other=0.0)
         keep = column_ok[None, :] & row_ok[:, None] & (keys[None, :] <= offs_m[:, None])
-        m_i, l_i, acc = _online_update(q, k, v, keep, m_i, l_i, acc, scale)
+        m_i, l_i, acc = _online_update(q, k, v, keep, m_i, l_i, acc, scale_log2, PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _full_rows_kernel(
+    q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, row_count_ptr,
+    row_positions_ptr, first_pos, seq_len, scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, max_rows,
+    GROUP: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``TILE`` full rows of one head (ascending absolute positions, any spacing) against
+    every causal key: the rows pass of ``separate_full_rows``."""
+    head = tl.program_id(0)
+    pack = tl.program_id(1)
+    kv_head = head // GROUP
+    head64 = head.to(tl.int64)
+    offs_r = pack * TILE + tl.arange(0, TILE)
+    row_ok = offs_r < tl.load(row_count_ptr + head)
+    positions = tl.load(row_positions_ptr + head64 * max_rows + offs_r, mask=row_ok, other=0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_rows = (positions - first_pos).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    last = tl.max(tl.where(row_ok, positions, -1), axis=0)
+    num_key_tiles = tl.where(last >= 0, last // TILE + 1, 0)  # a pack with no row: none
+    m_i = tl.full([TILE], float("-inf"), tl.float32)
+    l_i = tl.zeros([TILE], tl.float32)
+    acc = tl.zeros([TILE, HEAD_DIM], tl.float32)
+    k_head = k_cache_ptr + kv_head * stride_kh
+    v_head = v_cache_ptr + kv_head * stride_vh
+    for key_tile in range(0, num_key_tiles):
+        offs_n = key_tile * TILE + tl.arange(0, TILE)
+        key_ok = offs_n < seq_len
+        physical = tl.load(block_table_ptr + offs_n // KV_BLOCK_SIZE, mask=key_ok, other=0)
+        physical = physical.to(tl.int64)
+        in_block = offs_n % KV_BLOCK_SIZE
+        k = tl.load(k_head + physical[:, None] * stride_kb + in_block[:, None] * stride_kt
+                    + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_head + physical[:, None] * stride_vb + in_block[:, None] * stride_vt
+                    + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        keep = (positions[:, None] >= offs_n[None, :]) & row_ok[:, None] & key_ok[None, :]
+        m_i, l_i, acc = _online_update(q, k, v, keep, m_i, l_i, acc, scale_log2, PRECISION)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """One sequence's plan and index flags as the kernel reads them (int32 / int8)."""
+
+    plan_tensors: tuple[torch.Tensor, ...]  # tile_count, tile_index, column_count, column_index
+    flags: tuple[torch.Tensor, ...]  # columns, diagonals, full_rows, blocks (int8)
+    first_query_tile: int
+    num_query_tiles: int
+    num_tiles: int
+    num_tokens_index: int
+    tile: int
+    # separate_full_rows only: per head, the full rows of this step (absolute positions,
+    # ascending, int32 [H, max_rows], padded) and their count (int32 [H])
+    full_row_count: torch.Tensor | None = None
+    full_row_positions: torch.Tensor | None = None
+
+
+def estimate_index(query_rows: torch.Tensor, key_cache: torch.Tensor,
+                   block_table_row: torch.Tensor, seq_len: int, prompt_len: int,
+                   layer_heads, scale: float) -> HeadsIndex:
+    """The layer's index for one sequence's rows ``[R, Hq, D]`` (the last ``R`` positions
+    before ``seq_len``): the patterns' estimators, in float32 as the reference. Rows and keys
+    stay in their dtype here: the estimators convert only what they read
+    (``SequenceChunk.head_queries``/``head_keys``), not the whole 128K x 32-head query."""
+    keys = gather_sequence_kv(key_cache, block_table_row, seq_len)
+    first_pos = seq_len - int(query_rows.shape[0])
+    positions = torch.arange(first_pos, seq_len, device=query_rows.device)
+    chunk = SequenceChunk(query_rows, positions, keys, int(prompt_len), scale)
+    return layer_heads.build_index(chunk)
+
+
+def prepare_plan(index: HeadsIndex, first_pos: int, seq_len: int, device: torch.device,
+                 separate_full_rows: bool = False) -> DevicePlan:
+    """Plan of the query tiles covering positions ``first_pos .. seq_len - 1``. With
+    ``separate_full_rows`` the tile plan leaves the full rows out (the rows pass computes
+    them whole and overwrites what the tile pass wrote there)."""
+    tile = index.block_size
+    row_count = row_positions = None
+    if separate_full_rows:
+        row_count, row_offsets = compact(index.full_rows[:, first_pos:seq_len])
+        if int(row_count.max()) > 0:  # else no rows pass at all
+            row_count, row_positions = row_count.int(), (row_offsets + first_pos).int()
+        index = replace(index, full_rows=torch.zeros_like(index.full_rows))
+    query_tiles = torch.arange(first_pos // tile, (seq_len - 1) // tile + 1, device=device)
+    plan = make_plan(index, query_tiles)
+    to_device = lambda t: t.to(device).contiguous()  # noqa: E731
+    return DevicePlan(
+        tuple(to_device(t) for t in (plan.tile_count, plan.tile_index, plan.column_count,
+                                     plan.column_index)),
+        tuple(to_device(t.to(torch.int8)) for t in (index.columns, index.diagonals,
+                                                    index.full_rows, index.blocks)),
+        first_pos // tile, query_tiles.numel(), int(index.blocks.shape[1]), index.num_tokens,
+        tile, row_count, row_positions)
+
+
+def launch_plan(plan: DevicePlan, query_rows: torch.Tensor, out_rows: torch.Tensor,
+                key_cache: torch.Tensor, value_cache: torch.Tensor,
+                block_table_row: torch.Tensor, seq_len: int, scale: float,
+                launch: HeadSparseLaunch = DEFAULT_LAUNCH) -> None:
+    """The kernel over one sequence's rows (``query_rows``/``out_rows`` ``[R, Hq, D]``)."""
+    num_q_heads, head_dim = query_rows.shape[1], query_rows.shape[2]
+    tile_count, tile_index, column_count, column_index = plan.plan_tensors
+    grid = (num_q_heads, plan.num_query_tiles)
+    # float32 inputs get true fp32 products (Triton's default would be tf32, ~1e-3 error,
+    # and the float32 test cases bound rows at 1e-4); ignored for bf16/fp16
+    precision = "ieee" if query_rows.dtype == torch.float32 else "tf32"
+    first_pos = seq_len - int(query_rows.shape[0])
+    _head_sparse_kernel[grid](
+        query_rows, out_rows, key_cache, value_cache, block_table_row,
+        tile_count, tile_index, column_count, column_index, *plan.flags,
+        first_pos, seq_len, plan.first_query_tile,
+        plan.num_query_tiles, plan.num_tiles, scale * math.log2(math.e),
+        query_rows.stride(0), query_rows.stride(1), out_rows.stride(0), out_rows.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        tile_index.shape[2], column_index.shape[2], plan.num_tokens_index,
+        GROUP=num_q_heads // key_cache.shape[1], KV_BLOCK_SIZE=key_cache.shape[2],
+        TILE=plan.tile, HEAD_DIM=head_dim, PRECISION=precision,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
+    )
+    if plan.full_row_positions is None:
+        return
+    max_rows = plan.full_row_positions.shape[1]  # >= the most full rows of any head
+    _full_rows_kernel[(num_q_heads, -(-max_rows // plan.tile))](
+        query_rows, out_rows, key_cache, value_cache, block_table_row, plan.full_row_count,
+        plan.full_row_positions, first_pos, seq_len, scale * math.log2(math.e),
+        query_rows.stride(0), query_rows.stride(1), out_rows.stride(0), out_rows.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), max_rows,
+        GROUP=num_q_heads // key_cache.shape[1], KV_BLOCK_SIZE=key_cache.shape[2],
+        TILE=plan.tile, HEAD_DIM=head_dim, PRECISION=precision,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
+    )
+
+
+def head_sparse_supported(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
+    """Whether the kernel takes these inputs: CUDA, a power-of-two head dim >= 16, cache
+    blocks of >= 16 tokens (its tile)."""
+    head_dim = query.shape[-1]
+    return (query.is_cuda and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+            and key_cache.shape[2] >= 16)
 
 
 def head_sparse_prefill_triton(
@@ -118,45 +304,24 @@ def head_sparse_prefill_triton(
     layer_heads,
     scale: float,
     out: torch.Tensor | None = None,
+    launch: HeadSparseLaunch = DEFAULT_LAUNCH,
 ) -> torch.Tensor:
     """``sparse_prefill``'s contract for a ``LayerHeadPatterns``. The index is estimated in
     torch (the reference's estimators), the plan built in torch, the attention in Triton.
     Needs a power-of-two head dim >= 16 and the layer's block size >= 16 (the tile)."""
     if out is None:
         out = torch.empty_like(query)
-    tile = layer_heads.block_size
-    head_dim = query.shape[2]
-    group = query.shape[1] // key_cache.shape[1]
     starts = query_start_loc.tolist()
     for seq, (seq_len, prompt_len) in enumerate(zip(seq_lens.tolist(), prompt_lens.tolist(),
                                                     strict=True)):
         begin, end = starts[seq], starts[seq + 1]
         if end == begin:
             continue
-        first_pos = seq_len - (end - begin)
-        # estimation reads this step's rows and every key (float32, as the reference)
-        keys = gather_sequence_kv(key_cache, block_table[seq], seq_len).float()
-        positions = torch.arange(first_pos, seq_len, device=query.device)
-        chunk = SequenceChunk(query[begin:end].float(), positions, keys, int(prompt_len), scale)
-        index = layer_heads.build_index(chunk)
-        query_tiles = torch.arange(first_pos // tile, (seq_len - 1) // tile + 1,
-                                   device=query.device)
-        plan = make_plan(index, query_tiles)
-        to_device = lambda t: t.to(query.device).contiguous()  # noqa: E731
         rows_q, rows_out = query[begin:end], out[begin:end]
-        grid = (query_tiles.numel(), query.shape[1])
-        _head_sparse_kernel[grid](
-            rows_q, rows_out, key_cache, value_cache, block_table[seq],
-            to_device(plan.tile_count), to_device(plan.tile_index),
-            to_device(plan.column_count), to_device(plan.column_index),
-            to_device(index.columns.to(torch.int8)), to_device(index.diagonals.to(torch.int8)),
-            to_device(index.full_rows.to(torch.int8)), to_device(index.blocks.to(torch.int8)),
-            first_pos, seq_len, int(query_tiles[0]), query_tiles.numel(),
-            index.blocks.shape[1], scale,
-            rows_q.stride(0), rows_q.stride(1), rows_out.stride(0), rows_out.stride(1),
-            key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-            value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-            plan.tile_index.shape[2], plan.column_index.shape[2], index.num_tokens,
-            GROUP=group, KV_BLOCK_SIZE=key_cache.shape[2], TILE=tile, HEAD_DIM=head_dim,
-        )
+        index = estimate_index(rows_q, key_cache, block_table[seq], seq_len, prompt_len,
+                               layer_heads, scale)
+        plan = prepare_plan(index, seq_len - (end - begin), seq_len, query.device,
+                            launch.separate_full_rows)
+        launch_plan(plan, rows_q, rows_out, key_cache, value_cache, block_table[seq], seq_len,
+                    scale, launch)
     return out

@@ -26,7 +26,7 @@ Importing this module never needs a GPU; without triton installed it imports and
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -723,6 +723,15 @@ def default_config(key_cache: torch.Tensor, value_cache: torch.Tensor) -> Launch
         return GATHER_CONFIG
     hopper = torch.cuda.get_device_capability(key_cache.device)[0] == 9
     return GLUON_CONFIG if hopper else TMA_CONFIG
+
+
+def with_overrides(base: LaunchConfig, overlap_last_rows: bool, streaming: str) -> LaunchConfig:
+    """``base`` with the serving settings' overrides: the last-rows side-stream overlap on or
+    off, and ``streaming="triton"`` trading the Gluon streaming kernel for the Triton one
+    with its own measured-best tiles (TMA_CONFIG), never Gluon's tiles on Triton."""
+    if streaming == "triton" and base.streaming_kernel == "gluon":
+        base = TMA_CONFIG
+    return replace(base, overlap_last_rows=overlap_last_rows)
 
 
 def sparse_prefill_triton(

@@ -127,6 +127,41 @@ def segment_by_embeddings(embeddings: np.ndarray, window: int = 2, cutoff: float
     return list(zip(starts, ends, strict=True))
 
 
+def segment_tail(embeddings: np.ndarray, context: int, window: int = 2, cutoff: float = 0.5,
+                 min_depth: float = 0.1, max_exchanges: int = 24,
+                 settle: int = 2) -> list[Segment]:
+    """Segments of a conversation's open tail, the rows ``embeddings[context:]`` (the open
+    segment and the exchanges after it); the ``context`` rows before it, from the closed
+    segment, give the first gaps their left window. TextTiling runs over these rows only,
+    so a write costs what its tail holds, not the conversation. A segment that reaches
+    ``max_exchanges`` is closed there, which bounds the tail. Segments are relative to the
+    tail's first row; the last one stays open.
+
+    A boundary is taken only once ``settle`` exchanges follow it: the newest gap's depth is
+    measured against one side only, and taking such boundaries at once cut too early
+    (boundary F1 0.51 vs 0.69 with settle = 2 = window, against 0.67 for TextTiling over
+    the whole session; 20 generated sessions, `benchmarks/secom_segmentation.py`)."""
+    count = len(embeddings) - context
+    if count <= 0:
+        return []
+    spans = segment_by_embeddings(embeddings, window, cutoff, min_depth)
+    starts = [0, *(first - context for first, _ in spans[1:]
+                   if context < first <= len(embeddings) - settle)]
+    ends = [*(start - 1 for start in starts[1:]), count - 1]
+    return cap_segments(list(zip(starts, ends, strict=True)), max_exchanges)
+
+
+def cap_segments(segments: list[Segment], max_exchanges: int) -> list[Segment]:
+    """``segments`` with each one longer than ``max_exchanges`` cut into pieces that long."""
+    out = []
+    for first, last in segments:
+        while last - first + 1 > max_exchanges:
+            out.append((first, first + max_exchanges - 1))
+            first += max_exchanges
+        out.append((first, last))
+    return out
+
+
 def boundary_f1(predicted: list[Segment], truth: list[Segment]) -> float:
     """F1 of segment boundaries (starts after the first), exact positions."""
     found = {first for first, _ in predicted[1:]}

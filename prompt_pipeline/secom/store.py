@@ -9,6 +9,12 @@ tenant reads nothing. Durability: WAL with `synchronous=FULL` (a committed write
 crash or kill of the gateway), idempotent exchange writes by request id (a retried write
 stores nothing twice). Erasure: `secure_delete` overwrites deleted rows in the file, and the
 WAL is checkpointed and truncated, so erased text is gone from disk, not only from queries.
+
+Erasure wins over writes in flight: every erase counts up a per-scope erase counter (the
+scope a hash of tenant, user and conversation, so no id is kept in clear after an erase). A
+write carries the conversation's `generation` (the sum of its user's and its conversation's
+counters) read when its request arrived; the write transaction checks it and stores nothing
+(`ConversationErased`) if an erase came in between.
 """
 
 from __future__ import annotations
@@ -48,12 +54,26 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE exchanges ADD COLUMN vector BLOB;
     ALTER TABLE units ADD COLUMN vector BLOB;
     """,
+    # Erase counters: a write started before an erase must not store after it.
+    """
+    CREATE TABLE erasures (scope TEXT PRIMARY KEY, count INTEGER NOT NULL);
+    """,
 )
 
 
 # User and conversation ids: printable, no slashes (they are path segments of the memory
 # routes, so anything stored can also be listed and erased).
 VALID_ID = re.compile(r"[^\x00-\x1f\x7f/\\]{1,256}")
+
+
+class ConversationErased(Exception):
+    """The conversation (or its user) was erased after this write's request arrived."""
+
+
+def _scope(tenant: str, user: str, conversation: str | None) -> str:
+    # conversation None (the whole user) hashes apart from any conversation id: ids are
+    # never empty (VALID_ID), and the user-wide scope uses the empty string.
+    return hashlib.sha256(f"{tenant}\0{user}\0{conversation or ''}".encode()).hexdigest()
 
 
 def tenant_of(api_key: str | None) -> str:
@@ -104,13 +124,16 @@ class ConversationSummary:
 
 
 class MemoryStore(Protocol):
+    def generation(self, key: ConversationKey) -> int: ...
     def add_exchange(self, key: ConversationKey, request_id: str, user_text: str,
-                     assistant_text: str, vector: bytes | None = None) -> bool: ...
-    def exchange_vectors(self, key: ConversationKey) -> list[bytes | None]: ...
-    def exchanges(self, key: ConversationKey) -> list[Exchange]: ...
-    def replace_units(self, key: ConversationKey, kind: str,
-                      units: Sequence[MemoryUnit]) -> None: ...
+                     assistant_text: str, vector: bytes | None = None,
+                     generation: int | None = None) -> bool: ...
+    def exchange_vectors(self, key: ConversationKey, since: int = 0) -> list[bytes | None]: ...
+    def exchanges(self, key: ConversationKey, since: int = 0) -> list[Exchange]: ...
+    def replace_units(self, key: ConversationKey, kind: str, units: Sequence[MemoryUnit],
+                      from_exchange: int = 0, generation: int | None = None) -> None: ...
     def units(self, key: ConversationKey, kind: str) -> list[MemoryUnit]: ...
+    def last_unit(self, key: ConversationKey, kind: str) -> MemoryUnit | None: ...
     def conversations(self, tenant: str, user: str) -> list[str]: ...
     def conversation_summaries(self, tenant: str, user: str) -> list[ConversationSummary]: ...
     def exchange_count(self, key: ConversationKey) -> int: ...
@@ -154,11 +177,30 @@ class SQLiteMemoryStore:
                 raise
             self._db.execute("COMMIT")
 
+    def generation(self, key: ConversationKey) -> int:
+        """How many erases reached this conversation (its own and its user's)."""
+        with self._lock:
+            return self._generation(self._db, key)
+
+    @staticmethod
+    def _generation(db: sqlite3.Connection, key: ConversationKey) -> int:
+        return db.execute("SELECT COALESCE(SUM(count), 0) FROM erasures WHERE scope IN (?, ?)",
+                          (_scope(key.tenant, key.user, None),
+                           _scope(key.tenant, key.user, key.conversation))).fetchone()[0]
+
+    def _check_generation(self, db: sqlite3.Connection, key: ConversationKey,
+                          generation: int | None) -> None:
+        if generation is not None and self._generation(db, key) != generation:
+            raise ConversationErased(key.conversation)
+
     def add_exchange(self, key: ConversationKey, request_id: str, user_text: str,
-                     assistant_text: str, vector: bytes | None = None) -> bool:
-        """Append one exchange; False (nothing written) if this request id is stored."""
+                     assistant_text: str, vector: bytes | None = None,
+                     generation: int | None = None) -> bool:
+        """Append one exchange; False (nothing written) if this request id is stored;
+        `ConversationErased` (nothing written) if ``generation`` is no longer current."""
         where = (key.tenant, key.user, key.conversation)
         with self._transaction() as db:
+            self._check_generation(db, key, generation)
             if db.execute("SELECT 1 FROM exchanges WHERE tenant=? AND user=? AND conversation=?"
                           " AND request_id=?", (*where, request_id)).fetchone():
                 return False
@@ -170,28 +212,34 @@ class SQLiteMemoryStore:
                         vector))
         return True
 
-    def exchange_vectors(self, key: ConversationKey) -> list[bytes | None]:
-        """Each exchange's stored embedding (None where none was stored), in order."""
+    def exchange_vectors(self, key: ConversationKey, since: int = 0) -> list[bytes | None]:
+        """The stored embedding (None where none was stored) of each exchange from position
+        ``since`` on, in order."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT vector FROM exchanges WHERE tenant=? AND user=? AND conversation=? "
-                "ORDER BY position", (key.tenant, key.user, key.conversation)).fetchall()
+                "AND position >= ? ORDER BY position",
+                (key.tenant, key.user, key.conversation, since)).fetchall()
         return [row[0] for row in rows]
 
-    def exchanges(self, key: ConversationKey) -> list[Exchange]:
+    def exchanges(self, key: ConversationKey, since: int = 0) -> list[Exchange]:
+        """The exchanges from position ``since`` on, in order."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT position, request_id, user_text, assistant_text, created_at "
-                "FROM exchanges WHERE tenant=? AND user=? AND conversation=? ORDER BY position",
-                (key.tenant, key.user, key.conversation)).fetchall()
+                "FROM exchanges WHERE tenant=? AND user=? AND conversation=? AND position >= ? "
+                "ORDER BY position", (key.tenant, key.user, key.conversation, since)).fetchall()
         return [Exchange(*row) for row in rows]
 
-    def replace_units(self, key: ConversationKey, kind: str,
-                      units: Sequence[MemoryUnit]) -> None:
+    def replace_units(self, key: ConversationKey, kind: str, units: Sequence[MemoryUnit],
+                      from_exchange: int = 0, generation: int | None = None) -> None:
+        """The units starting at exchange ``from_exchange`` or later become ``units`` (the
+        earlier ones stay); `ConversationErased` if ``generation`` is no longer current."""
         where = (key.tenant, key.user, key.conversation)
         with self._transaction() as db:
+            self._check_generation(db, key, generation)
             db.execute("DELETE FROM units WHERE tenant=? AND user=? AND conversation=? "
-                       "AND kind=?", (*where, kind))
+                       "AND kind=? AND first_exchange >= ?", (*where, kind, from_exchange))
             db.executemany("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [
                 (*where, kind, unit.first_exchange, unit.last_exchange, unit.text,
                  unit.key_text, unit.vector) for unit in units])
@@ -204,6 +252,16 @@ class SQLiteMemoryStore:
                 "tenant=? AND user=? AND conversation=? AND kind=? ORDER BY first_exchange",
                 (key.tenant, key.user, key.conversation, kind)).fetchall()
         return [MemoryUnit(*row) for row in rows]
+
+    def last_unit(self, key: ConversationKey, kind: str) -> MemoryUnit | None:
+        """The conversation's latest unit (the open segment), or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT kind, first_exchange, last_exchange, text, key_text, vector FROM units "
+                "WHERE tenant=? AND user=? AND conversation=? AND kind=? "
+                "ORDER BY first_exchange DESC LIMIT 1",
+                (key.tenant, key.user, key.conversation, kind)).fetchone()
+        return None if row is None else MemoryUnit(*row)
 
     def conversations(self, tenant: str, user: str) -> list[str]:
         with self._lock:
@@ -222,19 +280,26 @@ class SQLiteMemoryStore:
 
     def exchange_count(self, key: ConversationKey) -> int:
         with self._lock:
+            # Positions are contiguous from 0 (appended one by one, erased all at once), so
+            # the last one counts them through the primary key, without a scan.
             return self._db.execute(
-                "SELECT COUNT(*) FROM exchanges WHERE tenant=? AND user=? AND conversation=?",
+                "SELECT COALESCE(MAX(position) + 1, 0) FROM exchanges WHERE tenant=? AND "
+                "user=? AND conversation=?",
                 (key.tenant, key.user, key.conversation)).fetchone()[0]
 
     def erase(self, tenant: str, user: str, conversation: str | None = None) -> int:
         """Delete a user's memory (one conversation or all); returns exchanges deleted. The
-        text is overwritten in the file (secure_delete) and the WAL truncated."""
+        text is overwritten in the file (secure_delete) and the WAL truncated. The erase
+        counter moves in the same transaction, so a write still in flight cannot land after
+        the erase."""
         where, params = "tenant=? AND user=?", [tenant, user]
         if conversation is not None:
             where, params = where + " AND conversation=?", [*params, conversation]
         with self._transaction() as db:
             deleted = db.execute(f"DELETE FROM exchanges WHERE {where}", params).rowcount
             db.execute(f"DELETE FROM units WHERE {where}", params)
+            db.execute("INSERT INTO erasures VALUES (?, 1) ON CONFLICT (scope) DO UPDATE SET "
+                       "count = count + 1", (_scope(tenant, user, conversation),))
         with self._lock:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return deleted

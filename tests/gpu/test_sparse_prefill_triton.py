@@ -40,12 +40,7 @@ def check_against_reference(seq_lens, dtype, *, query_lens=None, prompt_lens=Non
             1 / math.sqrt(head_dim))  # fmt: skip
     expected = sparse_prefill_ref(*args).float()  # fp32 compute on the GPU
     out = torch.full_like(batch.query, float("nan"))
-    if config is None:
-        sparse_prefill(*args, out=out)
-    else:
-        from attention_backends.kernels.sparse_prefill_triton import sparse_prefill_triton
-
-        sparse_prefill_triton(*args, out=out, config=config)
+    sparse_prefill(*args, out=out, config=config)  # config=None: the kernel's own choice
     torch.cuda.synchronize()
     assert not torch.isnan(out).any(), f"unwritten or NaN rows (seed {seed})"
     error = ((out.float() - expected).norm() / expected.norm()).item()
@@ -204,3 +199,14 @@ def test_gluon_streaming_rows_small_window_and_big_blocks(dtype):
         [900, 257], dtype, query_lens=[900, 129], q_heads=32, kv_heads=8, pattern=pattern,
         block_size=128, config=config,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["side-stream", "one-stream"])
+@pytest.mark.parametrize("streaming", ["auto", "triton"])
+def test_serving_overrides_of_the_launch_config(overlap, streaming):
+    """The settings' overrides (TESSERA_ATTENTION_KERNEL_*) compute the same function."""
+    from attention_backends.kernels.sparse_prefill_triton import GLUON_CONFIG, with_overrides
+
+    config = with_overrides(GLUON_CONFIG, overlap, streaming)
+    check_against_reference([1500, 700], torch.bfloat16, block_size=64, pattern=PAPER_TRIANGLE,
+                            q_heads=32, kv_heads=8, config=config)

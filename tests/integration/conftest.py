@@ -73,7 +73,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = ServerSettings(
         data_dir=Path(os.environ.get("TESSERA_DATA_DIR", "data")).resolve(),
         workers=2, kv_cache_space_gib=1,
-        max_model_len=TEST_MAX_MODEL_LEN,
+        max_model_len=TEST_MAX_MODEL_LEN, responses_store=True,
     )
     model_path = resolve_model_path(settings)
     workers: list[WorkerProcess] = []

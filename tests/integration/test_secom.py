@@ -1,8 +1,10 @@
 """SeCom through real gateways in front of the shared vLLM workers, memory in a real SQLite
 file: a fact from an earlier request reaches a later request's prompt (read back from
 vLLM's own prompt tokens, not from the model's answer), streamed answers are stored once
-complete, and a gateway SIGKILLed during a burst of writes loses no acknowledged turn and
-stores none twice after a restart."""
+complete, segmentation asks the served model after the answer and falls back to TextTiling
+(counted) where SmolLM2's reply does not parse, an erase wins over a write in flight, and a
+gateway SIGKILLed during a burst of writes loses no acknowledged turn and stores none twice
+after a restart."""
 
 from __future__ import annotations
 
@@ -34,11 +36,12 @@ class MemoryGateway:
     log: Path
 
 
-def start(stack: Stack, run_dir: Path, name: str, port: int | None = None) -> MemoryGateway:
+def start(stack: Stack, run_dir: Path, name: str, port: int | None = None,
+          **secom: object) -> MemoryGateway:
     db = run_dir / f"{name}.sqlite3"
     config = run_dir / f"{name}.yaml"
     config.write_text(json.dumps({"pipeline": {"stages": ["secom"],
-                                               "secom": {"db_path": str(db)}}}))
+                                               "secom": {"db_path": str(db), **secom}}}))
     port = port or free_port()
     log = run_dir / f"{name}.log"
     process = _start_gateway([w.url for w in stack.workers], port, log,
@@ -144,6 +147,110 @@ def test_a_streamed_answer_is_stored_once_complete(memory_gateway: MemoryGateway
     stored = wait_for_exchanges(url, "carol", "s1", 1)
     assert [(e["user"], e["assistant"]) for e in stored] == [("I live in Lisbon.",
                                                               "".join(parts))]
+
+
+def metric_values(text: str, name: str) -> dict[str, float]:
+    """{label set: value} of one Prometheus metric in an exposition text."""
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(name):
+            labels, _, value = line[len(name):].rpartition(" ")
+            values[labels] = float(value)
+    return values
+
+
+def wait_for_metric(url: str, name: str, total: float, timeout_s: float = 180) -> str:
+    """The gateway's /metrics once the values of ``name`` add up to ``total``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        if sum(metric_values(metrics, name).values()) >= total:
+            return metrics
+        time.sleep(0.3)
+    raise AssertionError(f"{name} did not reach {total} within {timeout_s} s")
+
+
+def worker_requests_running(stack: Stack) -> float:
+    return sum(sum(metric_values(httpx.get(f"{w.url}/metrics", timeout=10).text,
+                                 "vllm:num_requests_running").values())
+               for w in stack.workers)
+
+
+def worker_requests_finished(stack: Stack) -> float:
+    """Requests the generative vLLM workers finished, from their own /metrics."""
+    return sum(sum(metric_values(httpx.get(f"{w.url}/metrics", timeout=10).text,
+                                 "vllm:request_success_total").values())
+               for w in stack.workers)
+
+
+def test_segmentation_asks_the_served_model_and_counts_the_fallback(
+    stack: Stack, run_dir: Path,
+) -> None:
+    gateway = start(stack, run_dir, "segmenter", segmenter="model_first",
+                    segmenter_prompts=["batch"], segmenter_max_tokens=48)
+    try:
+        before = worker_requests_finished(stack)
+        talk = ["My dog is called Biscuit.", "She loves the beach.",
+                "I booked a flight to Lisbon in June."]
+        for number, content in enumerate(talk):
+            assert chat(gateway.url, content, "erin", "seg").status_code == 200
+            # Each write's segmentation (after the answer) ends before the next request, so
+            # no recall catches an unsegmented tail up first.
+            metrics = wait_for_metric(gateway.url, "tessera_secom_segmentations_total",
+                                      number + 1)
+        decided = metric_values(metrics, "tessera_secom_segmentations_total")
+        calls = metric_values(metrics, "tessera_secom_segmentation_model_calls_total")
+        fallbacks = metric_values(metrics, "tessera_secom_segmentation_fallbacks_total")
+        print(f"segmenters: {decided}\nmodel calls: {calls}\nfallbacks: {fallbacks}")
+        # The first exchange is one segment; each later write asked the model once.
+        assert decided.get('{segmenter="trivial"}') == 1
+        asked = sum(calls.values())
+        assert asked == len(talk) - 1
+        assert worker_requests_finished(stack) - before >= len(talk) + asked  # vLLM ran them
+        unparsed = calls.get('{prompt="batch",result="unparsed"}', 0)
+        assert unparsed >= 1, "SmolLM2 parsed every batch prompt: no fallback to show"
+        assert fallbacks.get('{prompt="batch",reason="unparsed"}') == unparsed
+        assert decided.get('{segmenter="texttiling"}') == unparsed
+        units = sqlite3.connect(gateway.db).execute(
+            "SELECT first_exchange, last_exchange FROM units ORDER BY first_exchange").fetchall()
+        assert units[0][0] == 0 and units[-1][1] == len(talk) - 1  # every exchange covered
+    finally:
+        stop(gateway)
+        print(gateway.log.read_text()[-3000:])
+
+
+def test_an_erase_wins_over_a_write_in_flight(stack: Stack, run_dir: Path) -> None:
+    """A request's answer arrived; its write waits on the served model (segmentation, a long
+    reply, seen running in vLLM's own metrics); the conversation is erased meanwhile.
+    Nothing of it may come back."""
+    gateway = start(stack, run_dir, "erase", segmenter="model_first",
+                    segmenter_prompts=["batch"], segmenter_max_tokens=400)
+    marker = "passport-QX81773"
+    try:
+        assert chat(gateway.url, "My dog is called Biscuit.", "fay", "e1").status_code == 200
+        wait_for_metric(gateway.url, "tessera_secom_writes_total", 1)
+        assert chat(gateway.url, f"My {marker}.", "fay", "e1").status_code == 200
+        deadline = time.monotonic() + 60
+        while worker_requests_running(stack) < 1:  # the answer is done: this is the write's
+            assert time.monotonic() < deadline, "the segmentation call never ran"
+            time.sleep(0.05)
+        erased = httpx.delete(f"{gateway.url}/v1/memory/fay/e1", timeout=30)
+        assert erased.json()["exchanges_deleted"] == 2
+        # Until both writes have ended, one way or another.
+        metrics = wait_for_metric(gateway.url, "tessera_secom_writes_total", 2)
+        writes = metric_values(metrics, "tessera_secom_writes_total")
+        print(f"writes: {writes}")
+        assert writes.get('{result="erased"}') == 1
+        calls = metric_values(metrics, "tessera_secom_segmentation_model_calls_total")
+        assert sum(calls.values()) == 1  # the model answered, after the erase
+        assert exchanges(gateway.url, "fay", "e1") == []
+        with sqlite3.connect(gateway.db) as db:
+            assert db.execute("SELECT COUNT(*) FROM units").fetchone()[0] == 0
+        on_disk = b"".join(p.read_bytes() for p in gateway.db.parent.glob("erase.sqlite3*"))
+        assert marker.encode() not in on_disk
+    finally:
+        stop(gateway)
+        print(gateway.log.read_text()[-3000:])
 
 
 def test_sigkill_during_a_burst_of_writes_loses_no_acknowledged_turn(

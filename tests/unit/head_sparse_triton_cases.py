@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 
 from attention_backends.kernels.head_sparse_ref import head_sparse_prefill_ref  # noqa: E402
 from attention_backends.kernels.head_sparse_triton import (  # noqa: E402
+    HeadSparseLaunch,
     head_sparse_prefill_triton,
 )
 from attention_backends.kernels.paged_inputs import make_paged_prefill_batch  # noqa: E402
@@ -24,7 +25,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_case(seq_lens, query_lens=None, prompt_lens=None, q_heads=6, kv_heads=2, block_size=16,
-             head_dim=16, dtype=torch.float32):
+             head_dim=16, dtype=torch.float32, launch=None):
     seed = torch.seed() % 2**31
     generator = torch.Generator().manual_seed(seed)
     batch = make_paged_prefill_batch(seq_lens, query_lens, prompt_lens, q_heads, kv_heads,
@@ -35,7 +36,7 @@ def run_case(seq_lens, query_lens=None, prompt_lens=None, q_heads=6, kv_heads=2,
     args = (batch.query, batch.key_cache, batch.value_cache, batch.block_table,
             batch.query_start_loc, batch.seq_lens, batch.prompt_lens, layer, scale)
     out = torch.full_like(batch.query, float("nan"))
-    head_sparse_prefill_triton(*args, out=out)
+    head_sparse_prefill_triton(*args, out=out, launch=launch or HeadSparseLaunch())
     assert not torch.isnan(out).any(), f"rows not written (seed {seed})"
     expected = head_sparse_prefill_ref(*args).double()
     return worst_row_error(out, expected)
@@ -58,3 +59,19 @@ def test_chunked_prefill_chunk_not_on_a_tile_boundary():
 @pytest.mark.parametrize("block_size", [8, 32])
 def test_cache_blocks_smaller_and_larger_than_the_tile(block_size):
     assert run_case([83], block_size=block_size) < 1e-4
+
+
+# The rows pass (full rows packed in position order, MMInference's grid lines on the permuted
+# layout): mixed_heads holds a grid head with horizontal lines every 13 rows, TriangleMix's
+# last rows and a dense head, so both passes write rows of every kind.
+ROWS_PASS = HeadSparseLaunch(separate_full_rows=True)
+
+
+@pytest.mark.parametrize("seq_lens", [[13, 100], [70, 33]])
+def test_rows_pass_ragged_lengths(seq_lens):
+    assert run_case(seq_lens, launch=ROWS_PASS) < 1e-4
+
+
+def test_rows_pass_gqa_and_chunk_not_on_a_tile_boundary():
+    assert run_case([70, 90], query_lens=[30, 17], prompt_lens=[75, 90], q_heads=9, kv_heads=3,
+                    launch=ROWS_PASS) < 1e-4

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prompt_pipeline.config import SecomSettings
 from prompt_pipeline.guard import GuardedStage
 from prompt_pipeline.secom.memory import ConversationMemory, RecallSettings
+from prompt_pipeline.secom.segmenter import TailSegmenter
 from prompt_pipeline.secom.stage import SecomStage
 from prompt_pipeline.secom.store import ConversationKey, SQLiteMemoryStore
 from server.app import create_app
@@ -252,3 +253,41 @@ async def test_memory_routes_without_the_stage_are_a_404() -> None:
             response = await client.request(method, "/v1/memory/alice")
             assert response.status_code == 404
             assert response.json()["error"]["code"] == "memory_not_enabled"
+
+
+async def test_segmentation_asks_the_served_model_over_http_and_counts_the_fallback(
+    tmp_path: Path,
+) -> None:
+    worker = ChatWorker()  # answers every prompt with ANSWER: no segmentation parses
+    memory = ConversationMemory(SQLiteMemoryStore(tmp_path / "m.sqlite3"), topic_embed,
+                                settings=RecallSettings(top_k=1), segmenter=TailSegmenter())
+    stage = SecomStage(memory, SecomSettings())
+    async with StubWorker(worker) as stub, gateway(stub.url, stage) as client:
+        for text in ("We adopted a puppy.", "The dog is called Biscuit."):
+            response = await client.post("/v1/chat/completions", json=chat(
+                text, user="alice", conversation_id="c1"))
+            assert response.status_code == 200
+            await settled(client)
+    asked = [body["messages"][0]["content"] for body in worker.bodies[2:]]
+    assert len(worker.bodies) == 4 and all(b["model"] == MODEL for b in worker.bodies)
+    assert "Group the exchanges" in asked[0] and "Answer Yes or No" in asked[1]
+    metrics = stage.metrics
+    assert metrics.segmentation_fallbacks.labels("batch", "unparsed")._value.get() == 1
+    assert metrics.segmentation_fallbacks.labels("incremental", "unparsed")._value.get() == 1
+    assert metrics.segmentations.labels("texttiling")._value.get() == 1
+    assert metrics.segmentations.labels("trivial")._value.get() == 1  # the first exchange
+    assert len(stored(stage)) == 2
+
+
+async def test_an_erase_during_a_slow_write_wins(tmp_path: Path) -> None:
+    stage = memory_stage(tmp_path / "m.sqlite3", embed=slow_embed(1.0))
+    async with StubWorker(ChatWorker()) as stub, gateway(stub.url, stage) as client:
+        response = await client.post("/v1/chat/completions", json=chat(
+            "The dog is called Biscuit.", user="alice", conversation_id="c1"))
+        assert response.status_code == 200  # answered; its write is still embedding
+        erased = await client.delete("/v1/memory/alice/c1")
+        assert erased.status_code == 200
+        await settled(client)
+        assert (await client.get("/v1/memory/alice/c1")).json()["data"] == []
+    assert stored(stage) == []
+    assert stage.metrics.writes.labels("erased")._value.get() == 1

@@ -131,3 +131,33 @@ def test_a_huge_exchange_is_stored_but_never_injected_over_the_budget(tmp_path: 
     units = memory.recall(key, "dog")
     assert [unit.first_exchange for unit in units] == [1]
     assert len(store.exchanges(key)[0].user_text) == 800_000
+
+
+class CountingStore(SQLiteMemoryStore):
+    """The real store, counting the exchange rows each read returns."""
+
+    rows_read = 0
+
+    def exchanges(self, key, since=0):  # noqa: ANN001, ANN201 - the store's signature
+        found = super().exchanges(key, since)
+        self.rows_read += len(found)
+        return found
+
+
+def test_a_write_reads_only_the_open_tail_not_the_conversation(tmp_path: Path) -> None:
+    store = CountingStore(tmp_path / "memory.sqlite3")
+    memory = ConversationMemory(store, topic_embed)
+    key = ConversationKey.for_request(None, "u", "long")
+    topics = ["dog puppy", "flight lisbon", "cake chocolate"]
+    most = 0
+    for number in range(400):  # one topic for 50 exchanges: the cap closes segments too
+        before = store.rows_read
+        memory.remember(key, f"r{number}", f"{topics[number // 50 % 3]} {number}", "ok")
+        most = max(most, store.rows_read - before)
+    # The open segment (at most 24 exchanges), the new one and 2 rows of context, whatever
+    # the conversation's length.
+    assert most <= 24 + 1 + 2
+    units = store.units(key, "segment")
+    assert max(u.last_exchange - u.first_exchange + 1 for u in units) <= 24
+    boundaries = {u.first_exchange for u in units}
+    assert {50, 100, 150, 200, 250, 300, 350} <= boundaries  # every topic change found

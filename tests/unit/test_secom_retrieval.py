@@ -56,3 +56,44 @@ def test_units_at_three_granularities() -> None:
         (0, 0), (1, 1), (2, 2), (3, 3)]
     segments = segment_units(exchanges, [(0, 2), (3, 3)], compress=str.upper)
     assert segments[0].text.count("[user]") == 3 and segments[0].key_text.isupper()
+
+
+TEXTS = ["the dog is called Biscuit", "a flight to Lisbon in June", "", "dog dog park",
+         "chocolate cake for the birthday", "the dog and the cake", "June is warm in Lisbon"]
+QUERIES = ["what is the dog called?", "lisbon june flight", "cake cake", "zzz", "the"]
+
+
+def test_bm25_scores_equal_bm25s_lucene_scores() -> None:
+    import bm25s
+
+    from prompt_pipeline.secom.retrieval import tokenize
+
+    reference = bm25s.BM25()
+    reference.index([tokenize(text) or ["_"] for text in TEXTS], show_progress=False)
+    ours = Bm25Index(TEXTS)
+    for query in QUERIES:
+        words = [w for w in tokenize(query) if w in reference.vocab_dict]
+        expected = reference.get_scores(words) if words else np.zeros(len(TEXTS))
+        np.testing.assert_allclose(ours.scores(query), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_bm25_grown_and_truncated_equals_one_built_at_once() -> None:
+    grown = Bm25Index(TEXTS[:3])
+    grown.extend(["an open segment about something else", *TEXTS[3:5]])
+    grown.truncate(3)  # the open tail is segmented again
+    grown.extend(TEXTS[3:])
+    whole = Bm25Index(TEXTS)
+    for query in QUERIES:
+        np.testing.assert_allclose(grown.scores(query), whole.scores(query), rtol=1e-6)
+
+
+def test_unit_index_replaces_only_the_tail() -> None:
+    vectors = _bag_of_words([u.key_text for u in UNITS])
+    index = UnitIndex(UNITS[:2], vectors[:2])
+    index.replace_from(1, UNITS[1:], vectors[1:])
+    whole = UnitIndex(UNITS, vectors)
+    assert index.units == whole.units
+    for method in ("bm25", "embedding", "fused"):
+        np.testing.assert_allclose(index.scores("chocolate laptop", method, vectors[2]),
+                                   whole.scores("chocolate laptop", method, vectors[2]))
+    assert index.position_of(2) == 1 and index.position_of(4) == 2

@@ -38,7 +38,9 @@ def last_rows_attention(chunk: SequenceChunk, heads: list[int], last_q_tokens: i
     queries (``L = min(last_q_tokens, rows)``) over every key, causal."""
     rows = min(last_q_tokens, int(chunk.query.shape[0]))
     positions = chunk.query_positions[-rows:].long().to(chunk.device)
-    queries = chunk.head_queries(heads)[:, -rows:]
+    # slice the last rows before the float copy: at 128K x 32 heads, the copy of every row
+    # (head_queries) is 2 GiB of float32 for 64 rows used
+    queries = chunk.query[-rows:][:, heads].float().permute(1, 0, 2)
     scores = torch.matmul(queries, chunk.head_keys(heads).transpose(1, 2)) * chunk.scale
     future = torch.arange(chunk.num_tokens, device=chunk.device)[None, :] > positions[:, None]
     scores.masked_fill_(future, float("-inf"))

@@ -1,10 +1,8 @@
 """The per-head Triton kernel compiled on the GPU against the torch reference (bf16/fp16,
-Llama head dims, 64-token tiles). The same kernel is checked on CPU by Triton's interpreter
-in tests/unit/test_head_sparse_triton_interpret.py; this file has not run on a GPU yet.
-
-Kept out of tests/gpu until it has passed once: the GPU scripts run all of tests/gpu (with
-a time limit) before their benchmarks, and an unproven kernel should not stall them. Run
-``pytest -m gpu tests/gpu_minference tests/unit/head_sparse_triton_cases.py`` on the device."""
+Llama head dims, 64-token tiles), per-row error bound. The same kernel is checked on CPU by
+Triton's interpreter in tests/unit/test_head_sparse_triton_interpret.py. First passed on the
+H200 on 2026-12-01 (19 of 19 with the interpreter cases compiled), then moved here from
+tests/gpu_minference."""
 
 import math
 
@@ -49,6 +47,26 @@ def test_kernel_matches_reference(dtype, head_dim, q_heads, kv_heads, block_size
             llama_like_layer(q_heads), 1 / math.sqrt(head_dim))
     out = torch.full_like(batch.query, float("nan"))
     head_sparse_prefill_triton(*args, out=out)
+    expected = head_sparse_prefill_ref(*args).double()
+    row_error = (out.double() - expected).norm(dim=-1) / expected.norm(dim=-1).clamp(min=1e-12)
+    assert float(row_error.max()) < 2e-2, f"seed {seed}"
+
+
+def test_sparse_prefill_sends_per_head_patterns_to_the_triton_kernel():
+    """What the CUDA backend calls: ``kernels.sparse_prefill`` with a per-head pattern runs the
+    Triton kernel (not the reference) and matches the reference per row."""
+    from attention_backends.kernels import sparse_prefill
+    from attention_backends.kernels.head_sparse_triton import head_sparse_supported
+
+    seed = torch.seed() % 2**31
+    batch = make_paged_prefill_batch([2500, 900], [2500, 400], [2500, 900], 32, 8, 128, 64,
+                                     dtype=torch.bfloat16, device="cuda",
+                                     generator=torch.Generator().manual_seed(seed))
+    args = (batch.query, batch.key_cache, batch.value_cache, batch.block_table,
+            batch.query_start_loc, batch.seq_lens, batch.prompt_lens,
+            llama_like_layer(32), 1 / math.sqrt(128))
+    assert head_sparse_supported(batch.query, batch.key_cache)
+    out = sparse_prefill(*args, out=torch.full_like(batch.query, float("nan")))
     expected = head_sparse_prefill_ref(*args).double()
     row_error = (out.double() - expected).norm(dim=-1) / expected.norm(dim=-1).clamp(min=1e-12)
     assert float(row_error.max()) < 2e-2, f"seed {seed}"
