@@ -201,6 +201,9 @@ def main() -> None:
     parser.add_argument("--think-s", type=float, default=0.0,
                         help="mean pause before each turn (exponential, seeded), the first "
                              "included: conversations drift apart as real ones do")
+    parser.add_argument("--load-factor", type=float, default=1.0,
+                        help="prefix_affinity's load bound (the gateway's "
+                             "prefix_affinity_load_factor)")
     parser.add_argument("--output", default="prefix_affinity")
     args = parser.parse_args()
 
@@ -224,7 +227,8 @@ def main() -> None:
         for policy in POLICIES:
             port = free_port()
             command = [sys.executable, "-m", "server.cli", "gateway", "--port", str(port),
-                       "--routing", policy, "--log-level", "warning"]
+                       "--routing", policy, "--log-level", "warning",
+                       "--prefix-affinity-load-factor", str(args.load_factor)]
             for url in worker_urls:
                 command += ["--worker-url", url]
             gateways[policy] = subprocess.Popen(command, stdout=subprocess.DEVNULL,
@@ -254,7 +258,8 @@ def main() -> None:
                      "doc_tokens_approx": args.doc_tokens,
                      "workers": 2, "worker_cores": 1, "max_model_len": 4096,
                      "kv_cache_space_gib_per_worker": args.kv_cache_gib,
-                     "kv_blocks_per_worker": args.kv_blocks, "think_s_mean": args.think_s},
+                     "kv_blocks_per_worker": args.kv_blocks, "think_s_mean": args.think_s,
+                     "prefix_affinity_load_factor": args.load_factor},
         "policies": results,
         "ttft_mean_ratio": results["prefix_affinity"]["ttft_s"]["mean"]
         / results["least_outstanding"]["ttft_s"]["mean"],
