@@ -1,0 +1,132 @@
+"""Wave index build: segmented spherical k-means over one layer's keys (paper sec. 4.3).
+
+For each KV head, the indexed keys (positions ``[sink, T - recent)``) are cut into near-equal
+segments of about ``segment_tokens``; inside each segment, keys centred by the head's mean key
+are clustered by spherical k-means (max inner product assignment to unit centroids, evenly
+spaced tokens as the initial centroids), ``kmeans_iterations`` rounds. Clustering inside a
+segment keeps the cost linear in the context (each key meets only its segment's centroids)
+and keeps clusters local, which the paper motivates by the locality of attention.
+
+The index stores, per head and cluster c: the arithmetic mean key ``centroid_c`` of the raw
+(uncentred) member keys, the value sum ``V_c``, the size ``|c|`` and the radius
+``r_c = max_j ||k_j - centroid_c||`` (for the accuracy bound, ``attention.py``), and the K/V
+rows themselves permuted so that every cluster is one contiguous range (``offsets``): that is
+the layout the wave buffer moves and the GPU kernels read.
+
+Choice (ours): the final assignment stays inside the segment (the official code re-assigns
+every token against all centroids once). Segment-local clusters depend only on their own
+tokens, so a chunked prefill can build them chunk by chunk; cost O(N * C_segment).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kv_manager.retroinfer.config import WaveIndexConfig
+
+
+@dataclass
+class WaveIndex:
+    """One layer's index for one sequence. Shapes: H = KV heads, C = clusters, N = indexed
+    tokens, d = head dim. Float tensors of the index are float32; keys/values keep the
+    cache dtype."""
+
+    centroids: torch.Tensor  # [H, C, d] mean member key
+    value_sums: torch.Tensor  # [H, C, d]
+    sizes: torch.Tensor  # [H, C] int64
+    radii: torch.Tensor  # [H, C] max distance member -> centroid
+    offsets: torch.Tensor  # [H, C + 1] int64, cluster c = sorted rows offsets[c]:offsets[c+1]
+    positions: torch.Tensor  # [H, N] int64, sequence position of each sorted row
+    keys: torch.Tensor  # [H, N, d] cluster-contiguous
+    values: torch.Tensor  # [H, N, d] cluster-contiguous
+    first_position: int  # first indexed position (= sink tokens)
+
+    @property
+    def num_clusters(self) -> int:
+        return self.centroids.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def value_norm_max(self) -> torch.Tensor:
+        """[H] largest value norm among the indexed tokens (scales the output bound)."""
+        return self.values.float().norm(dim=-1).amax(dim=-1)
+
+    def cluster_of_rows(self) -> torch.Tensor:
+        """[H, N] cluster id of each sorted row."""
+        rows = torch.arange(self.num_tokens, device=self.offsets.device)
+        return torch.searchsorted(self.offsets[:, 1:].contiguous(),
+                                  rows.expand(self.offsets.shape[0], -1).contiguous(),
+                                  right=True)
+
+
+def spherical_kmeans(points: torch.Tensor, clusters: int, iterations: int) -> torch.Tensor:
+    """Cluster ``points`` [H, n, d] (float32) into ``clusters`` per head; returns the
+    assignment [H, n] int64. Empty clusters keep their previous centroid."""
+    heads, n, _ = points.shape
+    unit = torch.nn.functional.normalize(points, dim=-1)
+    init = torch.linspace(0, n - 1, clusters, device=points.device).round().long()
+    centroids = unit[:, init]
+    for _ in range(iterations):
+        assign = (unit @ centroids.transpose(1, 2)).argmax(dim=-1)
+        sums = torch.zeros_like(centroids).scatter_add_(
+            1, assign.unsqueeze(-1).expand_as(unit), unit)
+        counts = torch.zeros(heads, clusters, device=points.device).scatter_add_(
+            1, assign, torch.ones_like(assign, dtype=torch.float32))
+        updated = torch.nn.functional.normalize(sums, dim=-1)
+        centroids = torch.where((counts > 0).unsqueeze(-1), updated, centroids)
+    return (unit @ centroids.transpose(1, 2)).argmax(dim=-1)
+
+
+def build_wave_index(keys: torch.Tensor, values: torch.Tensor,
+                     config: WaveIndexConfig = WaveIndexConfig()) -> WaveIndex:
+    """Index the middle of one layer's prompt KV.
+
+    keys, values: [T, H, d] post-RoPE, any float dtype (what the cache holds).
+    The steady zone (first ``sink_tokens``, last ``recent_tokens``) is not indexed.
+    """
+    total = keys.shape[0]
+    start, stop = config.sink_tokens, total - config.recent_tokens
+    if stop - start < 1:
+        raise ValueError(f"{total} tokens leave nothing to index")
+    mid_keys = keys[start:stop].transpose(0, 1)  # [H, N, d]
+    mid_values = values[start:stop].transpose(0, 1)
+    heads, _, dim = mid_keys.shape
+    raw = mid_keys.float()
+    # Centring by the head's mean key: keys share a large common component, which would
+    # otherwise dominate every cosine and make spherical clusters meaningless.
+    centred = raw - raw.mean(dim=1, keepdim=True)
+    assign_parts, first_cluster = [], 0
+    segment_start = 0
+    for length in config.segment_lengths(mid_keys.shape[1]):
+        clusters = config.clusters_per_segment(length)
+        part = centred[:, segment_start: segment_start + length]
+        assign_parts.append(spherical_kmeans(part, clusters, config.kmeans_iterations)
+                            + first_cluster)
+        first_cluster += clusters
+        segment_start += length
+    assign = torch.cat(assign_parts, dim=1)  # [H, N]
+    num_clusters = first_cluster
+    order = torch.argsort(assign, dim=1, stable=True)
+    sorted_assign = assign.gather(1, order)
+    sizes = torch.zeros(heads, num_clusters, dtype=torch.int64, device=keys.device)
+    sizes.scatter_add_(1, assign, torch.ones_like(assign))
+    offsets = torch.nn.functional.pad(sizes.cumsum(dim=1), (1, 0))
+    gather = order.unsqueeze(-1).expand(-1, -1, dim)
+    sorted_keys = mid_keys.gather(1, gather)
+    sorted_values = mid_values.gather(1, gather)
+    index = sorted_assign.unsqueeze(-1).expand(-1, -1, dim)
+    key_sums = torch.zeros(heads, num_clusters, dim, device=keys.device).scatter_add_(
+        1, index, sorted_keys.float())
+    value_sums = torch.zeros_like(key_sums).scatter_add_(1, index, sorted_values.float())
+    centroids = key_sums / sizes.clamp(min=1).unsqueeze(-1)
+    distances = (sorted_keys.float() - centroids.gather(1, index)).norm(dim=-1)
+    radii = torch.zeros(heads, num_clusters, device=keys.device).scatter_reduce_(
+        1, sorted_assign, distances, reduce="amax", include_self=True)
+    return WaveIndex(centroids=centroids, value_sums=value_sums, sizes=sizes, radii=radii,
+                     offsets=offsets, positions=order + start, keys=sorted_keys.contiguous(),
+                     values=sorted_values.contiguous(), first_position=start)
