@@ -1,0 +1,226 @@
+"""Wave buffer: a device cache of clusters over the full KV in host memory (paper sec. 5).
+
+The full cluster-sorted K/V of one layer's index lives in host memory (pinned when CUDA
+exists, so copies can be asynchronous). The device keeps a cache of whole clusters in pages of
+``page_tokens`` rows, ``capacity_pages`` pages per KV head, with least-recently-used
+replacement per head (the official wave buffer's policy). A decode step asks for the rows of
+its retrieval clusters: ``gather`` assembles them, cluster after cluster, in an execution
+buffer on the device, hits copied from the cache (device to device), misses read from host
+memory (host to device, on a side stream when CUDA exists), then admits the missed clusters
+into the cache from the execution buffer (no second host read), evicting the least recently
+used clusters that this step does not use.
+
+Device-agnostic: with ``device="cpu"`` the same bookkeeping runs on CPU tensors (tests).
+Accounting (``stats``): cluster hits/misses, rows, host-to-device bytes, evictions.
+Python bookkeeping here is per cluster; the official code does it in a C++ thread pool,
+overlapped with the other layers (left for later; see README).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from kv_manager.retroinfer.wave_index import WaveIndex
+
+
+@dataclass
+class BufferStats:
+    cluster_hits: int = 0
+    cluster_misses: int = 0
+    rows_hit: int = 0
+    rows_missed: int = 0
+    bytes_host_to_device: int = 0
+    evictions: int = 0
+    not_admitted: int = 0  # missed clusters larger than the whole cache
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.cluster_hits + self.cluster_misses
+        return self.cluster_hits / total if total else 0.0
+
+
+@dataclass
+class ClusterBatch:
+    """Rows of the requested clusters on the device: keys/values [H, M, d] (M = most rows of
+    any head; the tail past ``lengths[h]`` is unspecified), ``ranges`` [H, n, 2] int32 start
+    and end row of each requested cluster inside the batch."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    lengths: torch.Tensor
+    ranges: torch.Tensor
+    ready: torch.cuda.Event | None = None
+
+    def wait(self) -> None:
+        """Make the current stream wait for the host-to-device copies of this batch."""
+        if self.ready is not None:
+            torch.cuda.current_stream().wait_event(self.ready)
+
+
+@dataclass
+class _HeadCache:
+    lru: OrderedDict[int, torch.Tensor] = field(default_factory=OrderedDict)  # id -> rows
+    free_pages: list[int] = field(default_factory=list)
+
+
+class WaveBuffer:
+    """Cache of one layer's clusters (all KV heads of one sequence)."""
+
+    def __init__(self, index: WaveIndex, device: str | torch.device, capacity_pages: int,
+                 page_tokens: int = 8) -> None:
+        self.device = torch.device(device)
+        self.page_tokens = page_tokens
+        self.capacity_pages = capacity_pages
+        pin = self.device.type == "cuda"
+        self.host_keys = index.keys.to("cpu").contiguous()
+        self.host_values = index.values.to("cpu").contiguous()
+        if pin:
+            self.host_keys = self.host_keys.pin_memory()
+            self.host_values = self.host_values.pin_memory()
+        self.offsets = index.offsets.to("cpu")
+        heads, _, dim = self.host_keys.shape
+        rows = capacity_pages * page_tokens
+        self.cache_keys = torch.empty(heads, rows, dim, dtype=self.host_keys.dtype,
+                                      device=self.device)
+        self.cache_values = torch.empty_like(self.cache_keys)
+        self.heads = [_HeadCache(free_pages=list(range(capacity_pages))) for _ in range(heads)]
+        self.stream = torch.cuda.Stream(self.device) if pin else None
+        self.stats = BufferStats()
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one K row plus one V row."""
+        return 2 * self.host_keys.shape[-1] * self.host_keys.element_size()
+
+    def cached_clusters(self, head: int) -> list[int]:
+        """Cluster ids cached for ``head``, least recently used first."""
+        return list(self.heads[head].lru)
+
+    def gather(self, cluster_ids: torch.Tensor) -> ClusterBatch:
+        """Rows of clusters ``cluster_ids`` [H, n] (distinct per head) on the device."""
+        ids = cluster_ids.to("cpu").tolist()
+        sizes = (self.offsets[:, 1:] - self.offsets[:, :-1]).tolist()
+        heads, rows_per_head = len(ids), self.host_keys.shape[1]
+        width = max(sum(sizes[h][c] for c in ids[h]) for h in range(heads))
+        width = max(width, 1)
+        cache_rows = self.cache_keys.shape[1]
+        ranges = torch.zeros(heads, len(ids[0]), 2, dtype=torch.int32)
+        hit_src, hit_dst, miss_src, miss_dst = [], [], [], []
+        missed: list[list[tuple[int, int, int]]] = []  # per head: (cluster, start, size)
+        for h, head_ids in enumerate(ids):
+            cache, start, head_missed = self.heads[h], 0, []
+            for slot, cluster in enumerate(head_ids):
+                size = sizes[h][cluster]
+                ranges[h, slot, 0], ranges[h, slot, 1] = start, start + size
+                dst = torch.arange(start, start + size) + h * width
+                if cluster in cache.lru:
+                    cache.lru.move_to_end(cluster)
+                    hit_src.append(cache.lru[cluster] + h * cache_rows)
+                    hit_dst.append(dst)
+                    self.stats.cluster_hits += 1
+                    self.stats.rows_hit += size
+                else:
+                    first = int(self.offsets[h, cluster])
+                    miss_src.append(torch.arange(first, first + size) + h * rows_per_head)
+                    miss_dst.append(dst)
+                    head_missed.append((cluster, start, size))
+                    self.stats.cluster_misses += 1
+                    self.stats.rows_missed += size
+                start += size
+            missed.append(head_missed)
+        dim = self.host_keys.shape[-1]
+        keys = torch.empty(heads * width, dim, dtype=self.cache_keys.dtype, device=self.device)
+        values = torch.empty_like(keys)
+        if hit_src:
+            src = torch.cat(hit_src).to(self.device)
+            dst = torch.cat(hit_dst).to(self.device)
+            keys.index_copy_(0, dst, self.cache_keys.reshape(-1, dim).index_select(0, src))
+            values.index_copy_(0, dst, self.cache_values.reshape(-1, dim).index_select(0, src))
+        ready = self._copy_misses(miss_src, miss_dst, keys, values)
+        batch = ClusterBatch(keys=keys.view(heads, width, dim),
+                             values=values.view(heads, width, dim),
+                             lengths=ranges[:, -1, 1].clone() if ranges.shape[1] else
+                             torch.zeros(heads, dtype=torch.int32),
+                             ranges=ranges.to(self.device), ready=ready)
+        self._admit(missed, batch, ids)
+        return batch
+
+    def _copy_misses(self, miss_src: list[torch.Tensor], miss_dst: list[torch.Tensor],
+                     keys: torch.Tensor, values: torch.Tensor) -> torch.cuda.Event | None:
+        if not miss_src:
+            return None
+        src, dst = torch.cat(miss_src), torch.cat(miss_dst)
+        dim = self.host_keys.shape[-1]
+        staged_k = self.host_keys.view(-1, dim).index_select(0, src)
+        staged_v = self.host_values.view(-1, dim).index_select(0, src)
+        self.stats.bytes_host_to_device += len(src) * self.row_bytes
+        if self.stream is None:
+            keys.index_copy_(0, dst, staged_k)
+            values.index_copy_(0, dst, staged_v)
+            return None
+        # Pinned staging lets the copy run asynchronously on the side stream; the caller
+        # overlaps it with work that does not need these rows (steady zone, estimation).
+        staged_k, staged_v = staged_k.pin_memory(), staged_v.pin_memory()
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            dst_device = dst.to(self.device, non_blocking=True)
+            keys.index_copy_(0, dst_device, staged_k.to(self.device, non_blocking=True))
+            values.index_copy_(0, dst_device, staged_v.to(self.device, non_blocking=True))
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        for tensor in (keys, values):
+            tensor.record_stream(self.stream)
+        return ready
+
+    def _admit(self, missed: list[list[tuple[int, int, int]]], batch: ClusterBatch,
+               ids: list[list[int]]) -> None:
+        """Copy this step's missed clusters into the cache, evicting LRU clusters that this
+        step did not use."""
+        src_rows, dst_rows = [], []
+        width = batch.keys.shape[1]
+        cache_rows = self.cache_keys.shape[1]
+        for h, head_missed in enumerate(missed):
+            cache, in_use = self.heads[h], set(ids[h])
+            for cluster, start, size in head_missed:
+                pages = -(-size // self.page_tokens)
+                if pages > self.capacity_pages:
+                    self.stats.not_admitted += 1
+                    continue
+                victims = [c for c in cache.lru if c not in in_use]
+                while len(cache.free_pages) < pages and victims:
+                    victim = victims.pop(0)
+                    rows = cache.lru.pop(victim)
+                    cache.free_pages.extend(sorted({int(r) // self.page_tokens
+                                                    for r in rows}))
+                    self.stats.evictions += 1
+                if len(cache.free_pages) < pages:
+                    self.stats.not_admitted += 1
+                    continue
+                taken = [cache.free_pages.pop(0) for _ in range(pages)]
+                rows = torch.cat([torch.arange(p * self.page_tokens, (p + 1) * self.page_tokens)
+                                  for p in taken])[:size]
+                cache.lru[cluster] = rows
+                src_rows.append(torch.arange(start, start + size) + h * width)
+                dst_rows.append(rows + h * cache_rows)
+        if not src_rows:
+            return
+        src = torch.cat(src_rows).to(self.device)
+        dst = torch.cat(dst_rows).to(self.device)
+        dim = self.cache_keys.shape[-1]
+        # Admission reads the execution buffer, so it must follow the miss copies.
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            context = torch.cuda.stream(self.stream)
+        else:
+            context = torch.no_grad()
+        with context:
+            self.cache_keys.view(-1, dim).index_copy_(
+                0, dst, batch.keys.reshape(-1, dim).index_select(0, src))
+            self.cache_values.view(-1, dim).index_copy_(
+                0, dst, batch.values.reshape(-1, dim).index_select(0, src))
+        if self.stream is not None:
+            batch.ready = torch.cuda.Event()
+            batch.ready.record(self.stream)
