@@ -24,7 +24,8 @@ from this session): a member key lies within ``r_c`` of its centroid, so by Cauc
 With ``Z_lo`` = exact mass + the estimated zone's lower mass, the L1 distance between the true
 and the approximated attention weights obeys
 
-    sum_j |p_j - p^_j| <= 2 (sum_E |c| e^{s q.c} (e^{a_c} - 1) + sum_skip |c| e^{s q.c + a_c}) / Z_lo
+    sum_j |p_j - p^_j|
+        <= 2 (sum_E |c| e^{s q.c} (e^{a_c} - 1) + sum_skip |c| e^{s q.c + a_c}) / Z_lo
 
 and the output error ``||o - o^|| <= min(that, 2) * max_j ||v_j||``. This bound always holds
 (a failure would be a bug); how tight it is on real keys is what the fidelity benchmark reports.
@@ -82,13 +83,15 @@ def masked_partial(logits: torch.Tensor, values: torch.Tensor,
 
 
 def dense_partial(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                  scale: float) -> Partial:
-    """Exact attention of query [P, H, G, d] over keys/values [H, T, d] (or [P, H, T, d])."""
+                  scale: float, keep: torch.Tensor | None = None) -> Partial:
+    """Exact attention of query [P, H, G, d] over keys/values [H, T, d] (or [P, H, T, d]),
+    optionally restricted per query row to ``keep`` [P, T]."""
     keys_t = keys.float().transpose(-1, -2)
     if keys.dim() == 3:
         keys_t = keys_t.unsqueeze(0)  # shared by all P queries
     logits = query.float() @ keys_t
-    return masked_partial(logits * scale, values.float().unsqueeze(-3))
+    keep = None if keep is None else keep[:, None, None, :]
+    return masked_partial(logits * scale, values.float().unsqueeze(-3), keep=keep)
 
 
 def cluster_logits(query: torch.Tensor, index: WaveIndex, scale: float) -> torch.Tensor:
@@ -181,11 +184,14 @@ class DecodeResult:
 
 def retroinfer_decode(query: torch.Tensor, index: WaveIndex, steady_keys: torch.Tensor,
                       steady_values: torch.Tensor, budget: DecodeBudget,
-                      scale: float | None = None) -> DecodeResult:
+                      scale: float | None = None,
+                      steady_keep: torch.Tensor | None = None) -> DecodeResult:
     """One decode step: steady zone exact ([H, S, d] or [P, H, S, d]), the index's retrieval
-    and estimation zones, merged by log-sum-exp. query [P, H, G, d]."""
+    and estimation zones, merged by log-sum-exp. query [P, H, G, d]. ``steady_keep`` [P, S]
+    (optional) restricts which steady rows each query sees (teacher-forced decoding of
+    several positions at once: generated tokens are causal among themselves)."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    steady = dense_partial(query, steady_keys, steady_values, scale)
+    steady = dense_partial(query, steady_keys, steady_values, scale, keep=steady_keep)
     parts = index_attention(query, index, budget, scale)
     exact = merge_partials(steady, parts.retrieval)
     merged = merge_partials(exact, parts.estimation)

@@ -83,12 +83,13 @@ def spherical_kmeans(points: torch.Tensor, clusters: int, iterations: int) -> to
 
 
 def build_wave_index(keys: torch.Tensor, values: torch.Tensor,
-                     config: WaveIndexConfig = WaveIndexConfig()) -> WaveIndex:
+                     config: WaveIndexConfig | None = None) -> WaveIndex:
     """Index the middle of one layer's prompt KV.
 
     keys, values: [T, H, d] post-RoPE, any float dtype (what the cache holds).
     The steady zone (first ``sink_tokens``, last ``recent_tokens``) is not indexed.
     """
+    config = config or WaveIndexConfig()
     total = keys.shape[0]
     start, stop = config.sink_tokens, total - config.recent_tokens
     if stop - start < 1:
