@@ -78,8 +78,30 @@ def masked_partial(logits: torch.Tensor, values: torch.Tensor,
     lse = torch.logsumexp(weighted, dim=-1)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     probs = torch.exp(weighted - safe.unsqueeze(-1))
-    out = (probs.unsqueeze(-2) @ values.float()).squeeze(-2)
-    return Partial(out=out, lse=lse)
+    return Partial(out=weighted_sum(probs, values.float()), lse=lse)
+
+
+def weighted_sum(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``sum_n probs[..., n] * values[..., n, :]`` -> [..., d], where ``values``' leading
+    dims broadcast against ``probs``'. Dims along which values are shared are folded into
+    the matmul's row dim: a broadcasting matmul would materialise the expanded values
+    (gigabytes for 512 decode rows x 7K keys)."""
+    batch = probs.shape[:-1]
+    tokens, dim = values.shape[-2:]
+    value_batch = (1,) * (len(batch) - (values.dim() - 2)) + tuple(values.shape[:-2])
+    shared = [i for i, (p, v) in enumerate(zip(batch, value_batch, strict=True))
+              if v == 1 and p != 1]
+    kept = [i for i in range(len(batch)) if i not in shared]
+    kept_shape = [batch[i] for i in kept]
+    shared_shape = [batch[i] for i in shared]
+    rows = probs.permute(*kept, *shared, len(batch)).reshape(*kept_shape, -1, tokens)
+    table = values.reshape(*value_batch, tokens, dim)
+    table = table.reshape(*[value_batch[i] for i in kept], tokens, dim)
+    out = (rows @ table).reshape(*kept_shape, *shared_shape, dim)
+    inverse = [0] * len(batch)
+    for position, axis in enumerate(kept + shared):
+        inverse[axis] = position
+    return out.permute(*inverse, len(batch))
 
 
 def dense_partial(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -62,7 +62,7 @@ class ClusterBatch:
 
 @dataclass
 class _HeadCache:
-    lru: OrderedDict[int, torch.Tensor] = field(default_factory=OrderedDict)  # id -> rows
+    lru: OrderedDict[int, list[int]] = field(default_factory=OrderedDict)  # id -> pages
     free_pages: list[int] = field(default_factory=list)
 
 
@@ -102,57 +102,60 @@ class WaveBuffer:
     def gather(self, cluster_ids: torch.Tensor) -> ClusterBatch:
         """Rows of clusters ``cluster_ids`` [H, n] (distinct per head) on the device."""
         ids = cluster_ids.to("cpu").tolist()
-        sizes = (self.offsets[:, 1:] - self.offsets[:, :-1]).tolist()
         heads, rows_per_head = len(ids), self.host_keys.shape[1]
-        width = max(sum(sizes[h][c] for c in ids[h]) for h in range(heads))
-        width = max(width, 1)
+        counts = torch.tensor(ids).reshape(heads, -1)
+        sizes = (self.offsets[:, 1:] - self.offsets[:, :-1]).gather(1, counts)  # [H, n]
+        ends = sizes.cumsum(1)
+        width = max(int(ends[:, -1].max()) if ends.numel() else 0, 1)
+        ranges = torch.stack([ends - sizes, ends], dim=-1).to(torch.int32)
+        starts_list, sizes_list = (ends - sizes).tolist(), sizes.tolist()
         cache_rows = self.cache_keys.shape[1]
-        ranges = torch.zeros(heads, len(ids[0]), 2, dtype=torch.int32)
-        hit_src, hit_dst, miss_src, miss_dst = [], [], [], []
+        # Per-row copy plans as (first source row, count, first destination row) runs.
+        hit_runs: list[tuple[int, int, int]] = []
+        miss_runs: list[tuple[int, int, int]] = []
         missed: list[list[tuple[int, int, int]]] = []  # per head: (cluster, start, size)
         for h, head_ids in enumerate(ids):
-            cache, start, head_missed = self.heads[h], 0, []
+            cache, head_missed = self.heads[h], []
             for slot, cluster in enumerate(head_ids):
-                size = sizes[h][cluster]
-                ranges[h, slot, 0], ranges[h, slot, 1] = start, start + size
-                dst = torch.arange(start, start + size) + h * width
-                if cluster in cache.lru:
+                size, start = sizes_list[h][slot], starts_list[h][slot] + h * width
+                pages = cache.lru.get(cluster)
+                if pages is not None:
                     cache.lru.move_to_end(cluster)
-                    hit_src.append(cache.lru[cluster] + h * cache_rows)
-                    hit_dst.append(dst)
+                    for number, page in enumerate(pages):
+                        count = min(self.page_tokens, size - number * self.page_tokens)
+                        hit_runs.append((h * cache_rows + page * self.page_tokens, count,
+                                         start + number * self.page_tokens))
                     self.stats.cluster_hits += 1
                     self.stats.rows_hit += size
                 else:
-                    first = int(self.offsets[h, cluster])
-                    miss_src.append(torch.arange(first, first + size) + h * rows_per_head)
-                    miss_dst.append(dst)
-                    head_missed.append((cluster, start, size))
+                    first = int(self.offsets[h, cluster]) + h * rows_per_head
+                    miss_runs.append((first, size, start))
+                    head_missed.append((cluster, start - h * width, size))
                     self.stats.cluster_misses += 1
                     self.stats.rows_missed += size
-                start += size
             missed.append(head_missed)
         dim = self.host_keys.shape[-1]
         keys = torch.empty(heads * width, dim, dtype=self.cache_keys.dtype, device=self.device)
         values = torch.empty_like(keys)
-        if hit_src:
-            src = torch.cat(hit_src).to(self.device)
-            dst = torch.cat(hit_dst).to(self.device)
-            keys.index_copy_(0, dst, self.cache_keys.reshape(-1, dim).index_select(0, src))
-            values.index_copy_(0, dst, self.cache_values.reshape(-1, dim).index_select(0, src))
-        ready = self._copy_misses(miss_src, miss_dst, keys, values)
+        if hit_runs:
+            src, dst = _expand_runs(hit_runs)
+            src, dst = src.to(self.device), dst.to(self.device)
+            keys.index_copy_(0, dst, self.cache_keys.view(-1, dim).index_select(0, src))
+            values.index_copy_(0, dst, self.cache_values.view(-1, dim).index_select(0, src))
+        ready = self._copy_misses(miss_runs, keys, values)
         batch = ClusterBatch(keys=keys.view(heads, width, dim),
                              values=values.view(heads, width, dim),
-                             lengths=ranges[:, -1, 1].clone() if ranges.shape[1] else
+                             lengths=ends[:, -1].to(torch.int32) if ends.numel() else
                              torch.zeros(heads, dtype=torch.int32),
                              ranges=ranges.to(self.device), ready=ready)
         self._admit(missed, batch, ids)
         return batch
 
-    def _copy_misses(self, miss_src: list[torch.Tensor], miss_dst: list[torch.Tensor],
-                     keys: torch.Tensor, values: torch.Tensor) -> torch.cuda.Event | None:
-        if not miss_src:
+    def _copy_misses(self, miss_runs: list[tuple[int, int, int]], keys: torch.Tensor,
+                     values: torch.Tensor) -> torch.cuda.Event | None:
+        if not miss_runs:
             return None
-        src, dst = torch.cat(miss_src), torch.cat(miss_dst)
+        src, dst = _expand_runs(miss_runs)
         dim = self.host_keys.shape[-1]
         staged_k = self.host_keys.view(-1, dim).index_select(0, src)
         staged_v = self.host_values.view(-1, dim).index_select(0, src)
@@ -166,7 +169,7 @@ class WaveBuffer:
         staged_k, staged_v = staged_k.pin_memory(), staged_v.pin_memory()
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            dst_device = dst.to(self.device, non_blocking=True)
+            dst_device = dst.pin_memory().to(self.device, non_blocking=True)
             keys.index_copy_(0, dst_device, staged_k.to(self.device, non_blocking=True))
             values.index_copy_(0, dst_device, staged_v.to(self.device, non_blocking=True))
             ready = torch.cuda.Event()
@@ -177,9 +180,9 @@ class WaveBuffer:
 
     def _admit(self, missed: list[list[tuple[int, int, int]]], batch: ClusterBatch,
                ids: list[list[int]]) -> None:
-        """Copy this step's missed clusters into the cache, evicting LRU clusters that this
-        step did not use."""
-        src_rows, dst_rows = [], []
+        """Copy this step's missed clusters into the cache, evicting least recently used
+        clusters that this step did not use."""
+        runs: list[tuple[int, int, int]] = []  # (execution-buffer row, count, cache row)
         width = batch.keys.shape[1]
         cache_rows = self.cache_keys.shape[1]
         for h, head_missed in enumerate(missed):
@@ -189,38 +192,52 @@ class WaveBuffer:
                 if pages > self.capacity_pages:
                     self.stats.not_admitted += 1
                     continue
-                victims = [c for c in cache.lru if c not in in_use]
-                while len(cache.free_pages) < pages and victims:
-                    victim = victims.pop(0)
-                    rows = cache.lru.pop(victim)
-                    cache.free_pages.extend(sorted({int(r) // self.page_tokens
-                                                    for r in rows}))
+                # Clusters used this step were moved to the back (hits) or are not cached
+                # yet (misses), so the front holds the least recently used evictable ones.
+                while len(cache.free_pages) < pages and cache.lru:
+                    victim = next(iter(cache.lru))
+                    if victim in in_use:
+                        break
+                    cache.free_pages.extend(cache.lru.pop(victim))
                     self.stats.evictions += 1
                 if len(cache.free_pages) < pages:
                     self.stats.not_admitted += 1
                     continue
-                taken = [cache.free_pages.pop(0) for _ in range(pages)]
-                rows = torch.cat([torch.arange(p * self.page_tokens, (p + 1) * self.page_tokens)
-                                  for p in taken])[:size]
-                cache.lru[cluster] = rows
-                src_rows.append(torch.arange(start, start + size) + h * width)
-                dst_rows.append(rows + h * cache_rows)
-        if not src_rows:
+                taken = [cache.free_pages.pop() for _ in range(pages)]
+                cache.lru[cluster] = taken
+                for number, page in enumerate(taken):
+                    count = min(self.page_tokens, size - number * self.page_tokens)
+                    runs.append((h * width + start + number * self.page_tokens, count,
+                                 h * cache_rows + page * self.page_tokens))
+        if not runs:
             return
-        src = torch.cat(src_rows).to(self.device)
-        dst = torch.cat(dst_rows).to(self.device)
+        src, dst = _expand_runs(runs)
+        src, dst = src.to(self.device), dst.to(self.device)
         dim = self.cache_keys.shape[-1]
         # Admission reads the execution buffer, so it must follow the miss copies.
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
-            context = torch.cuda.stream(self.stream)
+            with torch.cuda.stream(self.stream):
+                self._copy_rows(batch, src, dst, dim)
+                batch.ready = torch.cuda.Event()
+                batch.ready.record(self.stream)
         else:
-            context = torch.no_grad()
-        with context:
-            self.cache_keys.view(-1, dim).index_copy_(
-                0, dst, batch.keys.reshape(-1, dim).index_select(0, src))
-            self.cache_values.view(-1, dim).index_copy_(
-                0, dst, batch.values.reshape(-1, dim).index_select(0, src))
-        if self.stream is not None:
-            batch.ready = torch.cuda.Event()
-            batch.ready.record(self.stream)
+            self._copy_rows(batch, src, dst, dim)
+
+    def _copy_rows(self, batch: ClusterBatch, src: torch.Tensor, dst: torch.Tensor,
+                   dim: int) -> None:
+        self.cache_keys.view(-1, dim).index_copy_(
+            0, dst, batch.keys.reshape(-1, dim).index_select(0, src))
+        self.cache_values.view(-1, dim).index_copy_(
+            0, dst, batch.values.reshape(-1, dim).index_select(0, src))
+
+
+def _expand_runs(runs: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices of runs (source start, count, destination start): two int64 tensors."""
+    table = torch.tensor(runs, dtype=torch.int64)
+    counts = table[:, 1]
+    total = int(counts.sum())
+    run_start = counts.cumsum(0) - counts
+    within = torch.arange(total) - torch.repeat_interleave(run_start, counts)
+    return (torch.repeat_interleave(table[:, 0], counts) + within,
+            torch.repeat_interleave(table[:, 2], counts) + within)

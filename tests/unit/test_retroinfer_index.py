@@ -154,3 +154,15 @@ def test_merge_of_split_subsets_equals_attention_over_their_union():
     merged = merge_partials(*parts, empty)
     torch.testing.assert_close(merged.out, whole.out)
     torch.testing.assert_close(merged.lse, whole.lse)
+
+
+@pytest.mark.parametrize("value_shape", [(1, 3, 1, 7, 5), (4, 3, 1, 7, 5), (3, 1, 7, 5),
+                                         (1, 1, 2, 7, 5)])
+def test_weighted_sum_equals_broadcast_matmul(value_shape):
+    from kv_manager.retroinfer.attention import weighted_sum
+
+    generator = torch.Generator().manual_seed(13)
+    probs = torch.rand(4, 3, 2, 7, generator=generator)
+    values = torch.randn(*value_shape, generator=generator)
+    expected = (probs.unsqueeze(-2) @ values).squeeze(-2)
+    torch.testing.assert_close(weighted_sum(probs, values), expected)
