@@ -158,12 +158,21 @@ def _merge_kernel(part_out, part_lse, out, S, G, HEAD_DIM: tl.constexpr,
     tl.store(out + (row * G + head) * HEAD_DIM + dims, merged)
 
 
+def _require_contiguous(**tensors: torch.Tensor) -> None:
+    # The kernels index rows with plain strides; a silent .contiguous() would hide a copy
+    # of a gigabyte-sized cache in every step, so refuse instead.
+    for name, tensor in tensors.items():
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+
+
 def _block_g(groups: int) -> int:
     return max(16, triton.next_power_of_2(groups))  # tl.dot needs >= 16 rows
 
 
 def centroid_logits(query: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor,
                     scale: float, block_c: int = 64) -> torch.Tensor:
+    _require_contiguous(query=query, centroids=centroids, sizes=sizes)
     rows, groups, dim = query.shape
     clusters = centroids.shape[1]
     out = torch.empty(rows, groups, clusters, dtype=torch.float32, device=query.device)
@@ -186,6 +195,7 @@ def ranges_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
                      split_offset: int = 0, block_n: int = 16) -> tuple[torch.Tensor,
                                                                         torch.Tensor]:
     """Fill ``splits`` partials (from ``split_offset``) with attention over ``ranges``."""
+    _require_contiguous(query=query, keys=keys, values=values, ranges=ranges)
     rows, groups, dim = query.shape
     part_out, part_lse = partials or new_partials(rows, splits, groups, dim, query.device)
     n_ranges = ranges.shape[1]
@@ -201,6 +211,7 @@ def estimation(logits: torch.Tensor, value_sums: torch.Tensor, sizes: torch.Tens
                cluster_ids: torch.Tensor, splits: int,
                partials: tuple[torch.Tensor, torch.Tensor] | None = None,
                split_offset: int = 0, block_e: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    _require_contiguous(logits=logits, value_sums=value_sums, sizes=sizes)
     rows, groups, clusters = logits.shape
     dim = value_sums.shape[-1]
     part_out, part_lse = partials or new_partials(rows, splits, groups, dim, logits.device)
@@ -214,6 +225,7 @@ def estimation(logits: torch.Tensor, value_sums: torch.Tensor, sizes: torch.Tens
 
 
 def merge(part_out: torch.Tensor, part_lse: torch.Tensor) -> torch.Tensor:
+    _require_contiguous(part_out=part_out, part_lse=part_lse)
     rows, splits, groups, dim = part_out.shape
     out = torch.empty(rows, groups, dim, dtype=torch.float32, device=part_out.device)
     _merge_kernel[(rows, groups)](part_out, part_lse, out, splits, groups, HEAD_DIM=dim,
