@@ -20,6 +20,10 @@ class WaveIndexConfig:
     recent_tokens: int = 64
     retrieval_fraction: float = 0.018
     estimation_fraction: float = 0.232
+    # Decode-time update (official code): every this many generated tokens leave the steady
+    # zone and become one new segment of update_clusters clusters.
+    update_tokens: int = 1024
+    update_clusters: int = 64
     # Below this many indexed (middle) tokens the index costs more than it saves: the
     # official code keeps plain attention under 68 + 1024 prompt tokens.
     min_indexed_tokens: int = 1024

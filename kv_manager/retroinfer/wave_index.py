@@ -82,6 +82,57 @@ def spherical_kmeans(points: torch.Tensor, clusters: int, iterations: int) -> to
     return (unit @ centroids.transpose(1, 2)).argmax(dim=-1)
 
 
+def _cluster_segment(keys: torch.Tensor, values: torch.Tensor, assign: torch.Tensor,
+                     num_clusters: int, first_position: int) -> WaveIndex:
+    """Summaries and the cluster-contiguous layout of keys/values [H, N, d] given each
+    token's cluster ``assign`` [H, N]; positions start at ``first_position``."""
+    heads, _, dim = keys.shape
+    order = torch.argsort(assign, dim=1, stable=True)
+    sorted_assign = assign.gather(1, order)
+    sizes = torch.zeros(heads, num_clusters, dtype=torch.int64, device=keys.device)
+    sizes.scatter_add_(1, assign, torch.ones_like(assign))
+    offsets = torch.nn.functional.pad(sizes.cumsum(dim=1), (1, 0))
+    gather = order.unsqueeze(-1).expand(-1, -1, dim)
+    sorted_keys = keys.gather(1, gather)
+    sorted_values = values.gather(1, gather)
+    index = sorted_assign.unsqueeze(-1).expand(-1, -1, dim)
+    key_sums = torch.zeros(heads, num_clusters, dim, device=keys.device).scatter_add_(
+        1, index, sorted_keys.float())
+    value_sums = torch.zeros_like(key_sums).scatter_add_(1, index, sorted_values.float())
+    centroids = key_sums / sizes.clamp(min=1).unsqueeze(-1)
+    distances = (sorted_keys.float() - centroids.gather(1, index)).norm(dim=-1)
+    radii = torch.zeros(heads, num_clusters, device=keys.device).scatter_reduce_(
+        1, sorted_assign, distances, reduce="amax", include_self=True)
+    return WaveIndex(centroids=centroids, value_sums=value_sums, sizes=sizes, radii=radii,
+                     offsets=offsets, positions=order + first_position,
+                     keys=sorted_keys.contiguous(), values=sorted_values.contiguous(),
+                     first_position=first_position)
+
+
+def extend_wave_index(index: WaveIndex, keys: torch.Tensor, values: torch.Tensor,
+                      first_position: int, config: WaveIndexConfig | None = None) -> WaveIndex:
+    """Decode-time update: tokens [T, H, d] that leave the steady zone (generated tokens,
+    ``first_position`` onwards) become one new segment of ``update_clusters`` clusters,
+    appended after the existing ones (existing clusters are untouched)."""
+    config = config or WaveIndexConfig()
+    new_keys, new_values = keys.transpose(0, 1), values.transpose(0, 1)
+    raw = new_keys.float()
+    clusters = min(config.update_clusters, raw.shape[1])
+    assign = spherical_kmeans(raw - raw.mean(dim=1, keepdim=True), clusters,
+                              config.kmeans_iterations)
+    part = _cluster_segment(new_keys, new_values, assign, clusters, first_position)
+    return WaveIndex(
+        centroids=torch.cat([index.centroids, part.centroids], dim=1),
+        value_sums=torch.cat([index.value_sums, part.value_sums], dim=1),
+        sizes=torch.cat([index.sizes, part.sizes], dim=1),
+        radii=torch.cat([index.radii, part.radii], dim=1),
+        offsets=torch.cat([index.offsets, part.offsets[:, 1:] + index.offsets[:, -1:]], dim=1),
+        positions=torch.cat([index.positions, part.positions], dim=1),
+        keys=torch.cat([index.keys, part.keys], dim=1),
+        values=torch.cat([index.values, part.values], dim=1),
+        first_position=index.first_position)
+
+
 def build_wave_index(keys: torch.Tensor, values: torch.Tensor,
                      config: WaveIndexConfig | None = None) -> WaveIndex:
     """Index the middle of one layer's prompt KV.
@@ -96,7 +147,6 @@ def build_wave_index(keys: torch.Tensor, values: torch.Tensor,
         raise ValueError(f"{total} tokens leave nothing to index")
     mid_keys = keys[start:stop].transpose(0, 1)  # [H, N, d]
     mid_values = values[start:stop].transpose(0, 1)
-    heads, _, dim = mid_keys.shape
     raw = mid_keys.float()
     # Centring by the head's mean key: keys share a large common component, which would
     # otherwise dominate every cosine and make spherical clusters meaningless.
@@ -111,23 +161,4 @@ def build_wave_index(keys: torch.Tensor, values: torch.Tensor,
         first_cluster += clusters
         segment_start += length
     assign = torch.cat(assign_parts, dim=1)  # [H, N]
-    num_clusters = first_cluster
-    order = torch.argsort(assign, dim=1, stable=True)
-    sorted_assign = assign.gather(1, order)
-    sizes = torch.zeros(heads, num_clusters, dtype=torch.int64, device=keys.device)
-    sizes.scatter_add_(1, assign, torch.ones_like(assign))
-    offsets = torch.nn.functional.pad(sizes.cumsum(dim=1), (1, 0))
-    gather = order.unsqueeze(-1).expand(-1, -1, dim)
-    sorted_keys = mid_keys.gather(1, gather)
-    sorted_values = mid_values.gather(1, gather)
-    index = sorted_assign.unsqueeze(-1).expand(-1, -1, dim)
-    key_sums = torch.zeros(heads, num_clusters, dim, device=keys.device).scatter_add_(
-        1, index, sorted_keys.float())
-    value_sums = torch.zeros_like(key_sums).scatter_add_(1, index, sorted_values.float())
-    centroids = key_sums / sizes.clamp(min=1).unsqueeze(-1)
-    distances = (sorted_keys.float() - centroids.gather(1, index)).norm(dim=-1)
-    radii = torch.zeros(heads, num_clusters, device=keys.device).scatter_reduce_(
-        1, sorted_assign, distances, reduce="amax", include_self=True)
-    return WaveIndex(centroids=centroids, value_sums=value_sums, sizes=sizes, radii=radii,
-                     offsets=offsets, positions=order + start, keys=sorted_keys.contiguous(),
-                     values=sorted_values.contiguous(), first_position=start)
+    return _cluster_segment(mid_keys, mid_values, assign, first_cluster, start)
