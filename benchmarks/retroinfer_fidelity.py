@@ -1,7 +1,7 @@
 """RetroInfer fidelity on real SmolLM2-135M keys and queries (plain torch, HF fp32, CPU).
 
 Per document: a dense prefill of the first P tokens (HF cache), a wave index per layer built
-from that prefill's keys (kv_manager/retroinfer/wave_index.py), then the last M tokens run
+from that prefill's keys (kv_manager/retroinfer/wave_index.py), then the last M tokens (default 128) run
 teacher-forced as decode steps (one forward over them with the prefill cache): every decode
 query sees the steady zone exactly (sink 4, the last 64 prompt tokens, and the decoded tokens
 before it, causally) and the index through tripartite attention
@@ -228,8 +228,8 @@ def run_document(model, ids: torch.Tensor, decode_rows: int, config: WaveIndexCo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--decode-rows", type=int, default=512)
-    parser.add_argument("--bucket", type=int, default=128)
+    parser.add_argument("--decode-rows", type=int, default=128)
+    parser.add_argument("--bucket", type=int, default=32)
     parser.add_argument("--out", default="retroinfer_fidelity")
     parser.add_argument("--plot-only", help="redraw the PNG from this JSON")
     args = parser.parse_args()
