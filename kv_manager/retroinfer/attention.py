@@ -133,6 +133,38 @@ def choose_clusters(logits: torch.Tensor, budget: DecodeBudget
     return chosen[..., : budget.retrieval_clusters], chosen[..., budget.retrieval_clusters:]
 
 
+def retrieved_rows(index: WaveIndex, retrieval_ids: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted-row numbers of the chosen clusters, packed: rows [P, H, L] int64 and a validity
+    mask [P, H, L], L = the most rows any (query, head) chose."""
+    offsets = index.offsets.unsqueeze(0).expand(retrieval_ids.shape[0], -1, -1)
+    starts = offsets.gather(-1, retrieval_ids)
+    sizes = offsets.gather(-1, retrieval_ids + 1) - starts  # [P, H, R]
+    ends = sizes.cumsum(-1)
+    width = max(int(ends[..., -1].max()) if ends.numel() else 0, 1)
+    slots = torch.arange(width, device=sizes.device).expand(*ends.shape[:-1], -1).contiguous()
+    run = torch.searchsorted(ends.contiguous(), slots, right=True)  # which cluster a slot is
+    valid = run < sizes.shape[-1]
+    run = run.clamp(max=sizes.shape[-1] - 1)
+    rows = starts.gather(-1, run) + slots - (ends - sizes).gather(-1, run)
+    return rows.where(valid, torch.zeros_like(rows)), valid
+
+
+def retrieval_partial(query: torch.Tensor, index: WaveIndex, retrieval_ids: torch.Tensor,
+                      scale: float) -> Partial:
+    """Exact attention of query [P, H, G, d] over the rows of the chosen clusters only
+    (gathered, so the cost follows the budget, not the context)."""
+    if retrieval_ids.shape[-1] == index.num_clusters:
+        # Every cluster: all rows, in stored order, shared by the P queries (no gather).
+        return dense_partial(query, index.keys, index.values, scale)
+    rows, valid = retrieved_rows(index, retrieval_ids)
+    heads = torch.arange(index.keys.shape[0], device=rows.device)[None, :, None]
+    keys = index.keys[heads, rows].float()  # [P, H, L, d]
+    values = index.values[heads, rows].float()
+    logits = (query.float() @ keys.transpose(-1, -2)) * scale  # [P, H, G, L]
+    return masked_partial(logits, values.unsqueeze(2), keep=valid.unsqueeze(2))
+
+
 @dataclass
 class IndexAttention:
     """The index's two partials and the bound's ingredients, all [P, H, G]."""
@@ -170,12 +202,7 @@ def index_attention(query: torch.Tensor, index: WaveIndex, budget: DecodeBudget,
     retrieval_ids, estimation_ids = choose_clusters(logits, budget)
     zone = zone_of_clusters(retrieval_ids, estimation_ids, index.num_clusters)
     nonempty = (index.sizes > 0).unsqueeze(0)  # [1, H, C]
-    # Retrieval: exact over the rows of the chosen clusters (reference: mask all rows).
-    row_zone = zone.gather(-1, index.cluster_of_rows().unsqueeze(0).expand(
-        zone.shape[0], -1, -1))  # [P, H, N]
-    row_logits = (query.float() @ index.keys.float().transpose(1, 2).unsqueeze(0)) * scale
-    retrieval = masked_partial(row_logits, index.values.float().unsqueeze(0).unsqueeze(2),
-                               keep=(row_zone == 2).unsqueeze(2))
+    retrieval = retrieval_partial(query, index, retrieval_ids, scale)
     # Estimation: centroid logits with multiplicity |c|; value of an entry = mean value.
     log_size = index.sizes.clamp(min=1).float().log()[None, :, None, :]
     estimated = ((zone == 1) & nonempty).unsqueeze(2)

@@ -166,3 +166,23 @@ def test_weighted_sum_equals_broadcast_matmul(value_shape):
     values = torch.randn(*value_shape, generator=generator)
     expected = (probs.unsqueeze(-2) @ values).squeeze(-2)
     torch.testing.assert_close(weighted_sum(probs, values), expected)
+
+
+def test_gathered_retrieval_equals_attention_over_the_chosen_clusters_rows():
+    from kv_manager.retroinfer.attention import retrieval_partial
+
+    keys, values = _kv(1400, seed=14)
+    index = build_wave_index(keys, values, CONFIG)
+    generator = torch.Generator().manual_seed(15)
+    query = torch.randn(3, 2, 2, 32, generator=generator)
+    ids = torch.stack([torch.stack([torch.randperm(index.num_clusters, generator=generator)[:9]
+                                    for _ in range(2)]) for _ in range(3)])  # [P, H, 9]
+    got = retrieval_partial(query, index, ids, 0.2)
+    owner = index.cluster_of_rows()
+    for p in range(3):
+        for h in range(2):
+            rows = torch.isin(owner[h], ids[p, h])
+            expected = dense_partial(query[p:p + 1, h:h + 1], index.keys[h:h + 1, rows],
+                                     index.values[h:h + 1, rows], 0.2)
+            torch.testing.assert_close(got.out[p, h], expected.out[0, 0])
+            torch.testing.assert_close(got.lse[p, h], expected.lse[0, 0])
