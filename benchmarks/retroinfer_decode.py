@@ -117,7 +117,7 @@ def random_kv(tokens: int, device: torch.device, seed: int) -> tuple[torch.Tenso
     shape = (tokens, KV_HEADS, HEAD_DIM)
     # A shared offset per head, like real keys; clusters then differ in size as they do.
     offset = torch.randn(1, KV_HEADS, HEAD_DIM, generator=generator, device=device)
-    keys = (torch.randn(shape, generator=generator, device=device) + 2 * offset)
+    keys = torch.randn(shape, generator=generator, device=device) + 2 * offset
     values = torch.randn(shape, generator=generator, device=device)
     return keys.to(DTYPE["value"]), values.to(DTYPE["value"])
 
@@ -125,8 +125,9 @@ def random_kv(tokens: int, device: torch.device, seed: int) -> tuple[torch.Tenso
 class Layout:
     """Device tensors of one context's index, tiled over a batch: rows R = B x 8."""
 
-    def __init__(self, index: WaveIndex, steady_keys: torch.Tensor,
-                 steady_values: torch.Tensor, batch: int) -> None:
+    def __init__(
+        self, index: WaveIndex, steady_keys: torch.Tensor, steady_values: torch.Tensor, batch: int
+    ) -> None:
         def tile(t: torch.Tensor) -> torch.Tensor:
             return t.repeat(batch, *([1] * (t.dim() - 1))).contiguous()
 
@@ -139,9 +140,15 @@ class Layout:
         self.value_sums = tile(index.value_sums)  # float32: sums of ~16 values
         self.sizes = tile(index.sizes.to(torch.int32))
         self.offsets = tile(index.offsets.to(torch.int32))
-        self.steady_ranges = torch.tensor([[self.indexed, self.indexed + self.steady]],
-                                          dtype=torch.int32, device=self.keys.device
-                                          ).expand(self.rows, 1, 2).contiguous()
+        self.steady_ranges = (
+            torch.tensor(
+                [[self.indexed, self.indexed + self.steady]],
+                dtype=torch.int32,
+                device=self.keys.device,
+            )
+            .expand(self.rows, 1, 2)
+            .contiguous()
+        )
 
     @property
     def rows(self) -> int:
@@ -163,8 +170,16 @@ def dense_step(layout: Layout, query: torch.Tensor) -> Callable[[], torch.Tensor
 
 
 def retro_args(layout: Layout, query: torch.Tensor) -> list[torch.Tensor]:
-    return [query, layout.centroids, layout.value_sums, layout.sizes, layout.offsets,
-            layout.keys, layout.values, layout.steady_ranges]
+    return [
+        query,
+        layout.centroids,
+        layout.value_sums,
+        layout.sizes,
+        layout.offsets,
+        layout.keys,
+        layout.values,
+        layout.steady_ranges,
+    ]
 
 
 def splits_for(rows: int, work_items: int, sms: int) -> int:
@@ -177,8 +192,12 @@ def retro_bytes(layout: Layout, budget: DecodeBudget, exact_rows: float) -> floa
     zone, the estimated clusters' value sums (fp32) and logits."""
     d = HEAD_DIM
     clusters = layout.centroids.shape[1]
-    per_row = (clusters * d * 2 + (exact_rows + layout.steady) * d * 2 * 2
-               + budget.estimation_clusters * d * 4 + clusters * GROUP * 4)
+    per_row = (
+        clusters * d * 2
+        + (exact_rows + layout.steady) * d * 2 * 2
+        + budget.estimation_clusters * d * 4
+        + clusters * GROUP * 4
+    )
     return layout.rows * per_row
 
 
@@ -197,8 +216,9 @@ class QuestPages:
         """[R, count] page ids: Quest's upper bound sum_i max(q_i lo_i, q_i hi_i), summed
         over the GQA group."""
         q = query.to(self.low.dtype)
-        bound = (q.clamp(min=0) @ self.high.transpose(1, 2)
-                 + q.clamp(max=0) @ self.low.transpose(1, 2))
+        bound = q.clamp(min=0) @ self.high.transpose(1, 2) + q.clamp(max=0) @ self.low.transpose(
+            1, 2
+        )
         return bound.float().sum(dim=1).topk(count, dim=-1).indices
 
     def ranges(self, page_ids: torch.Tensor) -> torch.Tensor:
@@ -206,39 +226,58 @@ class QuestPages:
         return torch.stack([start, start + QUEST_PAGE], dim=-1).to(torch.int32)
 
 
-def gpu_resident(layout: Layout, budget: DecodeBudget, args: argparse.Namespace,
-                 device: torch.device, sms: int) -> dict[str, Any]:
+def gpu_resident(
+    layout: Layout, budget: DecodeBudget, args: argparse.Namespace, device: torch.device, sms: int
+) -> dict[str, Any]:
     generator = torch.Generator(device=device).manual_seed(1)
-    query = torch.randn(layout.rows, GROUP, HEAD_DIM, generator=generator, device=device
-                        ).to(DTYPE["value"])
-    scale = HEAD_DIM ** -0.5
+    query = torch.randn(layout.rows, GROUP, HEAD_DIM, generator=generator, device=device).to(
+        DTYPE["value"]
+    )
+    scale = HEAD_DIM**-0.5
     rows = layout.rows
     r_splits = splits_for(rows, budget.retrieval_clusters + 1, sms)
     e_splits = splits_for(rows, max(budget.estimation_clusters // 32, 1), sms)
     call_args = retro_args(layout, query)
 
     def retro() -> torch.Tensor:
-        return tri.decode_step(*call_args, budget.retrieval_clusters,
-                               budget.estimation_clusters, scale, r_splits, e_splits)
+        return tri.decode_step(
+            *call_args,
+            budget.retrieval_clusters,
+            budget.estimation_clusters,
+            scale,
+            r_splits,
+            e_splits,
+        )
 
     logits = tri.centroid_logits(query, layout.centroids, layout.sizes, scale)
-    r_ids, e_ids = ref.choose_clusters_ref(logits, budget.retrieval_clusters,
-                                           budget.estimation_clusters)
+    r_ids, e_ids = ref.choose_clusters_ref(
+        logits, budget.retrieval_clusters, budget.estimation_clusters
+    )
     ranges = ref.cluster_ranges(layout.offsets, r_ids, layout.steady_ranges)
-    exact_rows = float((ranges[..., 1] - ranges[..., 0]).sum(dim=1).float().mean()) \
-        - layout.steady
+    exact_rows = float((ranges[..., 1] - ranges[..., 0]).sum(dim=1).float().mean()) - layout.steady
     partials = tri.new_partials(rows, r_splits + e_splits, GROUP, HEAD_DIM, device)
     stages = {
-        "centroid_logits": lambda: tri.centroid_logits(query, layout.centroids, layout.sizes,
-                                                       scale),
+        "centroid_logits": lambda: tri.centroid_logits(
+            query, layout.centroids, layout.sizes, scale
+        ),
         "choose (softmax+topk, torch)": lambda: ref.choose_clusters_ref(
-            logits, budget.retrieval_clusters, budget.estimation_clusters),
-        "ranges (torch gather)": lambda: ref.cluster_ranges(layout.offsets, r_ids,
-                                                            layout.steady_ranges),
-        "ranges_attention": lambda: tri.ranges_attention(query, layout.keys, layout.values,
-                                                         ranges, scale, r_splits, partials),
-        "estimation": lambda: tri.estimation(logits, layout.value_sums, layout.sizes, e_ids,
-                                             e_splits, partials, split_offset=r_splits),
+            logits, budget.retrieval_clusters, budget.estimation_clusters
+        ),
+        "ranges (torch gather)": lambda: ref.cluster_ranges(
+            layout.offsets, r_ids, layout.steady_ranges
+        ),
+        "ranges_attention": lambda: tri.ranges_attention(
+            query, layout.keys, layout.values, ranges, scale, r_splits, partials
+        ),
+        "estimation": lambda: tri.estimation(
+            logits,
+            layout.value_sums,
+            layout.sizes,
+            e_ids,
+            e_splits,
+            partials,
+            split_offset=r_splits,
+        ),
         "merge": lambda: tri.merge(*partials),
     }
     quest = QuestPages(layout.keys)
@@ -247,82 +286,111 @@ def gpu_resident(layout: Layout, budget: DecodeBudget, args: argparse.Namespace,
     def quest_step() -> torch.Tensor:
         page_ranges = quest.ranges(quest.choose(query, quest_pages))
         q_splits = splits_for(rows, quest_pages, sms)
-        parts = tri.ranges_attention(query, layout.keys, layout.values, page_ranges, scale,
-                                     q_splits)
+        parts = tri.ranges_attention(
+            query, layout.keys, layout.values, page_ranges, scale, q_splits
+        )
         return tri.merge(*parts)
 
     dense = dense_step(layout, query)
     reps = args.reps
     result: dict[str, Any] = {
-        "rows": rows, "clusters": layout.centroids.shape[1],
+        "rows": rows,
+        "clusters": layout.centroids.shape[1],
         "retrieval_clusters": budget.retrieval_clusters,
         "estimation_clusters": budget.estimation_clusters,
-        "exact_rows_mean": round(exact_rows, 1), "steady_rows": layout.steady,
+        "exact_rows_mean": round(exact_rows, 1),
+        "steady_rows": layout.steady,
         "splits": {"retrieval": r_splits, "estimation": e_splits},
         "dense_sdpa": summary(timed(dense, reps, device), layout.kv_bytes()),
-        "retroinfer": summary(timed(retro, reps, device),
-                              retro_bytes(layout, budget, exact_rows)),
-        "quest_top_pages": summary(timed(quest_step, reps, device),
-                                   rows * (2 * quest.pages * HEAD_DIM * 2
-                                           + quest_pages * QUEST_PAGE * HEAD_DIM * 4)),
+        "retroinfer": summary(timed(retro, reps, device), retro_bytes(layout, budget, exact_rows)),
+        "quest_top_pages": summary(
+            timed(quest_step, reps, device),
+            rows * (2 * quest.pages * HEAD_DIM * 2 + quest_pages * QUEST_PAGE * HEAD_DIM * 4),
+        ),
         "quest_pages": quest_pages,
-        "stages_ms": {name: summary(timed(fn, reps, device))["median_ms"]
-                      for name, fn in stages.items()},
+        "stages_ms": {
+            name: summary(timed(fn, reps, device))["median_ms"] for name, fn in stages.items()
+        },
     }
     dense_graph, retro_graph = graphed(dense, device), graphed(retro, device)
     if dense_graph is not None and retro_graph is not None:
-        result["dense_sdpa_graphed"] = summary(timed(dense_graph, reps, device),
-                                               layout.kv_bytes())
-        result["retroinfer_graphed"] = summary(timed(retro_graph, reps, device),
-                                               retro_bytes(layout, budget, exact_rows))
+        result["dense_sdpa_graphed"] = summary(timed(dense_graph, reps, device), layout.kv_bytes())
+        result["retroinfer_graphed"] = summary(
+            timed(retro_graph, reps, device), retro_bytes(layout, budget, exact_rows)
+        )
     for name in ("retroinfer", "retroinfer_graphed", "quest_top_pages"):
         if name in result:
             base = result["dense_sdpa_graphed" if name.endswith("graphed") else "dense_sdpa"]
-            result[name]["speedup_vs_dense"] = round(base["median_ms"]
-                                                     / result[name]["median_ms"], 3)
+            result[name]["speedup_vs_dense"] = round(
+                base["median_ms"] / result[name]["median_ms"], 3
+            )
     return result
 
 
-def check_against_reference(layout: Layout, budget: DecodeBudget,
-                            device: torch.device) -> dict[str, float]:
+def check_against_reference(
+    layout: Layout, budget: DecodeBudget, device: torch.device
+) -> dict[str, float]:
     """Triton step vs torch reference on the first sequence (8 rows), per-row max error."""
     generator = torch.Generator(device=device).manual_seed(2)
     rows = KV_HEADS
-    query = torch.randn(rows, GROUP, HEAD_DIM, generator=generator, device=device
-                        ).to(DTYPE["value"])
-    args = [query, layout.centroids[:rows], layout.value_sums[:rows], layout.sizes[:rows],
-            layout.offsets[:rows], layout.keys[:rows], layout.values[:rows],
-            layout.steady_ranges[:rows]]
-    scale = HEAD_DIM ** -0.5
+    query = torch.randn(rows, GROUP, HEAD_DIM, generator=generator, device=device).to(
+        DTYPE["value"]
+    )
+    args = [
+        query,
+        layout.centroids[:rows],
+        layout.value_sums[:rows],
+        layout.sizes[:rows],
+        layout.offsets[:rows],
+        layout.keys[:rows],
+        layout.values[:rows],
+        layout.steady_ranges[:rows],
+    ]
+    scale = HEAD_DIM**-0.5
     got = tri.decode_step(*args, budget.retrieval_clusters, budget.estimation_clusters, scale)
-    expected = ref.decode_step_ref(*args, budget.retrieval_clusters,
-                                   budget.estimation_clusters, scale)
+    expected = ref.decode_step_ref(
+        *args, budget.retrieval_clusters, budget.estimation_clusters, scale
+    )
     error = (got - expected).abs().amax(-1)
     relative = error / expected.abs().amax(-1).clamp(min=1e-6)
     return {"max_abs_error": float(error.max()), "max_rel_error_per_row": float(relative.max())}
 
 
-def offload_mode(index: WaveIndex, steady_keys: torch.Tensor, steady_values: torch.Tensor,
-                 batch: int, budget: DecodeBudget, args: argparse.Namespace,
-                 device: torch.device, sms: int) -> dict[str, Any]:
+def offload_mode(
+    index: WaveIndex,
+    steady_keys: torch.Tensor,
+    steady_values: torch.Tensor,
+    batch: int,
+    budget: DecodeBudget,
+    args: argparse.Namespace,
+    device: torch.device,
+    sms: int,
+) -> dict[str, Any]:
     """Decode steps with the KV in host memory (see module docstring)."""
     layout = Layout(index, steady_keys, steady_values, batch)
-    rows, scale = layout.rows, HEAD_DIM ** -0.5
-    tiled = WaveIndex(centroids=layout.centroids, value_sums=layout.value_sums,
-                      sizes=layout.sizes, radii=index.radii.repeat(batch, 1),
-                      offsets=layout.offsets.long(),
-                      positions=index.positions.repeat(batch, 1),
-                      keys=layout.keys[:, : layout.indexed],
-                      values=layout.values[:, : layout.indexed],
-                      first_position=index.first_position)
+    rows, scale = layout.rows, HEAD_DIM**-0.5
+    tiled = WaveIndex(
+        centroids=layout.centroids,
+        value_sums=layout.value_sums,
+        sizes=layout.sizes,
+        radii=index.radii.repeat(batch, 1),
+        offsets=layout.offsets.long(),
+        positions=index.positions.repeat(batch, 1),
+        keys=layout.keys[:, : layout.indexed],
+        values=layout.values[:, : layout.indexed],
+        first_position=index.first_position,
+    )
     capacity_pages = math.ceil(args.cache_ratio * layout.indexed / 8)
     buffer = WaveBuffer(tiled, device, capacity_pages=capacity_pages, page_tokens=8)
     # From here on the full KV lives only in host memory (the buffer's pinned copy).
     tiled.keys = tiled.values = torch.empty(0, device=device)
-    steady_k = layout.keys[:, layout.indexed:].contiguous()
-    steady_v = layout.values[:, layout.indexed:].contiguous()
-    steady_range = torch.tensor([[0, layout.steady]], dtype=torch.int32, device=device
-                                ).expand(rows, 1, 2).contiguous()
+    steady_k = layout.keys[:, layout.indexed :].contiguous()
+    steady_v = layout.values[:, layout.indexed :].contiguous()
+    steady_range = (
+        torch.tensor([[0, layout.steady]], dtype=torch.int32, device=device)
+        .expand(rows, 1, 2)
+        .contiguous()
+    )
     host_keys = layout.keys.to("cpu")
     host_values = layout.values.to("cpu")
     if device.type == "cuda":
@@ -339,24 +407,35 @@ def offload_mode(index: WaveIndex, steady_keys: torch.Tensor, steady_values: tor
     def drift() -> torch.Tensor:
         nonlocal query
         noise = torch.randn(query.shape, generator=generator, device=device)
-        query = 0.95 * query + math.sqrt(1 - 0.95 ** 2) * noise
+        query = 0.95 * query + math.sqrt(1 - 0.95**2) * noise
         return query.to(DTYPE["value"])
 
     def retro_offload() -> torch.Tensor:
         q = drift()
         logits = tri.centroid_logits(q, tiled.centroids, tiled.sizes, scale)
-        r_ids, e_ids = ref.choose_clusters_ref(logits, budget.retrieval_clusters,
-                                               budget.estimation_clusters)
+        r_ids, e_ids = ref.choose_clusters_ref(
+            logits, budget.retrieval_clusters, budget.estimation_clusters
+        )
         batch_rows = buffer.gather(r_ids)  # host sync on the ids, misses copy async
         partials = tri.new_partials(rows, r_splits + e_splits + 1, GROUP, HEAD_DIM, device)
         # Overlapped with the copies: steady zone and estimation need no fetched rows.
-        tri.ranges_attention(q, steady_k, steady_v, steady_range, scale, 1, partials,
-                             split_offset=r_splits + e_splits)
-        tri.estimation(logits, tiled.value_sums, tiled.sizes, e_ids, e_splits, partials,
-                       split_offset=r_splits)
+        tri.ranges_attention(
+            q,
+            steady_k,
+            steady_v,
+            steady_range,
+            scale,
+            1,
+            partials,
+            split_offset=r_splits + e_splits,
+        )
+        tri.estimation(
+            logits, tiled.value_sums, tiled.sizes, e_ids, e_splits, partials, split_offset=r_splits
+        )
         batch_rows.wait()
-        tri.ranges_attention(q, batch_rows.keys, batch_rows.values, batch_rows.ranges, scale,
-                             r_splits, partials)
+        tri.ranges_attention(
+            q, batch_rows.keys, batch_rows.values, batch_rows.ranges, scale, r_splits, partials
+        )
         return tri.merge(*partials)
 
     device_keys = torch.empty(host_keys.shape, dtype=host_keys.dtype, device=device)
@@ -369,7 +448,8 @@ def offload_mode(index: WaveIndex, steady_keys: torch.Tensor, steady_values: tor
         return torch.nn.functional.scaled_dot_product_attention(
             q.view(batch, KV_HEADS, GROUP, HEAD_DIM),
             device_keys.view(batch, KV_HEADS, -1, HEAD_DIM),
-            device_values.view(batch, KV_HEADS, -1, HEAD_DIM))
+            device_values.view(batch, KV_HEADS, -1, HEAD_DIM),
+        )
 
     quest_pages = max(1, math.ceil(budget.retrieval_clusters * 16 / QUEST_PAGE) + 4)
     page_rows = torch.arange(QUEST_PAGE)
@@ -385,30 +465,42 @@ def offload_mode(index: WaveIndex, steady_keys: torch.Tensor, steady_values: tor
             k, v = k.pin_memory(), v.pin_memory()
         k = k.to(device, non_blocking=True).view(rows, -1, HEAD_DIM)
         v = v.to(device, non_blocking=True).view(rows, -1, HEAD_DIM)
-        whole = torch.tensor([[0, k.shape[1]]], dtype=torch.int32, device=device
-                             ).expand(rows, 1, 2).contiguous()
-        parts = tri.ranges_attention(q, k, v, whole, scale, splits_for(rows, 8, sms),
-                                     block_n=16)
+        whole = (
+            torch.tensor([[0, k.shape[1]]], dtype=torch.int32, device=device)
+            .expand(rows, 1, 2)
+            .contiguous()
+        )
+        parts = tri.ranges_attention(q, k, v, whole, scale, splits_for(rows, 8, sms), block_n=16)
         return tri.merge(*parts)
 
     steps = args.offload_steps
-    result: dict[str, Any] = {"cache_ratio": args.cache_ratio, "cache_pages": capacity_pages,
-                              "steps": steps}
-    for name, fn, count in (("retroinfer_wave_buffer", retro_offload, steps),
-                            ("copy_whole_kv_then_sdpa", copy_whole, max(5, steps // 4)),
-                            ("quest_pages_from_host", quest_offload, steps)):
-        stats_before = (buffer.stats.cluster_hits, buffer.stats.cluster_misses,
-                        buffer.stats.bytes_host_to_device)
+    result: dict[str, Any] = {
+        "cache_ratio": args.cache_ratio,
+        "cache_pages": capacity_pages,
+        "steps": steps,
+    }
+    for name, fn, count in (
+        ("retroinfer_wave_buffer", retro_offload, steps),
+        ("copy_whole_kv_then_sdpa", copy_whole, max(5, steps // 4)),
+        ("quest_pages_from_host", quest_offload, steps),
+    ):
+        stats_before = (
+            buffer.stats.cluster_hits,
+            buffer.stats.cluster_misses,
+            buffer.stats.bytes_host_to_device,
+        )
         times = timed(fn, count, device)
         row = summary(times)
         row["tokens_per_s_attention_only_32_layers"] = round(
-            batch / (LAYERS * row["median_ms"] / 1e3), 2)
+            batch / (LAYERS * row["median_ms"] / 1e3), 2
+        )
         if name == "retroinfer_wave_buffer":
             hits = buffer.stats.cluster_hits - stats_before[0]
             misses = buffer.stats.cluster_misses - stats_before[1]
             row["cluster_hit_rate"] = round(hits / max(hits + misses, 1), 4)
             row["host_to_device_mb_per_step"] = round(
-                (buffer.stats.bytes_host_to_device - stats_before[2]) / (count + 3) / 1e6, 3)
+                (buffer.stats.bytes_host_to_device - stats_before[2]) / (count + 3) / 1e6, 3
+            )
         result[name] = row
     base = result["retroinfer_wave_buffer"]["median_ms"]
     for name in ("copy_whole_kv_then_sdpa", "quest_pages_from_host"):
@@ -426,8 +518,9 @@ def main() -> None:
     parser.add_argument("--offload-steps", type=int, default=20)
     parser.add_argument("--cache-ratio", type=float, default=0.05)
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--smoke", action="store_true",
-                        help="CPU + TRITON_INTERPRET=1, tiny sizes: code paths only")
+    parser.add_argument(
+        "--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny sizes: code paths only"
+    )
     parser.add_argument("--plot-only", help="draw the PNG from this JSON and stop")
     args = parser.parse_args()
     if args.plot_only:
@@ -443,18 +536,26 @@ def main() -> None:
     if args.reps < 5 and not args.smoke:
         parser.error("--reps must be >= 5")
     device = torch.device("cpu" if args.smoke else "cuda")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if device.type == "cuda" \
-        else 4
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device.type == "cuda" else 4
     config = WaveIndexConfig()
     started = time.perf_counter()
     result: dict[str, Any] = {
-        "script": "benchmarks/retroinfer_decode.py", "date": time.strftime("%Y-%m-%d"),
+        "script": "benchmarks/retroinfer_decode.py",
+        "date": time.strftime("%Y-%m-%d"),
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)",
-        "torch": torch.__version__, "triton": __import__("triton").__version__,
-        "shape": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
-                  "dtype": str(DTYPE["value"]).removeprefix("torch.")},
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "shape": {
+            "q_heads": Q_HEADS,
+            "kv_heads": KV_HEADS,
+            "head_dim": HEAD_DIM,
+            "dtype": str(DTYPE["value"]).removeprefix("torch."),
+        },
         "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
-        "hbm_bytes_per_s": HBM_BYTES_PER_S, "gpu_resident": [], "offload": []}
+        "hbm_bytes_per_s": HBM_BYTES_PER_S,
+        "gpu_resident": [],
+        "offload": [],
+    }
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for context in sorted(set(args.contexts) | set(args.offload_contexts)):
@@ -466,40 +567,61 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         build_s = time.perf_counter() - tick
-        steady_rows = torch.cat([torch.arange(config.sink_tokens),
-                                 torch.arange(context - config.recent_tokens, context)])
+        steady_rows = torch.cat(
+            [
+                torch.arange(config.sink_tokens),
+                torch.arange(context - config.recent_tokens, context),
+            ]
+        )
         steady_k = keys[steady_rows.to(device)].transpose(0, 1).contiguous()
         steady_v = values[steady_rows.to(device)].transpose(0, 1).contiguous()
         del keys, values
         budget = DecodeBudget.default(index.num_clusters, config)
-        print(f"context {context}: index {index.num_clusters} clusters/head built in "
-              f"{build_s:.2f} s; budget {budget}", flush=True)
+        print(
+            f"context {context}: index {index.num_clusters} clusters/head built in "
+            f"{build_s:.2f} s; budget {budget}",
+            flush=True,
+        )
         if context in args.contexts:
             for batch in args.batches:
                 try:
                     layout = Layout(index, steady_k, steady_v, batch)
-                    row = {"context": context, "batch": batch,
-                           "index_build_s_one_sequence": round(build_s, 3)}
+                    row = {
+                        "context": context,
+                        "batch": batch,
+                        "index_build_s_one_sequence": round(build_s, 3),
+                    }
                     row |= gpu_resident(layout, budget, args, device, sms)
                     if batch == args.batches[0]:
-                        row["triton_vs_reference"] = check_against_reference(layout, budget,
-                                                                             device)
+                        row["triton_vs_reference"] = check_against_reference(layout, budget, device)
                 except torch.OutOfMemoryError as error:
                     row = {"context": context, "batch": batch, "skipped": f"OOM: {error}"[:200]}
                 del layout
                 result["gpu_resident"].append(row)
-                print(json.dumps({k: row.get(k) for k in ("context", "batch", "dense_sdpa",
-                                                           "retroinfer", "retroinfer_graphed",
-                                                           "quest_top_pages", "skipped")}),
-                      flush=True)
+                print(
+                    json.dumps(
+                        {
+                            k: row.get(k)
+                            for k in (
+                                "context",
+                                "batch",
+                                "dense_sdpa",
+                                "retroinfer",
+                                "retroinfer_graphed",
+                                "quest_top_pages",
+                                "skipped",
+                            )
+                        }
+                    ),
+                    flush=True,
+                )
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 (out_dir / "retroinfer_decode.json").write_text(json.dumps(result, indent=1))
         if context in args.offload_contexts:
             for batch in args.batches:
                 row = {"context": context, "batch": batch}
-                row |= offload_mode(index, steady_k, steady_v, batch, budget, args, device,
-                                    sms)
+                row |= offload_mode(index, steady_k, steady_v, batch, budget, args, device, sms)
                 result["offload"].append(row)
                 print(json.dumps(row), flush=True)
                 if device.type == "cuda":
@@ -521,9 +643,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     rows = [r for r in result["gpu_resident"] if "skipped" not in r]
     labels = [f"{r['context'] // 1024}K B={r['batch']}" for r in rows]
-    methods = [("dense_sdpa", "dense SDPA"), ("dense_sdpa_graphed", "dense SDPA (graph)"),
-               ("retroinfer", "RetroInfer"), ("retroinfer_graphed", "RetroInfer (graph)"),
-               ("quest_top_pages", "Quest top pages")]
+    methods = [
+        ("dense_sdpa", "dense SDPA"),
+        ("dense_sdpa_graphed", "dense SDPA (graph)"),
+        ("retroinfer", "RetroInfer"),
+        ("retroinfer_graphed", "RetroInfer (graph)"),
+        ("quest_top_pages", "Quest top pages"),
+    ]
     width = 0.8 / len(methods)
     for i, (key, name) in enumerate(methods):
         values = [r.get(key, {}).get("median_ms", float("nan")) for r in rows]
@@ -535,9 +661,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[0].legend(fontsize=8)
     off = result.get("offload", [])
     labels = [f"{r['context'] // 1024}K B={r['batch']}" for r in off]
-    methods = [("retroinfer_wave_buffer", "RetroInfer + wave buffer"),
-               ("copy_whole_kv_then_sdpa", "copy whole KV + SDPA"),
-               ("quest_pages_from_host", "Quest pages from host")]
+    methods = [
+        ("retroinfer_wave_buffer", "RetroInfer + wave buffer"),
+        ("copy_whole_kv_then_sdpa", "copy whole KV + SDPA"),
+        ("quest_pages_from_host", "Quest pages from host"),
+    ]
     width = 0.8 / len(methods)
     for i, (key, name) in enumerate(methods):
         values = [r[key]["tokens_per_s_attention_only_32_layers"] for r in off]
@@ -547,8 +675,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[1].set_ylabel("tokens/s, attention only, 32 layers")
     axes[1].set_title("KV in CPU memory")
     axes[1].legend(fontsize=8)
-    fig.suptitle(f"RetroInfer decode, Llama-3.1-8B shape, {result['device']}, "
-                 f"{result['script']}, {result['date']}")
+    fig.suptitle(
+        f"RetroInfer decode, Llama-3.1-8B shape, {result['device']}, "
+        f"{result['script']}, {result['date']}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -1,8 +1,8 @@
 """RetroInfer fidelity on real SmolLM2-135M keys and queries (plain torch, HF fp32, CPU).
 
 Per document: a dense prefill of the first P tokens (HF cache), a wave index per layer built
-from that prefill's keys (kv_manager/retroinfer/wave_index.py), then the last M tokens (default 128) run
-teacher-forced as decode steps (one forward over them with the prefill cache): every decode
+from that prefill's keys (kv_manager/retroinfer/wave_index.py), then the last M tokens
+(default 128) run teacher-forced as decode steps (one forward over them with the prefill cache): every decode
 query sees the steady zone exactly (sink 4, the last 64 prompt tokens, and the decoded tokens
 before it, causally) and the index through tripartite attention
 (kv_manager/retroinfer/attention.py). This is what serving does for the first M generated
@@ -79,8 +79,13 @@ class Probe:
 PROBE: Probe | None = None
 
 
-def _decode_rows(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                 value: torch.Tensor, scaling: float) -> torch.Tensor | None:
+def _decode_rows(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor | None:
     """Tripartite attention for the M decode rows; returns [1, M, Hq, d] or None (dense)."""
     probe = PROBE
     assert probe is not None
@@ -88,18 +93,24 @@ def _decode_rows(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     _, q_heads, rows, dim = query.shape
     kv_heads = key.shape[1]
     if layer not in probe.indexes:
-        probe.indexes[layer] = build_wave_index(key[0, :, :prefill].transpose(0, 1),
-                                                value[0, :, :prefill].transpose(0, 1), config)
+        probe.indexes[layer] = build_wave_index(
+            key[0, :, :prefill].transpose(0, 1), value[0, :, :prefill].transpose(0, 1), config
+        )
     index = probe.indexes[layer]
     # Query head h*G + g belongs to KV head h (HF repeat_kv order).
     grouped = query[0].reshape(kv_heads, q_heads // kv_heads, rows, dim).permute(2, 0, 1, 3)
-    steady_rows = torch.cat([torch.arange(config.sink_tokens),
-                             torch.arange(prefill - config.recent_tokens, prefill + rows)])
+    steady_rows = torch.cat(
+        [
+            torch.arange(config.sink_tokens),
+            torch.arange(prefill - config.recent_tokens, prefill + rows),
+        ]
+    )
     steady_k, steady_v = key[0][:, steady_rows], value[0][:, steady_rows]
     visible = steady_rows.unsqueeze(0) <= (prefill + torch.arange(rows)).unsqueeze(1)
     if probe.mode != "dense":
-        result = retroinfer_decode(grouped, index, steady_k, steady_v,
-                                   probe.budget(probe.mode, index), scaling, visible)
+        result = retroinfer_decode(
+            grouped, index, steady_k, steady_v, probe.budget(probe.mode, index), scaling, visible
+        )
         return result.out.reshape(rows, q_heads, dim).unsqueeze(0).to(query.dtype)
     causal = torch.arange(key.shape[2]).unsqueeze(0) <= (prefill + torch.arange(rows))[:, None]
     exact = dense_partial(grouped, key[0], value[0], scaling, keep=causal).out
@@ -109,29 +120,44 @@ def _decode_rows(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
         result = retroinfer_decode(grouped, index, steady_k, steady_v, budget, scaling, visible)
         error = (result.out - exact).norm(dim=-1)
         relative = error / exact_norm
-        exact_rows = int(index.sizes.gather(1, result.parts.retrieval_ids.reshape(
-            -1, kv_heads, budget.retrieval_clusters)[0]).sum()) / kv_heads
-        probe.metrics[name].append({
-            "layer": layer,
-            "rel_error_median": float(relative.median()),
-            "rel_error_p90": float(relative.quantile(0.9)),
-            "rel_error_max": float(relative.max()),
-            "bound_held": float((error <= result.output_error_bound * (1 + 1e-4) + 1e-6)
-                                .float().mean()),
-            "bound_informative": float((result.weight_error_bound < 0.1).float().mean()),
-            "weight_bound_median": float(result.weight_error_bound.median()),
-            "retrieved_rows_first_query": exact_rows,
-            "indexed_rows": index.num_tokens,
-            "clusters": index.num_clusters,
-            "retrieval_clusters": budget.retrieval_clusters,
-            "estimation_clusters": budget.estimation_clusters,
-        })
+        exact_rows = (
+            int(
+                index.sizes.gather(
+                    1,
+                    result.parts.retrieval_ids.reshape(-1, kv_heads, budget.retrieval_clusters)[0],
+                ).sum()
+            )
+            / kv_heads
+        )
+        probe.metrics[name].append(
+            {
+                "layer": layer,
+                "rel_error_median": float(relative.median()),
+                "rel_error_p90": float(relative.quantile(0.9)),
+                "rel_error_max": float(relative.max()),
+                "bound_held": float(
+                    (error <= result.output_error_bound * (1 + 1e-4) + 1e-6).float().mean()
+                ),
+                "bound_informative": float((result.weight_error_bound < 0.1).float().mean()),
+                "weight_bound_median": float(result.weight_error_bound.median()),
+                "retrieved_rows_first_query": exact_rows,
+                "indexed_rows": index.num_tokens,
+                "clusters": index.num_clusters,
+                "retrieval_clusters": budget.retrieval_clusters,
+                "estimation_clusters": budget.estimation_clusters,
+            }
+        )
     return None
 
 
-def probe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                    value: torch.Tensor, attention_mask: torch.Tensor | None,
-                    **kwargs: Any) -> tuple[torch.Tensor, None]:
+def probe_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     scaling = kwargs.get("scaling") or module.scaling
@@ -146,8 +172,9 @@ def load_model() -> torch.nn.Module:
     from transformers import AttentionInterface, AutoModelForCausalLM
 
     AttentionInterface.register(ATTENTION_NAME, probe_attention)
-    model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float32,
-                                                 attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(MODEL_DIR), dtype=torch.float32, attn_implementation="sdpa"
+    )
     model.config._attn_implementation = ATTENTION_NAME
     model.eval()
     return model
@@ -158,36 +185,54 @@ def documents(tokenizer) -> dict[str, torch.Tensor]:
         return torch.tensor(tokenizer((LICENSES / name).read_text())["input_ids"][:count])
 
     half = ids("GPL-3", 3584)
-    return {"GPL-3 (7168)": ids("GPL-3", 7168),
-            "repeat: GPL-3 first half x2 (7168)": torch.cat([half, half]),
-            "GPL-2 (4048)": ids("GPL-2", 4048)}
+    return {
+        "GPL-3 (7168)": ids("GPL-3", 7168),
+        "repeat: GPL-3 first half x2 (7168)": torch.cat([half, half]),
+        "GPL-2 (4048)": ids("GPL-2", 4048),
+    }
 
 
 def compare(dense: torch.Tensor, other: torch.Tensor, bucket: int) -> dict[str, Any]:
     kl = (dense.exp() * (dense - other)).sum(-1)
     top1 = (dense.argmax(-1) == other.argmax(-1)).float()
-    return {"kl": round(float(kl.mean()), 5), "kl_max": round(float(kl.max()), 4),
-            "top1": round(float(top1.mean()), 4),
-            "buckets": [{"from": s, "kl": round(float(kl[s: s + bucket].mean()), 5),
-                         "top1": round(float(top1[s: s + bucket].mean()), 4)}
-                        for s in range(0, len(kl), bucket)]}
+    return {
+        "kl": round(float(kl.mean()), 5),
+        "kl_max": round(float(kl.max()), 4),
+        "top1": round(float(top1.mean()), 4),
+        "buckets": [
+            {
+                "from": s,
+                "kl": round(float(kl[s : s + bucket].mean()), 5),
+                "top1": round(float(top1[s : s + bucket].mean()), 4),
+            }
+            for s in range(0, len(kl), bucket)
+        ],
+    }
 
 
 def summarise(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys = ("rel_error_median", "rel_error_p90", "rel_error_max", "bound_held",
-            "bound_informative", "weight_bound_median")
-    out = {f"mean_over_layers_{k}": round(sum(r[k] for r in rows) / len(rows), 6)
-           for k in keys}
+    keys = (
+        "rel_error_median",
+        "rel_error_p90",
+        "rel_error_max",
+        "bound_held",
+        "bound_informative",
+        "weight_bound_median",
+    )
+    out = {f"mean_over_layers_{k}": round(sum(r[k] for r in rows) / len(rows), 6) for k in keys}
     out["worst_layer_rel_error_p90"] = round(max(r["rel_error_p90"] for r in rows), 6)
     out["bound_held_min_over_layers"] = min(r["bound_held"] for r in rows)
     first = rows[0]
-    out |= {k: first[k] for k in ("clusters", "indexed_rows", "retrieval_clusters",
-                                 "estimation_clusters")}
+    out |= {
+        k: first[k]
+        for k in ("clusters", "indexed_rows", "retrieval_clusters", "estimation_clusters")
+    }
     return out
 
 
-def run_document(model, ids: torch.Tensor, decode_rows: int, config: WaveIndexConfig,
-                 bucket: int) -> dict[str, Any]:
+def run_document(
+    model, ids: torch.Tensor, decode_rows: int, config: WaveIndexConfig, bucket: int
+) -> dict[str, Any]:
     global PROBE
     prefill = len(ids) - decode_rows
     started = time.perf_counter()
@@ -201,16 +246,23 @@ def run_document(model, ids: torch.Tensor, decode_rows: int, config: WaveIndexCo
         PROBE.mode = mode
         tick = time.perf_counter()
         with torch.no_grad():
-            out = model(input_ids=ids[None, prefill:], use_cache=True,
-                        past_key_values=copy.deepcopy(prefix.past_key_values))
+            out = model(
+                input_ids=ids[None, prefill:],
+                use_cache=True,
+                past_key_values=copy.deepcopy(prefix.past_key_values),
+            )
         # Next-token distributions after each decode row except the last (no target).
         logprobs[mode] = out.logits[0, :-1].float().log_softmax(-1)
         print(f"  {mode:40s} {time.perf_counter() - tick:5.1f} s", flush=True)
     dense = logprobs["dense"]
-    targets = ids[prefill + 1:]
+    targets = ids[prefill + 1 :]
     nll = -dense.gather(1, targets[:, None]).squeeze(1)
-    result = {"prefill_tokens": prefill, "decode_rows": decode_rows,
-              "dense_perplexity": round(float(nll.mean().exp()), 3), "budgets": {}}
+    result = {
+        "prefill_tokens": prefill,
+        "decode_rows": decode_rows,
+        "dense_perplexity": round(float(nll.mean().exp()), 3),
+        "budgets": {},
+    }
     for name in BUDGETS:
         row = compare(dense, logprobs[name], bucket)
         other_nll = -logprobs[name].gather(1, targets[:, None]).squeeze(1)
@@ -218,10 +270,13 @@ def run_document(model, ids: torch.Tensor, decode_rows: int, config: WaveIndexCo
         row["attention"] = summarise(PROBE.metrics[name])
         row["attention_per_layer"] = PROBE.metrics[name]
         result["budgets"][name] = row
-        print(f"  {name:40s} kl={row['kl']:.4f} top1={row['top1']:.3f} "
-              f"ppl={row['perplexity']:.2f} (dense {result['dense_perplexity']:.2f}) "
-              f"attn rel err median={row['attention']['mean_over_layers_rel_error_median']:.4f}"
-              f" bound held={row['attention']['bound_held_min_over_layers']:.3f}", flush=True)
+        print(
+            f"  {name:40s} kl={row['kl']:.4f} top1={row['top1']:.3f} "
+            f"ppl={row['perplexity']:.2f} (dense {result['dense_perplexity']:.2f}) "
+            f"attn rel err median={row['attention']['mean_over_layers_rel_error_median']:.4f}"
+            f" bound held={row['attention']['bound_held_min_over_layers']:.3f}",
+            flush=True,
+        )
     result["seconds"] = round(time.perf_counter() - started)
     return result
 
@@ -244,14 +299,16 @@ def main() -> None:
     model = load_model()
     docs = documents(AutoTokenizer.from_pretrained(str(MODEL_DIR)))
     result: dict[str, Any] = {
-        "script": "benchmarks/retroinfer_fidelity.py", "date": time.strftime("%Y-%m-%d"),
+        "script": "benchmarks/retroinfer_fidelity.py",
+        "date": time.strftime("%Y-%m-%d"),
         "device": "cpu fp32 (HF transformers, 2 threads)",
         "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
-        "budgets": dict(BUDGETS), "documents": {}}
+        "budgets": dict(BUDGETS),
+        "documents": {},
+    }
     for name, ids in docs.items():
         print(f"{name}: {len(ids)} tokens", flush=True)
-        result["documents"][name] = run_document(model, ids, args.decode_rows, config,
-                                                 args.bucket)
+        result["documents"][name] = run_document(model, ids, args.decode_rows, config, args.bucket)
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
     plot(result, RESULTS / f"{args.out}.png")
@@ -270,14 +327,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
         short = [n.split(" (")[0] for n in names]
         for name in names:
             layers = doc["budgets"][name]["attention_per_layer"]
-            axes[0][col].plot([r["layer"] for r in layers],
-                              [max(r["rel_error_median"], 1e-8) for r in layers],
-                              marker=".", label=name)
+            axes[0][col].plot(
+                [r["layer"] for r in layers],
+                [max(r["rel_error_median"], 1e-8) for r in layers],
+                marker=".",
+                label=name,
+            )
         axes[0][col].set_yscale("log")
         axes[0][col].set_xlabel("layer")
         axes[0][col].set_ylabel("median relative error of attention output")
-        axes[0][col].set_title(f"{doc_name}\nprefill {doc['prefill_tokens']}, "
-                               f"{doc['decode_rows']} decode rows")
+        axes[0][col].set_title(
+            f"{doc_name}\nprefill {doc['prefill_tokens']}, {doc['decode_rows']} decode rows"
+        )
         kl = [max(doc["budgets"][n]["kl"], 1e-7) for n in names]
         top1 = [doc["budgets"][n]["top1"] for n in names]
         x = range(len(names))
@@ -290,8 +351,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         twin.set_ylim(0, 1.05)
         twin.set_ylabel("top-1 agreement (red)")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"RetroInfer fidelity, SmolLM2-135M fp32, {result['script']}, "
-                 f"{result['date']}")
+    fig.suptitle(f"RetroInfer fidelity, SmolLM2-135M fp32, {result['script']}, {result['date']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -64,9 +64,12 @@ def merge_partials(*parts: Partial) -> Partial:
     return Partial(out=out, lse=total)
 
 
-def masked_partial(logits: torch.Tensor, values: torch.Tensor,
-                   keep: torch.Tensor | None = None,
-                   log_weight: torch.Tensor | None = None) -> Partial:
+def masked_partial(
+    logits: torch.Tensor,
+    values: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    log_weight: torch.Tensor | None = None,
+) -> Partial:
     """Softmax over the last dim of ``logits`` [..., N] restricted to ``keep``, each entry
     carrying multiplicity ``exp(log_weight)``; ``values`` [..., N, d] broadcastable."""
     logits = logits.float()
@@ -89,8 +92,9 @@ def weighted_sum(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     batch = probs.shape[:-1]
     tokens, dim = values.shape[-2:]
     value_batch = (1,) * (len(batch) - (values.dim() - 2)) + tuple(values.shape[:-2])
-    shared = [i for i, (p, v) in enumerate(zip(batch, value_batch, strict=True))
-              if v == 1 and p != 1]
+    shared = [
+        i for i, (p, v) in enumerate(zip(batch, value_batch, strict=True)) if v == 1 and p != 1
+    ]
     kept = [i for i in range(len(batch)) if i not in shared]
     kept_shape = [batch[i] for i in kept]
     shared_shape = [batch[i] for i in shared]
@@ -104,8 +108,13 @@ def weighted_sum(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return out.permute(*inverse, len(batch))
 
 
-def dense_partial(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                  scale: float, keep: torch.Tensor | None = None) -> Partial:
+def dense_partial(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    keep: torch.Tensor | None = None,
+) -> Partial:
     """Exact attention of query [P, H, G, d] over keys/values [H, T, d] (or [P, H, T, d]),
     optionally restricted per query row to ``keep`` [P, T]."""
     keys_t = keys.float().transpose(-1, -2)
@@ -122,19 +131,21 @@ def cluster_logits(query: torch.Tensor, index: WaveIndex, scale: float) -> torch
     return logits.masked_fill((index.sizes == 0)[None, :, None, :], NEG_INF)
 
 
-def choose_clusters(logits: torch.Tensor, budget: DecodeBudget
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_clusters(
+    logits: torch.Tensor, budget: DecodeBudget
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Retrieval ids [P, H, R] and estimation ids [P, H, E], best first, from cluster logits
     [P, H, G, C]. Empty clusters (logit -inf) rank last; callers keep the budget within the
     non-empty count or accept that empty clusters contribute nothing."""
     rank = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=2)
     rank = rank.masked_fill(torch.isinf(logits[:, :, 0]), -1.0)
     chosen = rank.topk(budget.retrieval_clusters + budget.estimation_clusters, dim=-1).indices
-    return chosen[..., : budget.retrieval_clusters], chosen[..., budget.retrieval_clusters:]
+    return chosen[..., : budget.retrieval_clusters], chosen[..., budget.retrieval_clusters :]
 
 
-def retrieved_rows(index: WaveIndex, retrieval_ids: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieved_rows(
+    index: WaveIndex, retrieval_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted-row numbers of the chosen clusters, packed: rows [P, H, L] int64 and a validity
     mask [P, H, L], L = the most rows any (query, head) chose."""
     offsets = index.offsets.unsqueeze(0).expand(retrieval_ids.shape[0], -1, -1)
@@ -150,8 +161,9 @@ def retrieved_rows(index: WaveIndex, retrieval_ids: torch.Tensor
     return rows.where(valid, torch.zeros_like(rows)), valid
 
 
-def retrieval_partial(query: torch.Tensor, index: WaveIndex, retrieval_ids: torch.Tensor,
-                      scale: float) -> Partial:
+def retrieval_partial(
+    query: torch.Tensor, index: WaveIndex, retrieval_ids: torch.Tensor, scale: float
+) -> Partial:
     """Exact attention of query [P, H, G, d] over the rows of the chosen clusters only
     (gathered, so the cost follows the budget, not the context)."""
     if retrieval_ids.shape[-1] == index.num_clusters:
@@ -185,18 +197,21 @@ class IndexAttention:
         return (math.log(2.0) + error - low).exp().clamp(max=2.0)
 
 
-def zone_of_clusters(retrieval_ids: torch.Tensor, estimation_ids: torch.Tensor,
-                     clusters: int) -> torch.Tensor:
+def zone_of_clusters(
+    retrieval_ids: torch.Tensor, estimation_ids: torch.Tensor, clusters: int
+) -> torch.Tensor:
     """[P, H, C] int8: 2 retrieval, 1 estimation, 0 skipped."""
-    zone = torch.zeros(*retrieval_ids.shape[:-1], clusters, dtype=torch.int8,
-                       device=retrieval_ids.device)
+    zone = torch.zeros(
+        *retrieval_ids.shape[:-1], clusters, dtype=torch.int8, device=retrieval_ids.device
+    )
     zone.scatter_(-1, estimation_ids, 1)
     zone.scatter_(-1, retrieval_ids, 2)
     return zone
 
 
-def index_attention(query: torch.Tensor, index: WaveIndex, budget: DecodeBudget,
-                    scale: float) -> IndexAttention:
+def index_attention(
+    query: torch.Tensor, index: WaveIndex, budget: DecodeBudget, scale: float
+) -> IndexAttention:
     """Retrieval and estimation partials of query [P, H, G, d] over one layer's index."""
     logits = cluster_logits(query, index, scale)  # [P, H, G, C]
     retrieval_ids, estimation_ids = choose_clusters(logits, budget)
@@ -207,20 +222,27 @@ def index_attention(query: torch.Tensor, index: WaveIndex, budget: DecodeBudget,
     log_size = index.sizes.clamp(min=1).float().log()[None, :, None, :]
     estimated = ((zone == 1) & nonempty).unsqueeze(2)
     mean_values = index.value_sums / index.sizes.clamp(min=1).unsqueeze(-1)
-    estimation = masked_partial(logits, mean_values.unsqueeze(0).unsqueeze(2), keep=estimated,
-                                log_weight=log_size)
+    estimation = masked_partial(
+        logits, mean_values.unsqueeze(0).unsqueeze(2), keep=estimated, log_weight=log_size
+    )
     # Bound ingredients: a_c = scale * ||q|| * r_c per query head and cluster.
     slack = (query.float().norm(dim=-1, keepdim=True) * scale) * index.radii[None, :, None, :]
     base = (logits + log_size).masked_fill(~nonempty.unsqueeze(2), NEG_INF)
     skipped = ((zone == 0) & nonempty).unsqueeze(2)
     return IndexAttention(
-        retrieval=retrieval, estimation=estimation,
+        retrieval=retrieval,
+        estimation=estimation,
         estimation_low_lse=torch.logsumexp((base - slack).masked_fill(~estimated, NEG_INF), -1),
         estimation_error_lse=torch.logsumexp(
             (base + torch.log(torch.expm1(slack).clamp(min=1e-30))).masked_fill(
-                ~estimated, NEG_INF), -1),
+                ~estimated, NEG_INF
+            ),
+            -1,
+        ),
         skipped_high_lse=torch.logsumexp((base + slack).masked_fill(~skipped, NEG_INF), -1),
-        retrieval_ids=retrieval_ids, estimation_ids=estimation_ids)
+        retrieval_ids=retrieval_ids,
+        estimation_ids=estimation_ids,
+    )
 
 
 @dataclass
@@ -231,10 +253,15 @@ class DecodeResult:
     parts: IndexAttention
 
 
-def retroinfer_decode(query: torch.Tensor, index: WaveIndex, steady_keys: torch.Tensor,
-                      steady_values: torch.Tensor, budget: DecodeBudget,
-                      scale: float | None = None,
-                      steady_keep: torch.Tensor | None = None) -> DecodeResult:
+def retroinfer_decode(
+    query: torch.Tensor,
+    index: WaveIndex,
+    steady_keys: torch.Tensor,
+    steady_values: torch.Tensor,
+    budget: DecodeBudget,
+    scale: float | None = None,
+    steady_keep: torch.Tensor | None = None,
+) -> DecodeResult:
     """One decode step: steady zone exact ([H, S, d] or [P, H, S, d]), the index's retrieval
     and estimation zones, merged by log-sum-exp. query [P, H, G, d]. ``steady_keep`` [P, S]
     (optional) restricts which steady rows each query sees (teacher-forced decoding of
@@ -245,9 +272,17 @@ def retroinfer_decode(query: torch.Tensor, index: WaveIndex, steady_keys: torch.
     exact = merge_partials(steady, parts.retrieval)
     merged = merge_partials(exact, parts.estimation)
     weight_bound = parts.weight_error_bound(exact.lse)
-    value_norm = torch.maximum(index.value_norm_max,
-                               steady_values.float().norm(dim=-1).amax(dim=-1)
-                               .reshape(-1, steady_values.shape[-3]).amax(0))
-    return DecodeResult(out=merged.out, weight_error_bound=weight_bound,
-                        output_error_bound=weight_bound * value_norm[None, :, None],
-                        parts=parts)
+    value_norm = torch.maximum(
+        index.value_norm_max,
+        steady_values.float()
+        .norm(dim=-1)
+        .amax(dim=-1)
+        .reshape(-1, steady_values.shape[-3])
+        .amax(0),
+    )
+    return DecodeResult(
+        out=merged.out,
+        weight_error_bound=weight_bound,
+        output_error_bound=weight_bound * value_norm[None, :, None],
+        parts=parts,
+    )

@@ -59,13 +59,13 @@ class DecodeBudget:
     estimation_clusters: int
 
     @classmethod
-    def from_fractions(cls, clusters: int, retrieval_fraction: float,
-                       estimation_fraction: float) -> DecodeBudget:
+    def from_fractions(
+        cls, clusters: int, retrieval_fraction: float, estimation_fraction: float
+    ) -> DecodeBudget:
         retrieval = min(max(round(clusters * retrieval_fraction), 1), clusters)
         estimation = min(round(clusters * estimation_fraction), clusters - retrieval)
         return cls(retrieval, estimation)
 
     @classmethod
     def default(cls, clusters: int, config: WaveIndexConfig) -> DecodeBudget:
-        return cls.from_fractions(clusters, config.retrieval_fraction,
-                                  config.estimation_fraction)
+        return cls.from_fractions(clusters, config.retrieval_fraction, config.estimation_fraction)

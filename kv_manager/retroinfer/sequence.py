@@ -21,16 +21,20 @@ from kv_manager.retroinfer.wave_index import build_wave_index, extend_wave_index
 class LayerSequenceState:
     """Index + steady zone of one layer of one sequence. Tensors [tokens, H, d]."""
 
-    def __init__(self, prompt_keys: torch.Tensor, prompt_values: torch.Tensor,
-                 config: WaveIndexConfig | None = None) -> None:
+    def __init__(
+        self,
+        prompt_keys: torch.Tensor,
+        prompt_values: torch.Tensor,
+        config: WaveIndexConfig | None = None,
+    ) -> None:
         self.config = config or WaveIndexConfig()
         prompt = prompt_keys.shape[0]
         if not self.config.uses_index(prompt):
             raise ValueError(f"a {prompt}-token prompt is too short for the index")
         self.index = build_wave_index(prompt_keys, prompt_values, self.config)
         sink, recent = self.config.sink_tokens, self.config.recent_tokens
-        self.fixed_keys = torch.cat([prompt_keys[:sink], prompt_keys[prompt - recent:]])
-        self.fixed_values = torch.cat([prompt_values[:sink], prompt_values[prompt - recent:]])
+        self.fixed_keys = torch.cat([prompt_keys[:sink], prompt_keys[prompt - recent :]])
+        self.fixed_values = torch.cat([prompt_values[:sink], prompt_values[prompt - recent :]])
         self.generated_keys = prompt_keys[:0]
         self.generated_values = prompt_values[:0]
         self.length = prompt
@@ -47,8 +51,9 @@ class LayerSequenceState:
         self.length += 1
         if self.generated_pending >= self.config.update_tokens:
             first = self.length - self.generated_pending
-            self.index = extend_wave_index(self.index, self.generated_keys,
-                                           self.generated_values, first, self.config)
+            self.index = extend_wave_index(
+                self.index, self.generated_keys, self.generated_values, first, self.config
+            )
             self.generated_keys = self.generated_keys[:0]
             self.generated_values = self.generated_values[:0]
             self.updates += 1
@@ -56,11 +61,18 @@ class LayerSequenceState:
     def budget(self) -> DecodeBudget:
         return DecodeBudget.default(self.index.num_clusters, self.config)
 
-    def decode(self, query: torch.Tensor, budget: DecodeBudget | None = None,
-               scale: float | None = None) -> DecodeResult:
+    def decode(
+        self, query: torch.Tensor, budget: DecodeBudget | None = None, scale: float | None = None
+    ) -> DecodeResult:
         """Attention of this step's query [H, G, d] over every token so far (the new token's
         K/V must have been appended first, as a cache write precedes attention)."""
         steady_keys = torch.cat([self.fixed_keys, self.generated_keys]).transpose(0, 1)
         steady_values = torch.cat([self.fixed_values, self.generated_values]).transpose(0, 1)
-        return retroinfer_decode(query.unsqueeze(0), self.index, steady_keys, steady_values,
-                                 budget or self.budget(), scale)
+        return retroinfer_decode(
+            query.unsqueeze(0),
+            self.index,
+            steady_keys,
+            steady_values,
+            budget or self.budget(),
+            scale,
+        )

@@ -69,8 +69,13 @@ class _HeadCache:
 class WaveBuffer:
     """Cache of one layer's clusters (all KV heads of one sequence)."""
 
-    def __init__(self, index: WaveIndex, device: str | torch.device, capacity_pages: int,
-                 page_tokens: int = 8) -> None:
+    def __init__(
+        self,
+        index: WaveIndex,
+        device: str | torch.device,
+        capacity_pages: int,
+        page_tokens: int = 8,
+    ) -> None:
         self.device = torch.device(device)
         self.page_tokens = page_tokens
         self.capacity_pages = capacity_pages
@@ -83,8 +88,9 @@ class WaveBuffer:
         self.offsets = index.offsets.to("cpu")
         heads, _, dim = self.host_keys.shape
         rows = capacity_pages * page_tokens
-        self.cache_keys = torch.empty(heads, rows, dim, dtype=self.host_keys.dtype,
-                                      device=self.device)
+        self.cache_keys = torch.empty(
+            heads, rows, dim, dtype=self.host_keys.dtype, device=self.device
+        )
         self.cache_values = torch.empty_like(self.cache_keys)
         self.heads = [_HeadCache(free_pages=list(range(capacity_pages))) for _ in range(heads)]
         self.stream = torch.cuda.Stream(self.device) if pin else None
@@ -123,8 +129,13 @@ class WaveBuffer:
                     cache.lru.move_to_end(cluster)
                     for number, page in enumerate(pages):
                         count = min(self.page_tokens, size - number * self.page_tokens)
-                        hit_runs.append((h * cache_rows + page * self.page_tokens, count,
-                                         start + number * self.page_tokens))
+                        hit_runs.append(
+                            (
+                                h * cache_rows + page * self.page_tokens,
+                                count,
+                                start + number * self.page_tokens,
+                            )
+                        )
                     self.stats.cluster_hits += 1
                     self.stats.rows_hit += size
                 else:
@@ -143,16 +154,21 @@ class WaveBuffer:
             keys.index_copy_(0, dst, self.cache_keys.view(-1, dim).index_select(0, src))
             values.index_copy_(0, dst, self.cache_values.view(-1, dim).index_select(0, src))
         ready = self._copy_misses(miss_runs, keys, values)
-        batch = ClusterBatch(keys=keys.view(heads, width, dim),
-                             values=values.view(heads, width, dim),
-                             lengths=ends[:, -1].to(torch.int32) if ends.numel() else
-                             torch.zeros(heads, dtype=torch.int32),
-                             ranges=ranges.to(self.device), ready=ready)
+        batch = ClusterBatch(
+            keys=keys.view(heads, width, dim),
+            values=values.view(heads, width, dim),
+            lengths=ends[:, -1].to(torch.int32)
+            if ends.numel()
+            else torch.zeros(heads, dtype=torch.int32),
+            ranges=ranges.to(self.device),
+            ready=ready,
+        )
         self._admit(missed, batch, ids)
         return batch
 
-    def _copy_misses(self, miss_runs: list[tuple[int, int, int]], keys: torch.Tensor,
-                     values: torch.Tensor) -> torch.cuda.Event | None:
+    def _copy_misses(
+        self, miss_runs: list[tuple[int, int, int]], keys: torch.Tensor, values: torch.Tensor
+    ) -> torch.cuda.Event | None:
         if not miss_runs:
             return None
         src, dst = _expand_runs(miss_runs)
@@ -178,8 +194,9 @@ class WaveBuffer:
             tensor.record_stream(self.stream)
         return ready
 
-    def _admit(self, missed: list[list[tuple[int, int, int]]], batch: ClusterBatch,
-               ids: list[list[int]]) -> None:
+    def _admit(
+        self, missed: list[list[tuple[int, int, int]]], batch: ClusterBatch, ids: list[list[int]]
+    ) -> None:
         """Copy this step's missed clusters into the cache, evicting least recently used
         clusters that this step did not use."""
         runs: list[tuple[int, int, int]] = []  # (execution-buffer row, count, cache row)
@@ -207,8 +224,13 @@ class WaveBuffer:
                 cache.lru[cluster] = taken
                 for number, page in enumerate(taken):
                     count = min(self.page_tokens, size - number * self.page_tokens)
-                    runs.append((h * width + start + number * self.page_tokens, count,
-                                 h * cache_rows + page * self.page_tokens))
+                    runs.append(
+                        (
+                            h * width + start + number * self.page_tokens,
+                            count,
+                            h * cache_rows + page * self.page_tokens,
+                        )
+                    )
         if not runs:
             return
         src, dst = _expand_runs(runs)
@@ -224,12 +246,15 @@ class WaveBuffer:
         else:
             self._copy_rows(batch, src, dst, dim)
 
-    def _copy_rows(self, batch: ClusterBatch, src: torch.Tensor, dst: torch.Tensor,
-                   dim: int) -> None:
+    def _copy_rows(
+        self, batch: ClusterBatch, src: torch.Tensor, dst: torch.Tensor, dim: int
+    ) -> None:
         self.cache_keys.view(-1, dim).index_copy_(
-            0, dst, batch.keys.reshape(-1, dim).index_select(0, src))
+            0, dst, batch.keys.reshape(-1, dim).index_select(0, src)
+        )
         self.cache_values.view(-1, dim).index_copy_(
-            0, dst, batch.values.reshape(-1, dim).index_select(0, src))
+            0, dst, batch.values.reshape(-1, dim).index_select(0, src)
+        )
 
 
 def _expand_runs(runs: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,5 +264,7 @@ def _expand_runs(runs: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.
     total = int(counts.sum())
     run_start = counts.cumsum(0) - counts
     within = torch.arange(total) - torch.repeat_interleave(run_start, counts)
-    return (torch.repeat_interleave(table[:, 0], counts) + within,
-            torch.repeat_interleave(table[:, 2], counts) + within)
+    return (
+        torch.repeat_interleave(table[:, 0], counts) + within,
+        torch.repeat_interleave(table[:, 2], counts) + within,
+    )

@@ -59,9 +59,11 @@ class WaveIndex:
     def cluster_of_rows(self) -> torch.Tensor:
         """[H, N] cluster id of each sorted row."""
         rows = torch.arange(self.num_tokens, device=self.offsets.device)
-        return torch.searchsorted(self.offsets[:, 1:].contiguous(),
-                                  rows.expand(self.offsets.shape[0], -1).contiguous(),
-                                  right=True)
+        return torch.searchsorted(
+            self.offsets[:, 1:].contiguous(),
+            rows.expand(self.offsets.shape[0], -1).contiguous(),
+            right=True,
+        )
 
 
 def spherical_kmeans(points: torch.Tensor, clusters: int, iterations: int) -> torch.Tensor:
@@ -74,16 +76,23 @@ def spherical_kmeans(points: torch.Tensor, clusters: int, iterations: int) -> to
     for _ in range(iterations):
         assign = (unit @ centroids.transpose(1, 2)).argmax(dim=-1)
         sums = torch.zeros_like(centroids).scatter_add_(
-            1, assign.unsqueeze(-1).expand_as(unit), unit)
+            1, assign.unsqueeze(-1).expand_as(unit), unit
+        )
         counts = torch.zeros(heads, clusters, device=points.device).scatter_add_(
-            1, assign, torch.ones_like(assign, dtype=torch.float32))
+            1, assign, torch.ones_like(assign, dtype=torch.float32)
+        )
         updated = torch.nn.functional.normalize(sums, dim=-1)
         centroids = torch.where((counts > 0).unsqueeze(-1), updated, centroids)
     return (unit @ centroids.transpose(1, 2)).argmax(dim=-1)
 
 
-def _cluster_segment(keys: torch.Tensor, values: torch.Tensor, assign: torch.Tensor,
-                     num_clusters: int, first_position: int) -> WaveIndex:
+def _cluster_segment(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    assign: torch.Tensor,
+    num_clusters: int,
+    first_position: int,
+) -> WaveIndex:
     """Summaries and the cluster-contiguous layout of keys/values [H, N, d] given each
     token's cluster ``assign`` [H, N]; positions start at ``first_position``."""
     heads, _, dim = keys.shape
@@ -97,20 +106,34 @@ def _cluster_segment(keys: torch.Tensor, values: torch.Tensor, assign: torch.Ten
     sorted_values = values.gather(1, gather)
     index = sorted_assign.unsqueeze(-1).expand(-1, -1, dim)
     key_sums = torch.zeros(heads, num_clusters, dim, device=keys.device).scatter_add_(
-        1, index, sorted_keys.float())
+        1, index, sorted_keys.float()
+    )
     value_sums = torch.zeros_like(key_sums).scatter_add_(1, index, sorted_values.float())
     centroids = key_sums / sizes.clamp(min=1).unsqueeze(-1)
     distances = (sorted_keys.float() - centroids.gather(1, index)).norm(dim=-1)
     radii = torch.zeros(heads, num_clusters, device=keys.device).scatter_reduce_(
-        1, sorted_assign, distances, reduce="amax", include_self=True)
-    return WaveIndex(centroids=centroids, value_sums=value_sums, sizes=sizes, radii=radii,
-                     offsets=offsets, positions=order + first_position,
-                     keys=sorted_keys.contiguous(), values=sorted_values.contiguous(),
-                     first_position=first_position)
+        1, sorted_assign, distances, reduce="amax", include_self=True
+    )
+    return WaveIndex(
+        centroids=centroids,
+        value_sums=value_sums,
+        sizes=sizes,
+        radii=radii,
+        offsets=offsets,
+        positions=order + first_position,
+        keys=sorted_keys.contiguous(),
+        values=sorted_values.contiguous(),
+        first_position=first_position,
+    )
 
 
-def extend_wave_index(index: WaveIndex, keys: torch.Tensor, values: torch.Tensor,
-                      first_position: int, config: WaveIndexConfig | None = None) -> WaveIndex:
+def extend_wave_index(
+    index: WaveIndex,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    first_position: int,
+    config: WaveIndexConfig | None = None,
+) -> WaveIndex:
     """Decode-time update: tokens [T, H, d] that leave the steady zone (generated tokens,
     ``first_position`` onwards) become one new segment of ``update_clusters`` clusters,
     appended after the existing ones (existing clusters are untouched)."""
@@ -118,8 +141,9 @@ def extend_wave_index(index: WaveIndex, keys: torch.Tensor, values: torch.Tensor
     new_keys, new_values = keys.transpose(0, 1), values.transpose(0, 1)
     raw = new_keys.float()
     clusters = min(config.update_clusters, raw.shape[1])
-    assign = spherical_kmeans(raw - raw.mean(dim=1, keepdim=True), clusters,
-                              config.kmeans_iterations)
+    assign = spherical_kmeans(
+        raw - raw.mean(dim=1, keepdim=True), clusters, config.kmeans_iterations
+    )
     part = _cluster_segment(new_keys, new_values, assign, clusters, first_position)
     return WaveIndex(
         centroids=torch.cat([index.centroids, part.centroids], dim=1),
@@ -130,11 +154,13 @@ def extend_wave_index(index: WaveIndex, keys: torch.Tensor, values: torch.Tensor
         positions=torch.cat([index.positions, part.positions], dim=1),
         keys=torch.cat([index.keys, part.keys], dim=1),
         values=torch.cat([index.values, part.values], dim=1),
-        first_position=index.first_position)
+        first_position=index.first_position,
+    )
 
 
-def build_wave_index(keys: torch.Tensor, values: torch.Tensor,
-                     config: WaveIndexConfig | None = None) -> WaveIndex:
+def build_wave_index(
+    keys: torch.Tensor, values: torch.Tensor, config: WaveIndexConfig | None = None
+) -> WaveIndex:
     """Index the middle of one layer's prompt KV.
 
     keys, values: [T, H, d] post-RoPE, any float dtype (what the cache holds).
@@ -155,9 +181,10 @@ def build_wave_index(keys: torch.Tensor, values: torch.Tensor,
     segment_start = 0
     for length in config.segment_lengths(mid_keys.shape[1]):
         clusters = config.clusters_per_segment(length)
-        part = centred[:, segment_start: segment_start + length]
-        assign_parts.append(spherical_kmeans(part, clusters, config.kmeans_iterations)
-                            + first_cluster)
+        part = centred[:, segment_start : segment_start + length]
+        assign_parts.append(
+            spherical_kmeans(part, clusters, config.kmeans_iterations) + first_cluster
+        )
         first_cluster += clusters
         segment_start += length
     assign = torch.cat(assign_parts, dim=1)  # [H, N]

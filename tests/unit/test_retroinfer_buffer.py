@@ -8,8 +8,9 @@ from kv_manager.retroinfer.config import WaveIndexConfig
 from kv_manager.retroinfer.wave_buffer import WaveBuffer
 from kv_manager.retroinfer.wave_index import build_wave_index
 
-CONFIG = WaveIndexConfig(segment_tokens=256, tokens_per_cluster=8, kmeans_iterations=3,
-                         min_indexed_tokens=16)
+CONFIG = WaveIndexConfig(
+    segment_tokens=256, tokens_per_cluster=8, kmeans_iterations=3, min_indexed_tokens=16
+)
 
 
 def _index(tokens: int = 600, heads: int = 2, dim: int = 16):

@@ -14,8 +14,9 @@ from kv_manager.retroinfer.attention import (
 from kv_manager.retroinfer.config import DecodeBudget, WaveIndexConfig
 from kv_manager.retroinfer.wave_index import build_wave_index, spherical_kmeans
 
-CONFIG = WaveIndexConfig(segment_tokens=512, tokens_per_cluster=16, kmeans_iterations=5,
-                         min_indexed_tokens=16)
+CONFIG = WaveIndexConfig(
+    segment_tokens=512, tokens_per_cluster=16, kmeans_iterations=5, min_indexed_tokens=16
+)
 
 
 def _kv(tokens: int, heads: int = 2, dim: int = 32, seed: int = 0):
@@ -27,8 +28,9 @@ def _kv(tokens: int, heads: int = 2, dim: int = 32, seed: int = 0):
 
 
 def _steady(keys: torch.Tensor, values: torch.Tensor, config: WaveIndexConfig):
-    rows = list(range(config.sink_tokens)) + list(range(len(keys) - config.recent_tokens,
-                                                         len(keys)))
+    rows = list(range(config.sink_tokens)) + list(
+        range(len(keys) - config.recent_tokens, len(keys))
+    )
     return keys[rows].transpose(0, 1), values[rows].transpose(0, 1)
 
 
@@ -62,8 +64,9 @@ def test_cluster_summaries_match_their_members():
                 continue
             member_keys = index.keys[head, lo:hi]
             torch.testing.assert_close(index.centroids[head, cluster], member_keys.mean(0))
-            torch.testing.assert_close(index.value_sums[head, cluster],
-                                       index.values[head, lo:hi].sum(0))
+            torch.testing.assert_close(
+                index.value_sums[head, cluster], index.values[head, lo:hi].sum(0)
+            )
             distances = (member_keys - member_keys.mean(0)).norm(dim=-1)
             torch.testing.assert_close(index.radii[head, cluster], distances.max())
 
@@ -98,7 +101,7 @@ def test_full_retrieval_budget_equals_dense_attention(group):
     query = torch.randn(3, 2, group, 32, generator=torch.Generator().manual_seed(5))
     budget = DecodeBudget(index.num_clusters, 0)
     result = retroinfer_decode(query, index, *_steady(keys, values, CONFIG), budget)
-    dense = dense_partial(query, keys.transpose(0, 1), values.transpose(0, 1), 32 ** -0.5)
+    dense = dense_partial(query, keys.transpose(0, 1), values.transpose(0, 1), 32**-0.5)
     torch.testing.assert_close(result.out, dense.out, rtol=1e-5, atol=1e-5)
     assert float(result.weight_error_bound.max()) < 1e-6
 
@@ -111,7 +114,7 @@ def test_estimating_every_cluster_of_identical_keys_is_exact():
     query = torch.randn(2, 2, 2, 32, generator=torch.Generator().manual_seed(7))
     budget = DecodeBudget(1, index.num_clusters - 1)
     result = retroinfer_decode(query, index, *_steady(keys, values, CONFIG), budget)
-    dense = dense_partial(query, keys.transpose(0, 1), values.transpose(0, 1), 32 ** -0.5)
+    dense = dense_partial(query, keys.transpose(0, 1), values.transpose(0, 1), 32**-0.5)
     torch.testing.assert_close(result.out, dense.out, rtol=1e-4, atol=1e-5)
 
 
@@ -119,7 +122,7 @@ def test_accuracy_bound_holds_and_shrinks_with_budget():
     keys, values = _kv(2000, seed=8)
     index = build_wave_index(keys, values, CONFIG)
     query = torch.randn(4, 2, 3, 32, generator=torch.Generator().manual_seed(9)) * 2
-    dense = dense_partial(query, keys.transpose(0, 1), values.transpose(0, 1), 32 ** -0.5)
+    dense = dense_partial(query, keys.transpose(0, 1), values.transpose(0, 1), 32**-0.5)
     steady = _steady(keys, values, CONFIG)
     bounds = []
     for retrieval in (4, 20, index.num_clusters // 2):
@@ -147,17 +150,19 @@ def test_merge_of_split_subsets_equals_attention_over_their_union():
     query = torch.randn(2, 1, 3, 8, generator=generator)
     keys, values = torch.randn(1, 40, 8, generator=generator), torch.randn(1, 40, 8)
     whole = dense_partial(query, keys, values, 0.5)
-    parts = [dense_partial(query, keys[:, a:b], values[:, a:b], 0.5)
-             for a, b in ((0, 5), (5, 31), (31, 40))]
-    empty = Partial(out=torch.zeros_like(whole.out), lse=torch.full_like(whole.lse,
-                                                                         float("-inf")))
+    parts = [
+        dense_partial(query, keys[:, a:b], values[:, a:b], 0.5)
+        for a, b in ((0, 5), (5, 31), (31, 40))
+    ]
+    empty = Partial(out=torch.zeros_like(whole.out), lse=torch.full_like(whole.lse, float("-inf")))
     merged = merge_partials(*parts, empty)
     torch.testing.assert_close(merged.out, whole.out)
     torch.testing.assert_close(merged.lse, whole.lse)
 
 
-@pytest.mark.parametrize("value_shape", [(1, 3, 1, 7, 5), (4, 3, 1, 7, 5), (3, 1, 7, 5),
-                                         (1, 1, 2, 7, 5)])
+@pytest.mark.parametrize(
+    "value_shape", [(1, 3, 1, 7, 5), (4, 3, 1, 7, 5), (3, 1, 7, 5), (1, 1, 2, 7, 5)]
+)
 def test_weighted_sum_equals_broadcast_matmul(value_shape):
     from kv_manager.retroinfer.attention import weighted_sum
 
@@ -175,14 +180,24 @@ def test_gathered_retrieval_equals_attention_over_the_chosen_clusters_rows():
     index = build_wave_index(keys, values, CONFIG)
     generator = torch.Generator().manual_seed(15)
     query = torch.randn(3, 2, 2, 32, generator=generator)
-    ids = torch.stack([torch.stack([torch.randperm(index.num_clusters, generator=generator)[:9]
-                                    for _ in range(2)]) for _ in range(3)])  # [P, H, 9]
+    ids = torch.stack(
+        [
+            torch.stack(
+                [torch.randperm(index.num_clusters, generator=generator)[:9] for _ in range(2)]
+            )
+            for _ in range(3)
+        ]
+    )  # [P, H, 9]
     got = retrieval_partial(query, index, ids, 0.2)
     owner = index.cluster_of_rows()
     for p in range(3):
         for h in range(2):
             rows = torch.isin(owner[h], ids[p, h])
-            expected = dense_partial(query[p:p + 1, h:h + 1], index.keys[h:h + 1, rows],
-                                     index.values[h:h + 1, rows], 0.2)
+            expected = dense_partial(
+                query[p : p + 1, h : h + 1],
+                index.keys[h : h + 1, rows],
+                index.values[h : h + 1, rows],
+                0.2,
+            )
             torch.testing.assert_close(got.out[p, h], expected.out[0, 0])
             torch.testing.assert_close(got.lse[p, h], expected.lse[0, 0])

@@ -23,13 +23,27 @@ CASES = [(3, 4, 32, 20, 10), (2, 1, 64, 33, 0), (4, 3, 32, 9, 70)]
 def test_reference_with_every_cluster_retrieved_equals_dense():
     case = decode_case(3, 4, 32, 20, 10, seed=0)
     clusters = case["sizes"].shape[1]
-    got = ref.decode_step_ref(case["query"], case["centroids"], case["value_sums"],
-                              case["sizes"], case["offsets"], case["keys"], case["values"],
-                              case["steady_ranges"], clusters, 0, SCALE)
+    got = ref.decode_step_ref(
+        case["query"],
+        case["centroids"],
+        case["value_sums"],
+        case["sizes"],
+        case["offsets"],
+        case["keys"],
+        case["values"],
+        case["steady_ranges"],
+        clusters,
+        0,
+        SCALE,
+    )
     for row in range(3):
         used = int(case["steady_ranges"][row, 0, 1])
-        dense = dense_partial(case["query"][row][None, None], case["keys"][row, :used][None],
-                              case["values"][row, :used][None], SCALE)
+        dense = dense_partial(
+            case["query"][row][None, None],
+            case["keys"][row, :used][None],
+            case["values"][row, :used][None],
+            SCALE,
+        )
         assert_rows_close(got[row], dense.out[0, 0], rtol=1e-5, atol=1e-6)
 
 
@@ -51,12 +65,12 @@ def check_interpreted_kernels() -> None:
     from kv_manager.retroinfer.kernels import decode_triton as tri
 
     for seed, (rows, groups, dim, clusters, steady) in enumerate(CASES):
-        check_case(tri, decode_case(rows, groups, dim, clusters, steady, seed=seed + 10),
-                   tolerance=1e-5)
+        check_case(
+            tri, decode_case(rows, groups, dim, clusters, steady, seed=seed + 10), tolerance=1e-5
+        )
     # fp16 storage (bf16 cannot be checked here: the interpreter's bf16 tl.dot is wrong;
     # tests/gpu_retroinfer checks bf16 natively).
-    check_case(tri, decode_case(3, 4, 32, 20, 10, seed=20, dtype=torch.float16),
-               tolerance=1e-2)
+    check_case(tri, decode_case(3, 4, 32, 20, 10, seed=20, dtype=torch.float16), tolerance=1e-2)
 
 
 def check_case(tri, case: dict, tolerance: float) -> None:
@@ -70,24 +84,33 @@ def check_case(tri, case: dict, tolerance: float) -> None:
     r_ids, e_ids = ref.choose_clusters_ref(expected_logits, retrieval, estimated)
     ranges = ref.cluster_ranges(offsets.long(), r_ids, case["steady_ranges"])
     for splits in (1, 3):
-        out, lse = tri.ranges_attention(q, case["keys"], case["values"], ranges, SCALE,
-                                        splits)
+        out, lse = tri.ranges_attention(q, case["keys"], case["values"], ranges, SCALE, splits)
         got = tri.merge(out, lse)
-        expected = ref.ranges_attention_ref(q, case["keys"], case["values"], ranges,
-                                            SCALE)
+        expected = ref.ranges_attention_ref(q, case["keys"], case["values"], ranges, SCALE)
         assert_rows_close(got, expected.out, rtol=tolerance, atol=tolerance)
-        e_out, e_lse = tri.estimation(expected_logits, case["value_sums"], sizes, e_ids,
-                                      splits, block_e=4)
-        expected_est = ref.estimation_ref(expected_logits, case["value_sums"], sizes,
-                                          e_ids)
-        assert_rows_close(tri.merge(e_out, e_lse), expected_est.out, rtol=tolerance,
-                          atol=tolerance)
+        e_out, e_lse = tri.estimation(
+            expected_logits, case["value_sums"], sizes, e_ids, splits, block_e=4
+        )
+        expected_est = ref.estimation_ref(expected_logits, case["value_sums"], sizes, e_ids)
+        assert_rows_close(tri.merge(e_out, e_lse), expected_est.out, rtol=tolerance, atol=tolerance)
         merged_lse = torch.logsumexp(e_lse, dim=1)
         assert_rows_close(merged_lse, expected_est.lse, rtol=tolerance, atol=tolerance)
-    args = [case[k] for k in ("query", "centroids", "value_sums", "sizes", "offsets",
-                              "keys", "values", "steady_ranges")]
-    got = tri.decode_step(*args, retrieval, estimated, SCALE, retrieval_splits=2,
-                          estimation_splits=2)
+    args = [
+        case[k]
+        for k in (
+            "query",
+            "centroids",
+            "value_sums",
+            "sizes",
+            "offsets",
+            "keys",
+            "values",
+            "steady_ranges",
+        )
+    ]
+    got = tri.decode_step(
+        *args, retrieval, estimated, SCALE, retrieval_splits=2, estimation_splits=2
+    )
     expected = ref.decode_step_ref(*args, retrieval, estimated, SCALE)
     assert_rows_close(got, expected, rtol=tolerance, atol=tolerance)
 
@@ -98,7 +121,16 @@ def test_triton_kernels_match_reference_interpreted():
     root = Path(__file__).resolve().parents[2]
     env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
     run = subprocess.run(
-        [sys.executable, "-c", "from tests.unit.test_retroinfer_kernels import "
-         "check_interpreted_kernels as check; check()"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-c",
+            "from tests.unit.test_retroinfer_kernels import "
+            "check_interpreted_kernels as check; check()",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]

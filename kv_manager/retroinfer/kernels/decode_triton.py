@@ -29,9 +29,19 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
-def _centroid_logits_kernel(query, centroids, sizes, out, scale, G, C,
-                            HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
-                            BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+def _centroid_logits_kernel(
+    query,
+    centroids,
+    sizes,
+    out,
+    scale,
+    G,
+    C,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     heads = tl.arange(0, BLOCK_G)
@@ -39,29 +49,56 @@ def _centroid_logits_kernel(query, centroids, sizes, out, scale, G, C,
     clusters = block * BLOCK_C + tl.arange(0, BLOCK_C)
     head_ok = heads < G
     cluster_ok = clusters < C
-    cent = tl.load(centroids + (row * C + clusters)[:, None] * HEAD_DIM + dims[None, :],
-                   mask=cluster_ok[:, None], other=0.0)
-    q = tl.load(query + (row * G + heads)[:, None] * HEAD_DIM + dims[None, :],
-                mask=head_ok[:, None], other=0.0).to(cent.dtype)
+    cent = tl.load(
+        centroids + (row * C + clusters)[:, None] * HEAD_DIM + dims[None, :],
+        mask=cluster_ok[:, None],
+        other=0.0,
+    )
+    q = tl.load(
+        query + (row * G + heads)[:, None] * HEAD_DIM + dims[None, :],
+        mask=head_ok[:, None],
+        other=0.0,
+    ).to(cent.dtype)
     logits = tl.dot(q, tl.trans(cent), input_precision=PRECISION) * scale
     size = tl.load(sizes + row * C + clusters, mask=cluster_ok, other=0)
     logits = tl.where(size[None, :] > 0, logits, float("-inf"))
-    tl.store(out + (row * G + heads)[:, None] * C + clusters[None, :], logits,
-             mask=head_ok[:, None] & cluster_ok[None, :])
+    tl.store(
+        out + (row * G + heads)[:, None] * C + clusters[None, :],
+        logits,
+        mask=head_ok[:, None] & cluster_ok[None, :],
+    )
 
 
 @triton.jit
-def _ranges_attention_kernel(query, keys, values, ranges, part_out, part_lse, scale,
-                             G, N, n_ranges, ranges_per_split, total_splits, split_offset,
-                             HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
-                             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _ranges_attention_kernel(
+    query,
+    keys,
+    values,
+    ranges,
+    part_out,
+    part_lse,
+    scale,
+    G,
+    N,
+    n_ranges,
+    ranges_per_split,
+    total_splits,
+    split_offset,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     heads = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, HEAD_DIM)
     head_ok = heads < G
-    q = tl.load(query + (row * G + heads)[:, None] * HEAD_DIM + dims[None, :],
-                mask=head_ok[:, None], other=0.0).to(keys.dtype.element_ty)
+    q = tl.load(
+        query + (row * G + heads)[:, None] * HEAD_DIM + dims[None, :],
+        mask=head_ok[:, None],
+        other=0.0,
+    ).to(keys.dtype.element_ty)
     running_max = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
@@ -87,18 +124,33 @@ def _ranges_attention_kernel(query, keys, values, ranges, part_out, part_lse, sc
             running_max = new_max
     nonempty = running_sum > 0
     out = acc / tl.where(nonempty, running_sum, 1.0)[:, None]
-    lse = tl.where(nonempty, running_max + tl.log(tl.where(nonempty, running_sum, 1.0)),
-                   float("-inf"))
+    lse = tl.where(
+        nonempty, running_max + tl.log(tl.where(nonempty, running_sum, 1.0)), float("-inf")
+    )
     part = (row * total_splits + split_offset + split) * G + heads
     tl.store(part_out + part[:, None] * HEAD_DIM + dims[None, :], out, mask=head_ok[:, None])
     tl.store(part_lse + part, lse, mask=head_ok)
 
 
 @triton.jit
-def _estimation_kernel(logits, value_sums, sizes, cluster_ids, part_out, part_lse,
-                       G, C, E, per_split, total_splits, split_offset,
-                       HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr,
-                       PRECISION: tl.constexpr):
+def _estimation_kernel(
+    logits,
+    value_sums,
+    sizes,
+    cluster_ids,
+    part_out,
+    part_lse,
+    G,
+    C,
+    E,
+    per_split,
+    total_splits,
+    split_offset,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     heads = tl.arange(0, BLOCK_G)
@@ -115,8 +167,11 @@ def _estimation_kernel(logits, value_sums, sizes, cluster_ids, part_out, part_ls
         ids = tl.load(cluster_ids + row * E + slots, mask=valid, other=0).to(tl.int64)
         size = tl.load(sizes + row * C + ids, mask=valid, other=0).to(tl.float32)
         ok = valid & (size > 0)
-        scores = tl.load(logits + (row * G + heads)[:, None] * C + ids[None, :],
-                         mask=head_ok[:, None] & ok[None, :], other=float("-inf"))
+        scores = tl.load(
+            logits + (row * G + heads)[:, None] * C + ids[None, :],
+            mask=head_ok[:, None] & ok[None, :],
+            other=float("-inf"),
+        )
         scores = tl.where(ok[None, :], scores, float("-inf"))
         # Cluster c counts |c| times in the mass, and its numerator is exp(s_c) * V_c.
         weighted = scores + tl.log(tl.where(ok, size, 1.0))[None, :]
@@ -124,35 +179,40 @@ def _estimation_kernel(logits, value_sums, sizes, cluster_ids, part_out, part_ls
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
         alpha = tl.exp(running_max - safe_max)
         running_sum = running_sum * alpha + tl.sum(tl.exp(weighted - safe_max[:, None]), 1)
-        vsum = tl.load(value_sums + (row * C + ids)[:, None] * HEAD_DIM + dims[None, :],
-                       mask=ok[:, None], other=0.0)
+        vsum = tl.load(
+            value_sums + (row * C + ids)[:, None] * HEAD_DIM + dims[None, :],
+            mask=ok[:, None],
+            other=0.0,
+        )
         probs = tl.exp(scores - safe_max[:, None]).to(vsum.dtype)
         acc = acc * alpha[:, None] + tl.dot(probs, vsum, input_precision=PRECISION)
         running_max = new_max
     nonempty = running_sum > 0
     out = acc / tl.where(nonempty, running_sum, 1.0)[:, None]
-    lse = tl.where(nonempty, running_max + tl.log(tl.where(nonempty, running_sum, 1.0)),
-                   float("-inf"))
+    lse = tl.where(
+        nonempty, running_max + tl.log(tl.where(nonempty, running_sum, 1.0)), float("-inf")
+    )
     part = (row * total_splits + split_offset + split) * G + heads
     tl.store(part_out + part[:, None] * HEAD_DIM + dims[None, :], out, mask=head_ok[:, None])
     tl.store(part_lse + part, lse, mask=head_ok)
 
 
 @triton.jit
-def _merge_kernel(part_out, part_lse, out, S, G, HEAD_DIM: tl.constexpr,
-                  BLOCK_S: tl.constexpr):
+def _merge_kernel(part_out, part_lse, out, S, G, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, HEAD_DIM)
     split_ok = splits < S
-    lse = tl.load(part_lse + (row * S + splits) * G + head, mask=split_ok,
-                  other=float("-inf"))
+    lse = tl.load(part_lse + (row * S + splits) * G + head, mask=split_ok, other=float("-inf"))
     top = tl.max(lse, axis=0)
     safe_top = tl.where(top == float("-inf"), 0.0, top)
     weight = tl.exp(lse - safe_top)
-    parts = tl.load(part_out + ((row * S + splits) * G + head)[:, None] * HEAD_DIM
-                    + dims[None, :], mask=split_ok[:, None], other=0.0)
+    parts = tl.load(
+        part_out + ((row * S + splits) * G + head)[:, None] * HEAD_DIM + dims[None, :],
+        mask=split_ok[:, None],
+        other=0.0,
+    )
     total = tl.sum(weight, axis=0)
     merged = tl.sum(weight[:, None] * parts, axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out + (row * G + head) * HEAD_DIM + dims, merged)
@@ -170,30 +230,54 @@ def _block_g(groups: int) -> int:
     return max(16, triton.next_power_of_2(groups))  # tl.dot needs >= 16 rows
 
 
-def centroid_logits(query: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor,
-                    scale: float, block_c: int = 64) -> torch.Tensor:
+def centroid_logits(
+    query: torch.Tensor,
+    centroids: torch.Tensor,
+    sizes: torch.Tensor,
+    scale: float,
+    block_c: int = 64,
+) -> torch.Tensor:
     _require_contiguous(query=query, centroids=centroids, sizes=sizes)
     rows, groups, dim = query.shape
     clusters = centroids.shape[1]
     out = torch.empty(rows, groups, clusters, dtype=torch.float32, device=query.device)
     _centroid_logits_kernel[(rows, triton.cdiv(clusters, block_c))](
-        query, centroids, sizes, out, scale, groups, clusters, HEAD_DIM=dim,
-        BLOCK_G=_block_g(groups), BLOCK_C=block_c, PRECISION=_precision(centroids.dtype))
+        query,
+        centroids,
+        sizes,
+        out,
+        scale,
+        groups,
+        clusters,
+        HEAD_DIM=dim,
+        BLOCK_G=_block_g(groups),
+        BLOCK_C=block_c,
+        PRECISION=_precision(centroids.dtype),
+    )
     return out
 
 
-def new_partials(rows: int, splits: int, groups: int, dim: int, device: torch.device
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def new_partials(
+    rows: int, splits: int, groups: int, dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial buffers [R, S, G, d] and [R, S, G] that several kernels fill side by side."""
-    return (torch.empty(rows, splits, groups, dim, dtype=torch.float32, device=device),
-            torch.empty(rows, splits, groups, dtype=torch.float32, device=device))
+    return (
+        torch.empty(rows, splits, groups, dim, dtype=torch.float32, device=device),
+        torch.empty(rows, splits, groups, dtype=torch.float32, device=device),
+    )
 
 
-def ranges_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     ranges: torch.Tensor, scale: float, splits: int,
-                     partials: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     split_offset: int = 0, block_n: int = 16) -> tuple[torch.Tensor,
-                                                                        torch.Tensor]:
+def ranges_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    ranges: torch.Tensor,
+    scale: float,
+    splits: int,
+    partials: tuple[torch.Tensor, torch.Tensor] | None = None,
+    split_offset: int = 0,
+    block_n: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill ``splits`` partials (from ``split_offset``) with attention over ``ranges``."""
     _require_contiguous(query=query, keys=keys, values=values, ranges=ranges)
     rows, groups, dim = query.shape
@@ -201,16 +285,37 @@ def ranges_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     n_ranges = ranges.shape[1]
     per_split = triton.cdiv(n_ranges, splits)
     _ranges_attention_kernel[(rows, splits)](
-        query, keys, values, ranges, part_out, part_lse, scale, groups, keys.shape[1],
-        n_ranges, per_split, part_out.shape[1], split_offset, HEAD_DIM=dim,
-        BLOCK_G=_block_g(groups), BLOCK_N=block_n, PRECISION=_precision(keys.dtype))
+        query,
+        keys,
+        values,
+        ranges,
+        part_out,
+        part_lse,
+        scale,
+        groups,
+        keys.shape[1],
+        n_ranges,
+        per_split,
+        part_out.shape[1],
+        split_offset,
+        HEAD_DIM=dim,
+        BLOCK_G=_block_g(groups),
+        BLOCK_N=block_n,
+        PRECISION=_precision(keys.dtype),
+    )
     return part_out, part_lse
 
 
-def estimation(logits: torch.Tensor, value_sums: torch.Tensor, sizes: torch.Tensor,
-               cluster_ids: torch.Tensor, splits: int,
-               partials: tuple[torch.Tensor, torch.Tensor] | None = None,
-               split_offset: int = 0, block_e: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def estimation(
+    logits: torch.Tensor,
+    value_sums: torch.Tensor,
+    sizes: torch.Tensor,
+    cluster_ids: torch.Tensor,
+    splits: int,
+    partials: tuple[torch.Tensor, torch.Tensor] | None = None,
+    split_offset: int = 0,
+    block_e: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
     _require_contiguous(logits=logits, value_sums=value_sums, sizes=sizes)
     rows, groups, clusters = logits.shape
     dim = value_sums.shape[-1]
@@ -218,9 +323,23 @@ def estimation(logits: torch.Tensor, value_sums: torch.Tensor, sizes: torch.Tens
     count = cluster_ids.shape[1]
     per_split = triton.cdiv(max(count, 1), splits)
     _estimation_kernel[(rows, splits)](
-        logits, value_sums, sizes, cluster_ids.contiguous(), part_out, part_lse, groups,
-        clusters, count, per_split, part_out.shape[1], split_offset, HEAD_DIM=dim,
-        BLOCK_G=_block_g(groups), BLOCK_E=block_e, PRECISION=_precision(value_sums.dtype))
+        logits,
+        value_sums,
+        sizes,
+        cluster_ids.contiguous(),
+        part_out,
+        part_lse,
+        groups,
+        clusters,
+        count,
+        per_split,
+        part_out.shape[1],
+        split_offset,
+        HEAD_DIM=dim,
+        BLOCK_G=_block_g(groups),
+        BLOCK_E=block_e,
+        PRECISION=_precision(value_sums.dtype),
+    )
     return part_out, part_lse
 
 
@@ -228,16 +347,33 @@ def merge(part_out: torch.Tensor, part_lse: torch.Tensor) -> torch.Tensor:
     _require_contiguous(part_out=part_out, part_lse=part_lse)
     rows, splits, groups, dim = part_out.shape
     out = torch.empty(rows, groups, dim, dtype=torch.float32, device=part_out.device)
-    _merge_kernel[(rows, groups)](part_out, part_lse, out, splits, groups, HEAD_DIM=dim,
-                                  BLOCK_S=triton.next_power_of_2(splits))
+    _merge_kernel[(rows, groups)](
+        part_out,
+        part_lse,
+        out,
+        splits,
+        groups,
+        HEAD_DIM=dim,
+        BLOCK_S=triton.next_power_of_2(splits),
+    )
     return out
 
 
-def decode_step(query: torch.Tensor, centroids: torch.Tensor, value_sums: torch.Tensor,
-                sizes: torch.Tensor, offsets: torch.Tensor, keys: torch.Tensor,
-                values: torch.Tensor, steady_ranges: torch.Tensor, retrieval: int,
-                estimation_count: int, scale: float, retrieval_splits: int = 8,
-                estimation_splits: int = 4) -> torch.Tensor:
+def decode_step(
+    query: torch.Tensor,
+    centroids: torch.Tensor,
+    value_sums: torch.Tensor,
+    sizes: torch.Tensor,
+    offsets: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    steady_ranges: torch.Tensor,
+    retrieval: int,
+    estimation_count: int,
+    scale: float,
+    retrieval_splits: int = 8,
+    estimation_splits: int = 4,
+) -> torch.Tensor:
     """One RetroInfer decode step on the device (same contract as decode_ref.decode_step_ref).
     Returns [R, G, d] float32."""
     from kv_manager.retroinfer.kernels.decode_ref import choose_clusters_ref, cluster_ranges
@@ -250,6 +386,13 @@ def decode_step(query: torch.Tensor, centroids: torch.Tensor, value_sums: torch.
     partials = new_partials(rows, splits, groups, dim, query.device)
     ranges_attention(query, keys, values, ranges, scale, retrieval_splits, partials)
     if estimation_count:
-        estimation(logits, value_sums, sizes, estimation_ids, estimation_splits, partials,
-                   split_offset=retrieval_splits)
+        estimation(
+            logits,
+            value_sums,
+            sizes,
+            estimation_ids,
+            estimation_splits,
+            partials,
+            split_offset=retrieval_splits,
+        )
     return merge(*partials)
