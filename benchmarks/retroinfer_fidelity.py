@@ -2,10 +2,10 @@
 
 Per document: a dense prefill of the first P tokens (HF cache), a wave index per layer built
 from that prefill's keys (kv_manager/retroinfer/wave_index.py), then the last M tokens
-(default 128) run teacher-forced as decode steps (one forward over them with the prefill cache): every decode
-query sees the steady zone exactly (sink 4, the last 64 prompt tokens, and the decoded tokens
-before it, causally) and the index through tripartite attention
-(kv_manager/retroinfer/attention.py). This is what serving does for the first M generated
+(default 128) run teacher-forced as decode steps (one forward over them with the prefill
+cache): every decode query sees the steady zone exactly (sink 4, the last 64 prompt
+tokens, and the decoded tokens before it, causally) and the index through tripartite
+attention (kv_manager/retroinfer/attention.py). This is what serving does for the first M generated
 tokens of a P-token prompt, with the document's own next tokens as the generated ones.
 
 Two measurements, on byte-identical token ids:
