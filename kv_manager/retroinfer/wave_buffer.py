@@ -94,6 +94,13 @@ class WaveBuffer:
         self.cache_values = torch.empty_like(self.cache_keys)
         self.heads = [_HeadCache(free_pages=list(range(capacity_pages))) for _ in range(heads)]
         self.stream = torch.cuda.Stream(self.device) if pin else None
+        # Pinned staging rows reused across steps (a fresh pin per step costs a second host
+        # copy), the event after which the last step's copies out of them are done, and the
+        # event after which the last admission's cache writes are done.
+        self._stage_keys: torch.Tensor | None = None
+        self._stage_values: torch.Tensor | None = None
+        self._staged: torch.cuda.Event | None = None
+        self._admitted: torch.cuda.Event | None = None
         self.stats = BufferStats()
 
     @property
@@ -149,6 +156,8 @@ class WaveBuffer:
         keys = torch.empty(heads * width, dim, dtype=self.cache_keys.dtype, device=self.device)
         values = torch.empty_like(keys)
         if hit_runs:
+            if self._admitted is not None:  # the cache rows read here may be fresh admissions
+                torch.cuda.current_stream(self.device).wait_event(self._admitted)
             src, dst = _expand_runs(hit_runs)
             src, dst = src.to(self.device), dst.to(self.device)
             keys.index_copy_(0, dst, self.cache_keys.view(-1, dim).index_select(0, src))
@@ -173,16 +182,17 @@ class WaveBuffer:
             return None
         src, dst = _expand_runs(miss_runs)
         dim = self.host_keys.shape[-1]
-        staged_k = self.host_keys.view(-1, dim).index_select(0, src)
-        staged_v = self.host_values.view(-1, dim).index_select(0, src)
         self.stats.bytes_host_to_device += len(src) * self.row_bytes
         if self.stream is None:
-            keys.index_copy_(0, dst, staged_k)
-            values.index_copy_(0, dst, staged_v)
+            keys.index_copy_(0, dst, self.host_keys.view(-1, dim).index_select(0, src))
+            values.index_copy_(0, dst, self.host_values.view(-1, dim).index_select(0, src))
             return None
-        # Pinned staging lets the copy run asynchronously on the side stream; the caller
-        # overlaps it with work that does not need these rows (steady zone, estimation).
-        staged_k, staged_v = staged_k.pin_memory(), staged_v.pin_memory()
+        # Gather into pinned staging rows so the copy runs asynchronously on the side stream;
+        # the caller overlaps it with work that needs none of these rows (steady zone,
+        # estimation).
+        staged_k, staged_v = self._staging(len(src))
+        torch.index_select(self.host_keys.view(-1, dim), 0, src, out=staged_k)
+        torch.index_select(self.host_values.view(-1, dim), 0, src, out=staged_v)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             dst_device = dst.pin_memory().to(self.device, non_blocking=True)
@@ -190,9 +200,24 @@ class WaveBuffer:
             values.index_copy_(0, dst_device, staged_v.to(self.device, non_blocking=True))
             ready = torch.cuda.Event()
             ready.record(self.stream)
+        self._staged = ready
         for tensor in (keys, values):
             tensor.record_stream(self.stream)
         return ready
+
+    def _staging(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pinned staging rows, free to overwrite (the previous step's copies are done)."""
+        if self._staged is not None:
+            self._staged.synchronize()
+        if self._stage_keys is None or self._stage_keys.shape[0] < rows:
+            shape = (
+                max(rows, 2 * (0 if self._stage_keys is None else len(self._stage_keys))),
+                self.host_keys.shape[-1],
+            )
+            self._stage_keys = torch.empty(shape, dtype=self.host_keys.dtype, pin_memory=True)
+            self._stage_values = torch.empty(shape, dtype=self.host_keys.dtype, pin_memory=True)
+        assert self._stage_values is not None
+        return self._stage_keys[:rows], self._stage_values[:rows]
 
     def _admit(
         self, missed: list[list[tuple[int, int, int]]], batch: ClusterBatch, ids: list[list[int]]
@@ -241,8 +266,10 @@ class WaveBuffer:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
                 self._copy_rows(batch, src, dst, dim)
-                batch.ready = torch.cuda.Event()
-                batch.ready.record(self.stream)
+                # Not batch.ready: attention need not wait for admission (both only read
+                # the execution buffer); the next step's cache reads wait for this instead.
+                self._admitted = torch.cuda.Event()
+                self._admitted.record(self.stream)
         else:
             self._copy_rows(batch, src, dst, dim)
 
