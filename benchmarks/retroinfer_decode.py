@@ -519,6 +519,13 @@ def main() -> None:
     parser.add_argument("--cache-ratio", type=float, default=0.05)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=200,
+        help="start no new (context, batch) case after this many seconds (the run must "
+        "stay under 4 minutes); skipped cases are listed in the JSON",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny sizes: code paths only"
     )
     parser.add_argument("--plot-only", help="draw the PNG from this JSON and stop")
@@ -584,6 +591,12 @@ def main() -> None:
         )
         if context in args.contexts:
             for batch in args.batches:
+                layout = None
+                if time.perf_counter() - started > args.time_budget_s:
+                    result["gpu_resident"].append(
+                        {"context": context, "batch": batch, "skipped": "time budget"}
+                    )
+                    continue
                 try:
                     layout = Layout(index, steady_k, steady_v, batch)
                     row = {
@@ -621,7 +634,13 @@ def main() -> None:
         if context in args.offload_contexts:
             for batch in args.batches:
                 row = {"context": context, "batch": batch}
-                row |= offload_mode(index, steady_k, steady_v, batch, budget, args, device, sms)
+                if time.perf_counter() - started > args.time_budget_s:
+                    result["offload"].append(row | {"skipped": "time budget"})
+                    continue
+                try:
+                    row |= offload_mode(index, steady_k, steady_v, batch, budget, args, device, sms)
+                except torch.OutOfMemoryError as error:
+                    row["skipped"] = f"OOM: {error}"[:200]
                 result["offload"].append(row)
                 print(json.dumps(row), flush=True)
                 if device.type == "cuda":
@@ -659,7 +678,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[0].set_ylabel("one decode step, one layer (ms, median)")
     axes[0].set_title("GPU-resident KV")
     axes[0].legend(fontsize=8)
-    off = result.get("offload", [])
+    off = [r for r in result.get("offload", []) if "skipped" not in r]
     labels = [f"{r['context'] // 1024}K B={r['batch']}" for r in off]
     methods = [
         ("retroinfer_wave_buffer", "RetroInfer + wave buffer"),
