@@ -129,3 +129,13 @@ def test_wave_buffer_serves_rows_from_pinned_host_and_cache():
                 assert torch.equal(batch.keys[head, start:end].cpu(), index.keys[head, lo:hi])
                 assert torch.equal(batch.values[head, start:end].cpu(), index.values[head, lo:hi])
     assert buffer.stats.cluster_misses == 400 and buffer.stats.cluster_hits == 400
+
+
+if __name__ == "__main__":  # without pytest: python -m tests.gpu_retroinfer.test_retroinfer_gpu
+    for check_dtype in (torch.bfloat16, torch.float16):
+        test_kernels_match_reference_at_llama_shape(check_dtype)
+        print(f"kernels vs reference, {check_dtype}: ok", flush=True)
+    test_full_budget_decode_equals_dense_sdpa_at_128k()
+    print("full budget = SDPA at 128K: ok", flush=True)
+    test_wave_buffer_serves_rows_from_pinned_host_and_cache()
+    print("wave buffer on pinned host memory: ok", flush=True)
