@@ -256,24 +256,32 @@ def gpu_resident(
     ranges = ref.cluster_ranges(layout.offsets, r_ids, layout.steady_ranges)
     exact_rows = float((ranges[..., 1] - ranges[..., 0]).sum(dim=1).float().mean()) - layout.steady
     partials = tri.new_partials(rows, r_splits + e_splits, GROUP, HEAD_DIM, device)
+    rank = tri.cluster_rank(logits)
+    chosen = rank.topk(budget.retrieval_clusters + budget.estimation_clusters, dim=-1).indices
     stages = {
         "centroid_logits": lambda: tri.centroid_logits(
             query, layout.centroids, layout.sizes, scale
         ),
-        "choose (softmax+topk, torch)": lambda: ref.choose_clusters_ref(
-            logits, budget.retrieval_clusters, budget.estimation_clusters
+        "cluster_rank (group softmax sum)": lambda: tri.cluster_rank(logits),
+        "topk (torch)": lambda: rank.topk(
+            budget.retrieval_clusters + budget.estimation_clusters, dim=-1
         ),
-        "ranges (torch gather)": lambda: ref.cluster_ranges(
-            layout.offsets, r_ids, layout.steady_ranges
-        ),
-        "ranges_attention": lambda: tri.ranges_attention(
-            query, layout.keys, layout.values, ranges, scale, r_splits, partials
+        "cluster attention (retrieval + steady)": lambda: tri.ranges_attention(
+            query,
+            layout.keys,
+            layout.values,
+            layout.steady_ranges,
+            scale,
+            r_splits,
+            partials,
+            cluster_ids=chosen[:, : budget.retrieval_clusters],
+            offsets=layout.offsets,
         ),
         "estimation": lambda: tri.estimation(
             logits,
             layout.value_sums,
             layout.sizes,
-            e_ids,
+            chosen[:, budget.retrieval_clusters :],
             e_splits,
             partials,
             split_offset=r_splits,
@@ -413,8 +421,14 @@ def offload_mode(
     def retro_offload() -> torch.Tensor:
         q = drift()
         logits = tri.centroid_logits(q, tiled.centroids, tiled.sizes, scale)
-        r_ids, e_ids = ref.choose_clusters_ref(
-            logits, budget.retrieval_clusters, budget.estimation_clusters
+        chosen = (
+            tri.cluster_rank(logits)
+            .topk(budget.retrieval_clusters + budget.estimation_clusters, dim=-1)
+            .indices
+        )
+        r_ids, e_ids = (
+            chosen[:, : budget.retrieval_clusters],
+            chosen[:, budget.retrieval_clusters :],
         )
         batch_rows = buffer.gather(r_ids)  # host sync on the ids, misses copy async
         partials = tri.new_partials(rows, r_splits + e_splits + 1, GROUP, HEAD_DIM, device)

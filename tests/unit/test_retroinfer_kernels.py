@@ -80,9 +80,33 @@ def check_case(tri, case: dict, tolerance: float) -> None:
     logits = tri.centroid_logits(q, case["centroids"], sizes, SCALE, block_c=16)
     expected_logits = ref.centroid_logits_ref(q, case["centroids"], sizes, SCALE)
     assert_rows_close(logits, expected_logits, rtol=tolerance, atol=tolerance)
+    rank = tri.cluster_rank(logits, block_c=8)
+    assert_rows_close(rank, ref.rank_ref(expected_logits), rtol=tolerance, atol=tolerance)
     retrieval, estimated = min(4, clusters // 2), clusters // 3
     r_ids, e_ids = ref.choose_clusters_ref(expected_logits, retrieval, estimated)
     ranges = ref.cluster_ranges(offsets.long(), r_ids, case["steady_ranges"])
+    # Cluster mode: ids as a strided view (as decode_step passes them), ranges from offsets.
+    chosen = torch.cat([r_ids, e_ids], dim=1)
+    for splits in (1, 3):
+        got = tri.merge(
+            *tri.ranges_attention(
+                q,
+                case["keys"],
+                case["values"],
+                case["steady_ranges"],
+                SCALE,
+                splits,
+                cluster_ids=chosen[:, :retrieval],
+                offsets=offsets,
+            )
+        )
+        expected = ref.ranges_attention_ref(q, case["keys"], case["values"], ranges, SCALE)
+        assert_rows_close(got, expected.out, rtol=tolerance, atol=tolerance)
+        e_out, e_lse = tri.estimation(
+            expected_logits, case["value_sums"], sizes, chosen[:, retrieval:], splits, block_e=4
+        )
+        expected_est = ref.estimation_ref(expected_logits, case["value_sums"], sizes, e_ids)
+        assert_rows_close(tri.merge(e_out, e_lse), expected_est.out, rtol=tolerance, atol=tolerance)
     for splits in (1, 3):
         out, lse = tri.ranges_attention(q, case["keys"], case["values"], ranges, SCALE, splits)
         got = tri.merge(out, lse)

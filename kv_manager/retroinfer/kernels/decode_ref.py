@@ -23,13 +23,17 @@ def centroid_logits_ref(
     return logits.masked_fill((sizes == 0).unsqueeze(1), float("-inf"))
 
 
+def rank_ref(logits: torch.Tensor) -> torch.Tensor:
+    """[R, C] ranking score: the GQA group's summed softmax over clusters (official rule)."""
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=1)
+
+
 def choose_clusters_ref(
     logits: torch.Tensor, retrieval: int, estimation: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Retrieval ids [R, retrieval] and estimation ids [R, estimation] (int64), ranked by the
     GQA group's summed softmax over clusters (same rule as ``attention.choose_clusters``)."""
-    rank = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=1)
-    chosen = rank.topk(retrieval + estimation, dim=-1).indices
+    chosen = rank_ref(logits).topk(retrieval + estimation, dim=-1).indices
     return chosen[:, :retrieval], chosen[:, retrieval:]
 
 

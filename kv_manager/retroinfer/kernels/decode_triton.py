@@ -74,6 +74,11 @@ def _ranges_attention_kernel(
     query,
     keys,
     values,
+    cluster_ids,
+    ids_stride,
+    n_ids,
+    offsets,
+    offsets_stride,
     ranges,
     part_out,
     part_lse,
@@ -102,11 +107,18 @@ def _ranges_attention_kernel(
     running_max = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
+    # Items 0 .. n_ids-1 are clusters (row range from offsets), the rest explicit ranges.
     first = split * ranges_per_split
-    last = tl.minimum(first + ranges_per_split, n_ranges)
+    last = tl.minimum(first + ranges_per_split, n_ids + n_ranges)
     for item in range(first, last):
-        start = tl.load(ranges + (row * n_ranges + item) * 2)
-        end = tl.load(ranges + (row * n_ranges + item) * 2 + 1)
+        if item < n_ids:
+            cluster = tl.load(cluster_ids + row * ids_stride + item)
+            start = tl.load(offsets + row * offsets_stride + cluster).to(tl.int32)
+            end = tl.load(offsets + row * offsets_stride + cluster + 1).to(tl.int32)
+        else:
+            extra = item - n_ids
+            start = tl.load(ranges + (row * n_ranges + extra) * 2).to(tl.int32)
+            end = tl.load(ranges + (row * n_ranges + extra) * 2 + 1).to(tl.int32)
         for tile in range(start, end, BLOCK_N):
             rows = tile + tl.arange(0, BLOCK_N)
             valid = rows < end
@@ -138,6 +150,7 @@ def _estimation_kernel(
     value_sums,
     sizes,
     cluster_ids,
+    ids_stride,
     part_out,
     part_lse,
     G,
@@ -164,7 +177,7 @@ def _estimation_kernel(
     for tile in range(first, last, BLOCK_E):
         slots = tile + tl.arange(0, BLOCK_E)
         valid = slots < last
-        ids = tl.load(cluster_ids + row * E + slots, mask=valid, other=0).to(tl.int64)
+        ids = tl.load(cluster_ids + row * ids_stride + slots, mask=valid, other=0).to(tl.int64)
         size = tl.load(sizes + row * C + ids, mask=valid, other=0).to(tl.float32)
         ok = valid & (size > 0)
         scores = tl.load(
@@ -195,6 +208,41 @@ def _estimation_kernel(
     part = (row * total_splits + split_offset + split) * G + heads
     tl.store(part_out + part[:, None] * HEAD_DIM + dims[None, :], out, mask=head_ok[:, None])
     tl.store(part_lse + part, lse, mask=head_ok)
+
+
+@triton.jit
+def _rank_kernel(logits, rank, G, C, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    # rank[c] = sum over the GQA group of softmax_c(logits[g]): two passes over the row
+    # (log-sum-exp per query head, then the sum), one program per row.
+    row = tl.program_id(0).to(tl.int64)
+    heads = tl.arange(0, BLOCK_G)
+    head_ok = heads < G
+    running_max = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    running_sum = tl.zeros((BLOCK_G,), tl.float32)
+    for first in range(0, C, BLOCK_C):
+        clusters = first + tl.arange(0, BLOCK_C)
+        x = tl.load(
+            logits + (row * G + heads)[:, None] * C + clusters[None, :],
+            mask=head_ok[:, None] & (clusters < C)[None, :],
+            other=float("-inf"),
+        )
+        new_max = tl.maximum(running_max, tl.max(x, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(
+            tl.exp(x - safe_max[:, None]), axis=1
+        )
+        running_max = new_max
+    # Padding heads (and a head whose clusters are all empty) get lse = +inf: weight 0.
+    lse = tl.where(running_sum > 0, running_max + tl.log(running_sum), float("inf"))
+    for first in range(0, C, BLOCK_C):
+        clusters = first + tl.arange(0, BLOCK_C)
+        x = tl.load(
+            logits + (row * G + heads)[:, None] * C + clusters[None, :],
+            mask=head_ok[:, None] & (clusters < C)[None, :],
+            other=float("-inf"),
+        )
+        total = tl.sum(tl.exp(x - lse[:, None]), axis=0)
+        tl.store(rank + row * C + clusters, total, mask=clusters < C)
 
 
 @triton.jit
@@ -277,17 +325,37 @@ def ranges_attention(
     partials: tuple[torch.Tensor, torch.Tensor] | None = None,
     split_offset: int = 0,
     block_n: int = 16,
+    cluster_ids: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fill ``splits`` partials (from ``split_offset``) with attention over ``ranges``."""
+    """Fill ``splits`` partials (from ``split_offset``) with exact attention over the rows of
+    the clusters ``cluster_ids`` [R, n] (ranges from ``offsets`` [R, C + 1], read inside the
+    kernel: no torch gathers per step), then over the explicit ``ranges`` [R, e, 2]."""
     _require_contiguous(query=query, keys=keys, values=values, ranges=ranges)
     rows, groups, dim = query.shape
     part_out, part_lse = partials or new_partials(rows, splits, groups, dim, query.device)
     n_ranges = ranges.shape[1]
-    per_split = triton.cdiv(n_ranges, splits)
+    if cluster_ids is None or offsets is None:
+        cluster_ids, offsets, n_ids = ranges, ranges, 0  # never read
+        ids_stride = offsets_stride = 0
+    else:
+        if cluster_ids.stride(-1) != 1 or not offsets.is_contiguous():
+            raise ValueError("cluster_ids rows and offsets must be contiguous")
+        n_ids, ids_stride, offsets_stride = (
+            cluster_ids.shape[1],
+            cluster_ids.stride(0),
+            offsets.shape[1],
+        )
+    per_split = triton.cdiv(max(n_ids + n_ranges, 1), splits)
     _ranges_attention_kernel[(rows, splits)](
         query,
         keys,
         values,
+        cluster_ids,
+        ids_stride,
+        n_ids,
+        offsets,
+        offsets_stride,
         ranges,
         part_out,
         part_lse,
@@ -306,6 +374,15 @@ def ranges_attention(
     return part_out, part_lse
 
 
+def cluster_rank(logits: torch.Tensor, block_c: int = 256) -> torch.Tensor:
+    """[R, C] float32: the GQA group's summed softmax over clusters (ranking score)."""
+    _require_contiguous(logits=logits)
+    rows, groups, clusters = logits.shape
+    rank = torch.empty(rows, clusters, dtype=torch.float32, device=logits.device)
+    _rank_kernel[(rows,)](logits, rank, groups, clusters, BLOCK_G=_block_g(groups), BLOCK_C=block_c)
+    return rank
+
+
 def estimation(
     logits: torch.Tensor,
     value_sums: torch.Tensor,
@@ -317,6 +394,8 @@ def estimation(
     block_e: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _require_contiguous(logits=logits, value_sums=value_sums, sizes=sizes)
+    if cluster_ids.stride(-1) != 1:
+        raise ValueError("cluster_ids rows must be contiguous")
     rows, groups, clusters = logits.shape
     dim = value_sums.shape[-1]
     part_out, part_lse = partials or new_partials(rows, splits, groups, dim, logits.device)
@@ -326,7 +405,8 @@ def estimation(
         logits,
         value_sums,
         sizes,
-        cluster_ids.contiguous(),
+        cluster_ids,
+        cluster_ids.stride(0),
         part_out,
         part_lse,
         groups,
@@ -375,22 +455,29 @@ def decode_step(
     estimation_splits: int = 4,
 ) -> torch.Tensor:
     """One RetroInfer decode step on the device (same contract as decode_ref.decode_step_ref).
-    Returns [R, G, d] float32."""
-    from kv_manager.retroinfer.kernels.decode_ref import choose_clusters_ref, cluster_ranges
-
+    Returns [R, G, d] float32. Launches: logits, rank, top-k, attention, estimation, merge."""
     rows, groups, dim = query.shape
     logits = centroid_logits(query, centroids, sizes, scale)
-    retrieval_ids, estimation_ids = choose_clusters_ref(logits, retrieval, estimation_count)
-    ranges = cluster_ranges(offsets, retrieval_ids, steady_ranges)
+    chosen = cluster_rank(logits).topk(retrieval + estimation_count, dim=-1).indices
     splits = retrieval_splits + (estimation_splits if estimation_count else 0)
     partials = new_partials(rows, splits, groups, dim, query.device)
-    ranges_attention(query, keys, values, ranges, scale, retrieval_splits, partials)
+    ranges_attention(
+        query,
+        keys,
+        values,
+        steady_ranges,
+        scale,
+        retrieval_splits,
+        partials,
+        cluster_ids=chosen[:, :retrieval],
+        offsets=offsets,
+    )
     if estimation_count:
         estimation(
             logits,
             value_sums,
             sizes,
-            estimation_ids,
+            chosen[:, retrieval:],
             estimation_splits,
             partials,
             split_offset=retrieval_splits,
