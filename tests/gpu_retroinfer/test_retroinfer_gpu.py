@@ -34,9 +34,26 @@ def test_kernels_match_reference_at_llama_shape(dtype):
     logits = tri.centroid_logits(q, case["centroids"], sizes, SCALE)
     expected_logits = ref.centroid_logits_ref(q, case["centroids"], sizes, SCALE)
     assert_rows_close(logits, expected_logits, rtol=tol, atol=tol)
+    rank = tri.cluster_rank(expected_logits)
+    assert_rows_close(rank, ref.rank_ref(expected_logits), rtol=1e-4, atol=1e-5)
     retrieval, estimated = 37, 475  # 1.8% and 23.2% of 2048
     r_ids, e_ids = ref.choose_clusters_ref(expected_logits, retrieval, estimated)
     ranges = ref.cluster_ranges(case["offsets"], r_ids, case["steady_ranges"])
+    chosen = torch.cat([r_ids, e_ids], dim=1)
+    got = tri.merge(
+        *tri.ranges_attention(
+            q,
+            case["keys"],
+            case["values"],
+            case["steady_ranges"],
+            SCALE,
+            16,
+            cluster_ids=chosen[:, :retrieval],
+            offsets=case["offsets"],
+        )
+    )
+    expected = ref.ranges_attention_ref(q, case["keys"], case["values"], ranges, SCALE)
+    assert_rows_close(got, expected.out, rtol=tol, atol=tol)
     for splits in (1, 16):
         got = tri.merge(
             *tri.ranges_attention(q, case["keys"], case["values"], ranges, SCALE, splits)
