@@ -40,14 +40,14 @@ class AttentionSettings(TesseraSettings):
     last_q_tokens: int = Field(
         128, ge=0, description="TriangleMix: final prompt rows that attend densely."
     )
+    stats_dir: Path | None = Field(
+        None, description="If set, each worker writes per-layer attention path counts here."
+    )
     retroinfer_min_tokens: int = Field(
         0, ge=0, description="RetroInfer decode (CPU worker) for sequences with at least this "
         "many tokens before the new one; 0: off. Needs >= 1092 tokens (sink 4 + recent 64 + "
         "1024 indexed) to take effect.",
     )  # fmt: skip
-    stats_dir: Path | None = Field(
-        None, description="If set, each worker writes per-layer attention path counts here."
-    )
 
     @field_validator("dense_layers", mode="before")
     @classmethod
