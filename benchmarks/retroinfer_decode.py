@@ -467,6 +467,13 @@ def offload_mode(
 
     quest_pages = max(1, math.ceil(budget.retrieval_clusters * 16 / QUEST_PAGE) + 4)
     page_rows = torch.arange(QUEST_PAGE)
+    page_starts = torch.arange(quest_pages, device=device, dtype=torch.int32) * QUEST_PAGE
+    page_ranges = (
+        torch.stack([page_starts, page_starts + QUEST_PAGE], dim=-1)
+        .unsqueeze(0)
+        .expand(rows, -1, -1)
+        .contiguous()
+    )
 
     def quest_offload() -> torch.Tensor:
         q = drift()
@@ -479,12 +486,10 @@ def offload_mode(
             k, v = k.pin_memory(), v.pin_memory()
         k = k.to(device, non_blocking=True).view(rows, -1, HEAD_DIM)
         v = v.to(device, non_blocking=True).view(rows, -1, HEAD_DIM)
-        whole = (
-            torch.tensor([[0, k.shape[1]]], dtype=torch.int32, device=device)
-            .expand(rows, 1, 2)
-            .contiguous()
+        # One range per fetched page, so the splits share the work (as for RetroInfer).
+        parts = tri.ranges_attention(
+            q, k, v, page_ranges, scale, splits_for(rows, quest_pages, sms), block_n=16
         )
-        parts = tri.ranges_attention(q, k, v, whole, scale, splits_for(rows, 8, sms), block_n=16)
         return tri.merge(*parts)
 
     steps = args.offload_steps
