@@ -51,6 +51,11 @@ class AttentionSettings(TesseraSettings):
     stats_dir: Path | None = Field(
         None, description="If set, each worker writes per-layer attention path counts here."
     )
+    retroinfer_min_tokens: int = Field(
+        0, ge=0, description="RetroInfer decode (CPU worker) for sequences with at least this "
+        "many tokens before the new one; 0: off. Needs >= 1092 tokens (sink 4 + recent 64 + "
+        "1024 indexed) to take effect.",
+    )  # fmt: skip
 
     @field_validator("dense_layers", mode="before")
     @classmethod

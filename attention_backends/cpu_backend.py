@@ -79,6 +79,10 @@ class TesseraCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         prompt_lengths.install_runner_hooks()  # the runner publishes each step's prompts
+        if attention_settings().retroinfer_min_tokens:
+            from attention_backends import retroinfer_decode
+
+            retroinfer_decode.install_runner_hooks()  # ... and its request ids
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -134,6 +138,12 @@ class TesseraCPUAttentionImpl(PerLayerPattern, CPUAttentionBackendImpl):
         pattern = self.layer_pattern_of(layer)
         split = getattr(attn_metadata, "split", None)
         usage = _usage()
+        retroinfer_min_tokens = attention_settings().retroinfer_min_tokens
+        if retroinfer_min_tokens and attn_metadata.max_query_len <= 1 and self.layer_index >= 0:
+            self._forward_retroinfer_decode(layer, query, key, value, kv_cache, attn_metadata,
+                                            output, retroinfer_min_tokens, usage)
+            self.end_step_if_last(usage)
+            return output
         if pattern.is_dense or split is None or split.prefill is None:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                             output_scale, output_block_scale)
@@ -142,6 +152,24 @@ class TesseraCPUAttentionImpl(PerLayerPattern, CPUAttentionBackendImpl):
             self._forward_sparse(layer, query, kv_cache, attn_metadata, output, pattern)
         self.end_step_if_last(usage)
         return output
+
+    def _forward_retroinfer_decode(self, layer, query, key, value, kv_cache, attn_metadata,
+                                   output, min_tokens: int, usage) -> None:
+        """Decode-only step: long sequences through RetroInfer (attention_backends/
+        retroinfer_decode.py), the others through vLLM's kernel."""
+        from attention_backends import retroinfer_decode
+
+        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+        paged = kv_cache.view(num_blocks, num_kv_heads, block_size * 2, -1)
+        key_cache, value_cache = paged.chunk(2, dim=2)
+        dim_major = key_block_is_dim_major(layer.isa, self.head_size, block_size, kv_cache.dtype)
+        answered = retroinfer_decode.forward_decode_step(
+            self.layer_index, query, logical_key_cache(key_cache, dim_major), value_cache,
+            attn_metadata, output, self.scale, min_tokens,
+            dense=lambda: CPUAttentionBackendImpl.forward(
+                self, layer, query, key, value, kv_cache, attn_metadata, output))
+        usage.record(self.layer_index, "retroinfer_decode", answered)
+        usage.record(self.layer_index, "dense", attn_metadata.num_actual_tokens - answered)
 
     def _forward_sparse(self, layer, query, kv_cache, attn_metadata, output, pattern) -> None:
         from attention_backends.kernels import sparse_prefill
