@@ -2,7 +2,8 @@
 generation still answers through the gateway, and with the mask off the capacity is dense.
 
 Two workers of their own (the shared stack stays dense), one after the other, with the same
-KV budget: dense, then the committed s=0.7 SmolLM2 mask. vLLM logs the capacity it sized
+KV budget: dense, then the committed s=0.7 SmolLM2 mask with layer-uniform budgets (10 of
+90 KV heads fully pruned, so the V-sum path serves too). vLLM logs the capacity it sized
 from our page spec ("KV cache size: N tokens"); that is the number read here, not ours.
 """
 
@@ -32,7 +33,7 @@ from server.launcher import (
 )
 from tests.integration.conftest import MODEL, _start_gateway
 
-MASK = Path("kv_manager/leank/masks/smollm2-135m-instruct_s0.7_a16.safetensors")
+MASK = Path("kv_manager/leank/masks/smollm2-135m-instruct_s0.7_a16_layeruniform.safetensors")
 CAPACITY_LINE = re.compile(r"KV cache size: ([\d,]+) tokens")
 
 
