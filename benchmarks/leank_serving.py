@@ -63,6 +63,7 @@ def serve_and_ask(run_dir: Path, model_path: Path, env: dict[str, str], kv_gib: 
     answers = []
     with one_worker(settings, model_path, env=env) as url:
         ready_s = time.monotonic() - started
+        asked = time.monotonic()
         for ids in prompt_ids:
             body = {"model": settings.served_model_name, "prompt": ids, "max_tokens": 2,
                     "temperature": 0, "logprobs": 20}
@@ -71,11 +72,12 @@ def serve_and_ask(run_dir: Path, model_path: Path, env: dict[str, str], kv_gib: 
             logprobs = response.json()["choices"][0]["logprobs"]
             answers.append({"tokens": logprobs["tokens"],
                             "top": logprobs["top_logprobs"]})
+        requests_s = time.monotonic() - asked
     log = (run_dir / "logs" / "worker-0.log").read_text(errors="replace")
     kv_bytes = [json.loads(p.read_text()) for p in (run_dir / "stats").glob("*.json")
                 if p.name.startswith("leank-kv-bytes")] if (run_dir / "stats").exists() else []
     return {"capacity_tokens": int(CAPACITY_LINE.findall(log)[-1].replace(",", "")),
-            "ready_s": round(ready_s, 1), "answers": answers,
+            "ready_s": round(ready_s, 1), "requests_s": round(requests_s, 1), "answers": answers,
             "kv_bytes": kv_bytes[0] if kv_bytes else None}
 
 
@@ -131,6 +133,8 @@ def main() -> None:
                      "dense_capacity_tokens": dense_tokens,
                      "measured_ratio": run["capacity_tokens"] / dense_tokens,
                      "expected_ratio": run["expected_ratio"], "kv_bytes": run["kv_bytes"],
+                     "requests_s": run["requests_s"],
+                     "dense_requests_s": runs["dense"]["requests_s"],
                      **compare(runs["dense"]["answers"], run["answers"])})
         print(json.dumps(rows[-1]), flush=True)
     result = {"script": "benchmarks/leank_serving.py", "date": time.strftime("%Y-%m-%d"),
