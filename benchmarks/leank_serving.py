@@ -152,7 +152,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (cap, qual) = plt.subplots(1, 2, figsize=(10, 4))
-    labels = ["dense"] + [r["mask"].split("_")[1] for r in result["rows"]]
+    labels = ["dense"] + [r["mask"].split("_", 1)[1] for r in result["rows"]]
     cap.bar(labels, [result["dense_capacity_tokens"]]
             + [r["capacity_tokens"] for r in result["rows"]], label="vLLM's KV cache size")
     cap.plot(labels[1:], [result["dense_capacity_tokens"] * r["expected_ratio"]
