@@ -106,6 +106,11 @@ def compare(dense: list[dict], leank: list[dict]) -> dict:
             "decode_kl_top20_median": kls[len(kls) // 2] if kls else None}
 
 
+def replot(json_path: Path) -> None:
+    """Redraw a result's PNG from its JSON (no workers)."""
+    plot(json.loads(json_path.read_text()), json_path.with_suffix(".png"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--masks", nargs="+", default=["smollm2-135m-instruct_s0.7_a16",
@@ -163,7 +168,8 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (cap, qual) = plt.subplots(1, 2, figsize=(10, 4))
-    labels = ["dense"] + [r["mask"].split("_", 1)[1] for r in result["rows"]]
+    labels = ["dense"] + [r["mask"].split("_", 1)[1].replace("_a16", "").replace(
+        "_layeruniform", " uniform") for r in result["rows"]]
     cap.bar(labels, [result["dense_capacity_tokens"]]
             + [r["capacity_tokens"] for r in result["rows"]], label="vLLM's KV cache size")
     cap.plot(labels[1:], [result["dense_capacity_tokens"] * r["expected_ratio"]
@@ -175,6 +181,7 @@ def plot(result: dict, path: Path) -> None:
     qual.bar([f"{lab}\nKL" for lab in labels[1:]],
              [r["decode_kl_top20_mean"] for r in result["rows"]], color="tab:red")
     qual.set_title("decode step vs dense (served)")
+    qual.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
