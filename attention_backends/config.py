@@ -48,6 +48,11 @@ class AttentionSettings(TesseraSettings):
         "auto", description="TriangleMix GPU kernel for the streaming rows: auto (Gluon on "
         "Hopper when the cache allows, else Triton) or always the Triton kernel.",
     )  # fmt: skip
+    leank_mask: Path | None = Field(
+        None, description="LeanK K-channel mask for the served model (kv_manager/leank); set: "
+        "the KV cache pages hold pruned K and decode reads them. A mask trained for another "
+        "model stops the worker at start.",
+    )  # fmt: skip
     stats_dir: Path | None = Field(
         None, description="If set, each worker writes per-layer attention path counts here."
     )

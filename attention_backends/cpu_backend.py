@@ -22,7 +22,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from attention_backends import prompt_lengths
+from attention_backends import leank_cache, prompt_lengths
 from attention_backends.dispatch import PrefillDecodeSplit, split_prefill_decode
 from attention_backends.vllm_layers import PerLayerPattern, attention_settings, attention_usage
 
@@ -119,6 +119,14 @@ class TesseraCPUAttentionImpl(PerLayerPattern, CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.init_per_layer()
+        # LeanK: pages hold pruned K that vLLM's kernel cannot read; leank_cache owns them.
+        served = leank_cache.served_leank()
+        self.leank = None if served is None else leank_cache.LeanKLayer(served, self.num_heads)
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        if self.leank is None:
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        self.leank.write(layer, key, value, kv_cache, slot_mapping)
 
     def forward(
         self,
@@ -138,13 +146,22 @@ class TesseraCPUAttentionImpl(PerLayerPattern, CPUAttentionBackendImpl):
         pattern = self.layer_pattern_of(layer)
         split = getattr(attn_metadata, "split", None)
         usage = _usage()
+        # LeanK first: its pages hold pruned K, which neither RetroInfer nor the dense or
+        # sparse kernels can read.
         retroinfer_min_tokens = attention_settings().retroinfer_min_tokens
-        if retroinfer_min_tokens and attn_metadata.max_query_len <= 1 and self.layer_index >= 0:
+        if (self.leank is None and retroinfer_min_tokens and attn_metadata.max_query_len <= 1
+                and self.layer_index >= 0):
             self._forward_retroinfer_decode(layer, query, key, value, kv_cache, attn_metadata,
                                             output, retroinfer_min_tokens, usage)
             self.end_step_if_last(usage)
             return output
-        if pattern.is_dense or split is None or split.prefill is None:
+        if self.leank is not None:
+            decode_rows = self.leank.forward(layer, query, key, value, kv_cache, attn_metadata,
+                                             output)
+            usage.record(self.layer_index, "leank_decode", decode_rows)
+            usage.record(self.layer_index, "leank_prefill",
+                         attn_metadata.num_actual_tokens - decode_rows)
+        elif pattern.is_dense or split is None or split.prefill is None:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                             output_scale, output_block_scale)
             usage.record(self.layer_index, "dense", attn_metadata.num_actual_tokens)
@@ -211,6 +228,10 @@ class TesseraCPUAttentionImpl(PerLayerPattern, CPUAttentionBackendImpl):
 
 class TesseraCPUBackend(CPUAttentionBackend):
     """Registered over `CPU_ATTN`; `get_name()` stays "CPU_ATTN" as vLLM's enum requires."""
+
+    @classmethod
+    def customize_spec(cls, spec):
+        return leank_cache.customize_spec(super().customize_spec(spec))
 
     @staticmethod
     def get_impl_cls() -> type[TesseraCPUAttentionImpl]:

@@ -80,3 +80,45 @@ def pruned_decode_attention(query: torch.Tensor, packed_keys: torch.Tensor,
         scores = k @ query[q_head, kept].float() / math.sqrt(head_dim)
         out[q_head] = scores.softmax(dim=0) @ values_live[:, v_slot[kv_head]].float()
     return out
+
+
+def prefill_over_pruned_prefix(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                               prefix_keys: torch.Tensor, prefix_values_live: torch.Tensor,
+                               prefix_value_sum: torch.Tensor,
+                               layout: LayerLayout) -> torch.Tensor:
+    """One sequence's prefill chunk: causal attention of this chunk's queries over its own
+    full keys (prefill is dense, as in ``simulate``) and over the ``p`` earlier tokens that
+    only the pruned cache still holds (an earlier chunk, or a prefix-cache hit).
+
+    query [q, q_heads, head_dim], keys/values [q, kv_heads, head_dim] (this chunk, post-RoPE),
+    prefix_keys [p, k_width], prefix_values_live [p, live_heads, head_dim], prefix_value_sum
+    float32 [pruned_heads, head_dim] (V summed over the p tokens) -> float32 [q, q_heads, d].
+    A fully pruned head's p prefix scores are all 0, so they act as one key with score
+    log(p) and value mean(V): exact, without V pages.
+    """
+    chunk, q_heads, head_dim = query.shape
+    prefix = prefix_keys.shape[0]
+    group = q_heads // layout.num_kv_heads
+    scale = 1.0 / math.sqrt(head_dim)
+    counts, offsets = layout.k_counts.tolist(), layout.k_offsets.tolist()
+    v_slot, sum_slot = layout.v_slot.tolist(), layout.sum_slot.tolist()
+    future = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).triu(1)
+    out = torch.empty(chunk, q_heads, head_dim, dtype=torch.float32, device=query.device)
+    for kv_head in range(layout.num_kv_heads):
+        q = query[:, kv_head * group: (kv_head + 1) * group].float().transpose(0, 1)
+        scores = (q @ keys[:, kv_head].float().T * scale).masked_fill(future, float("-inf"))
+        vals = values[:, kv_head].float().expand(group, chunk, head_dim)
+        if prefix and counts[kv_head]:
+            kept = torch.nonzero(layout.keep[kv_head]).flatten().to(query.device)
+            k = prefix_keys[:, offsets[kv_head]: offsets[kv_head] + counts[kv_head]].float()
+            scores = torch.cat([q[..., kept] @ k.T * scale, scores], dim=-1)
+            prefix_v = prefix_values_live[:, v_slot[kv_head]].float()
+            vals = torch.cat([prefix_v.expand(group, prefix, head_dim), vals], dim=1)
+        elif prefix:
+            scores = torch.cat([scores.new_full((group, chunk, 1), math.log(prefix)), scores],
+                               dim=-1)
+            mean = (prefix_value_sum[sum_slot[kv_head]] / prefix).view(1, 1, head_dim)
+            vals = torch.cat([mean.expand(group, 1, head_dim), vals], dim=1)
+        out[:, kv_head * group: (kv_head + 1) * group] = (scores.softmax(-1) @ vals
+                                                          ).transpose(0, 1)
+    return out

@@ -94,6 +94,17 @@ def check_interpreted_kernel() -> None:
             got = paged_pruned_decode(*tensors, layout, block_n=16,
                                       tokens_per_split=tokens_per_split)
             _assert_rows_close(got, expected, rtol=1e-5, atol=1e-5)
+            # vLLM's page: one row per token, [K kept | V live | padding], read as views.
+            query, k_cache, v_cache, *rest = tensors
+            rows = torch.cat([k_cache[..., : layout.k_width], v_cache.flatten(2),
+                              torch.full_like(k_cache[..., :5], float("nan"))], dim=-1)
+            k_view = rows[..., : layout.k_width]
+            v_view = rows[..., layout.k_width: rows.shape[-1] - 5].unflatten(
+                -1, v_cache.shape[2:])
+            got = paged_pruned_decode(query, k_view, v_view, *rest, layout, block_n=16,
+                                      tokens_per_split=tokens_per_split,
+                                      max_seq_len=max(seq_lens))
+            _assert_rows_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="covered natively by the gpu test")

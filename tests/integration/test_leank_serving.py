@@ -1,0 +1,144 @@
+"""`tessera serve` with a LeanK mask: the real vLLM CPU worker's KV cache holds more tokens,
+generation still answers through the gateway, and with the mask off the capacity is dense.
+
+Two workers of their own (the shared stack stays dense), one after the other, with the same
+KV budget: dense, then the committed s=0.7 SmolLM2 mask with layer-uniform budgets (10 of
+90 KV heads fully pruned, so the V-sum path serves too). vLLM logs the capacity it sized
+from our page spec ("KV cache size: N tokens"); that is the number read here, not ours.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from attention_backends.usage import total_usage
+from kv_manager.leank.layout import LayerLayout
+from kv_manager.leank.mask import load_mask
+from server.config import ServerSettings
+from server.launcher import (
+    free_port,
+    resolve_model_path,
+    start_worker,
+    stop_workers,
+    wait_for_health,
+    wait_until_healthy,
+)
+from tests.integration.conftest import MODEL, _start_gateway
+
+MASK = Path("kv_manager/leank/masks/smollm2-135m-instruct_s0.7_a16_layeruniform.safetensors")
+CAPACITY_LINE = re.compile(r"KV cache size: ([\d,]+) tokens")
+
+
+def expected_capacity_ratio(mask_path: Path) -> float:
+    """Dense row / LeanK page row: every layer's page is the widest layer's packed row."""
+    mask = load_mask(mask_path)
+    heads, head_dim = mask.keep.shape[1], mask.keep.shape[2]
+    rows = []
+    for layer in range(mask.keep.shape[0]):
+        layout = LayerLayout(mask.keep[layer])
+        rows.append(layout.k_width + len(layout.live_heads) * head_dim)
+    return 2 * heads * head_dim / max(rows)
+
+
+def capacity_tokens(log_path: Path) -> int:
+    found = CAPACITY_LINE.findall(log_path.read_text(errors="replace"))
+    assert found, f"no 'KV cache size' line in {log_path}"
+    return int(found[-1].replace(",", ""))
+
+
+@contextmanager
+def gateway_over_worker(run_dir: Path, env: dict[str, str]) -> Iterator[tuple[str, Path]]:
+    """(gateway URL, worker log) for one worker with its own data dir (so its own log)."""
+    model_path = resolve_model_path(ServerSettings())
+    settings = ServerSettings(workers=1, kv_cache_space_gib=1, max_model_len=2048,
+                              data_dir=run_dir)
+    worker = start_worker(settings, model_path, 0, port=free_port(), extra_env=env)
+    gateway: subprocess.Popen | None = None
+    try:
+        wait_until_healthy([worker], timeout_s=600)
+        port = free_port()
+        gateway = _start_gateway([worker.url], port, run_dir / "gateway.log", [])
+        url = f"http://127.0.0.1:{port}"
+        wait_for_health(url, gateway)
+        yield url, worker.log_path
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(timeout=15)
+        stop_workers([worker])
+
+
+def complete(url: str, prompt: str, max_tokens: int) -> str:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
+
+
+@pytest.fixture(scope="module")
+def dense_capacity(tmp_path_factory: pytest.TempPathFactory) -> int:
+    """The negative control: the same worker settings, mask off."""
+    run_dir = tmp_path_factory.mktemp("leank_dense")
+    with gateway_over_worker(run_dir, {"TESSERA_ATTENTION_METHOD": "dense"}) as (url, log):
+        assert "Paris" in complete(url, "The capital of France is", 4)
+        return capacity_tokens(log)
+
+
+@pytest.fixture(scope="module")
+def leank_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+    run_dir = tmp_path_factory.mktemp("leank")
+    stats_dir = run_dir / "stats"
+    env = {"TESSERA_ATTENTION_LEANK_MASK": str(MASK.resolve()),
+           "TESSERA_ATTENTION_STATS_DIR": str(stats_dir)}
+    with gateway_over_worker(run_dir, env) as (url, log):
+        yield url, log, stats_dir
+
+
+def test_capacity_grows_by_the_saved_bytes(dense_capacity: int, leank_worker) -> None:
+    _, log, _ = leank_worker
+    ratio = capacity_tokens(log) / dense_capacity
+    # Whole blocks only: the pool rounds down to a block of 128 tokens per side.
+    assert ratio == pytest.approx(expected_capacity_ratio(MASK), rel=0.01)
+    assert ratio > 1.3
+
+
+def test_generation_answers_through_the_gateway(leank_worker) -> None:
+    url, _, stats_dir = leank_worker
+    assert "Paris" in complete(url, "The capital of France is", 4)
+    usage = total_usage(stats_dir)
+    assert all(paths.get("leank_decode", 0) > 0 for paths in usage.values())
+    assert all(paths.get("dense", 0) == 0 for paths in usage.values())
+
+
+def test_kv_bytes_metric_reports_stored_below_dense(leank_worker) -> None:
+    _, _, stats_dir = leank_worker
+    [prom] = stats_dir.glob("leank-kv-bytes-*.prom")
+    assert 'tessera_kv_bytes{kind="k",state="stored"}' in prom.read_text()
+    [values_file] = stats_dir.glob("leank-kv-bytes-*.json")
+    values = json.loads(values_file.read_text())
+    assert values["k_stored"] < values["k_dense"]
+    assert values["v_stored"] <= values["v_dense"]
+
+
+def test_mask_for_another_model_stops_the_worker(tmp_path: Path) -> None:
+    # A mask whose fingerprint names another model: vLLM must not start serving with it.
+    mask = load_mask(MASK)
+    from dataclasses import replace
+
+    from kv_manager.leank.mask import LeanKMask, save_mask
+
+    other = LeanKMask(fingerprint=replace(mask.fingerprint, vocab_size=32000), keep=mask.keep,
+                      sparsity=mask.sparsity, align=mask.align)
+    save_mask(other, tmp_path / "other.safetensors")
+    env = {"TESSERA_ATTENTION_LEANK_MASK": str(tmp_path / "other.safetensors")}
+    with pytest.raises(RuntimeError, match="exited"), gateway_over_worker(tmp_path, env):
+        pass
+    assert "LeanK mask was trained for" in (tmp_path / "logs" / "worker-0.log").read_text()
