@@ -276,6 +276,22 @@ class ConversationMemory:
     def generation(self, key: ConversationKey) -> int:
         return self.store.generation(key)
 
+    def _with_pending_exchanges(self, key: ConversationKey, index: UnitIndex) -> UnitIndex:
+        """``index`` plus the exchanges stored but not yet in a unit, each as a unit of its
+        own with the vector stored with it. A write stores its exchange before segmenting
+        (the served model's call can take seconds under load): without this, a next turn
+        sent meanwhile would not recall the previous one. The write's units replace them;
+        this index is not cached."""
+        units, vectors = index.snapshot()
+        covered = units[-1].last_exchange + 1 if units else 0
+        if self.store.exchange_count(key) <= covered:
+            return index
+        pending = self.store.exchanges(key, since=covered)
+        extra = [MemoryUnit(self.settings.granularity, e.position, e.position, e.text, e.text)
+                 for e in pending]
+        pending_vectors = self._exchange_vectors(key, pending, covered)
+        return UnitIndex([*units, *extra], np.concatenate([vectors, pending_vectors]))
+
     def recall(self, key: ConversationKey, query: str) -> list[MemoryUnit]:
         """The conversation's units most relevant to ``query``, in conversation order."""
         return self.recall_with_generation(key, query)[0]
@@ -284,7 +300,7 @@ class ConversationMemory:
                                query: str) -> tuple[list[MemoryUnit], int]:
         """`recall`, and the erase generation it read: a write for this request carries it."""
         generation = self.store.generation(key)
-        index = self._index(key, generation)
+        index = self._with_pending_exchanges(key, self._index(key, generation))
         if not index.units:
             return [], generation
         vector = self.embed([query])[0] if self.settings.method != "bm25" else None

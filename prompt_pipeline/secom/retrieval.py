@@ -161,6 +161,11 @@ class UnitIndex:
             self.bm25.extend([unit.key_text for unit in units])
             self.units = [*self.units[:position], *units]
 
+    def snapshot(self) -> tuple[list[MemoryUnit], np.ndarray]:
+        """The units and a copy of their key embeddings, read together."""
+        with self._lock:
+            return list(self.units), self.embeddings.copy()
+
     def position_of(self, first_exchange: int) -> int:
         """How many units start before exchange ``first_exchange``."""
         return bisect.bisect_left(self.units, first_exchange, key=lambda u: u.first_exchange)

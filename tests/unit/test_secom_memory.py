@@ -161,3 +161,22 @@ def test_a_write_reads_only_the_open_tail_not_the_conversation(tmp_path: Path) -
     assert max(u.last_exchange - u.first_exchange + 1 for u in units) <= 24
     boundaries = {u.first_exchange for u in units}
     assert {50, 100, 150, 200, 250, 300, 350} <= boundaries  # every topic change found
+
+
+def test_an_exchange_whose_segmentation_is_still_running_is_recalled(tmp_path: Path) -> None:
+    # A write stores the exchange, then segments (the served model's call, seconds under
+    # load), then writes the units. A next turn sent in between must see the exchange.
+    store = SQLiteMemoryStore(tmp_path / "memory.sqlite3")
+    memory = ConversationMemory(store, topic_embed, settings=RecallSettings(top_k=2))
+    key = ConversationKey.for_request(None, "alice", "c1")
+    assert memory.remember(key, "r0", "I booked a flight to Lisbon.", "Nice.")
+    assert memory.recall(key, "When is the flight?")  # the index is now cached
+    assert memory.store_exchange(key, "r1", "The dog is called Biscuit.", "Cute name.")
+    recalled = memory.recall(key, "What is my dog called?")
+    assert any("Biscuit" in unit.text for unit in recalled)
+    # the write then completes: its units replace the provisional one, nothing twice
+    tail = memory.open_tail(key)
+    memory.apply_tail(key, tail, memory.segments_without_model(tail))
+    texts = [unit.text for unit in memory.recall(key, "What is my dog called?")]
+    assert sum("Biscuit" in text for text in texts) == 1
+    store.close()
