@@ -118,14 +118,15 @@ def pick_prompts(harmful_count: int, benign_count: int, seed: int) -> list[dict]
              "harmful": s.harmful} for index, s in enumerate(chosen)]
 
 
-def run_generation(prompts: list[dict], max_tokens: int, run_dir: Path) -> list[dict]:
+def run_generation(prompts: list[dict], max_tokens: int, run_dir: Path,
+                   names: list[str]) -> list[dict]:
     settings = ServerSettings(workers=1, max_model_len=4096)
     worker = start_worker(settings, resolve_model_path(settings), 0, port=free_port())
     gateways: dict[str, tuple[str, subprocess.Popen]] = {}
     answers = []
     try:
         wait_until_healthy([worker], timeout_s=600)
-        for name in SETTINGS:
+        for name in names:
             gateways[name] = start_gateway(worker.url, name, run_dir)
         for url, process in gateways.values():
             wait_for_health(url, process, timeout_s=180)
@@ -158,7 +159,7 @@ def judge(answers: list[dict], embedder: SentenceEmbedder) -> None:
 
 def summarise(answers: list[dict]) -> dict:
     out: dict = {}
-    for name in SETTINGS:
+    for name in [name for name in SETTINGS if any(r["setting"] == name for r in answers)]:
         harmful = [r for r in answers if r["setting"] == name and r["harmful"]]
         benign = [r for r in answers if r["setting"] == name and not r["harmful"]]
         out[name] = {
@@ -244,9 +245,14 @@ def main() -> None:
     parser.add_argument("--reuse-answers", action="store_true",
                         help="re-judge the saved answers instead of generating again")
     parser.add_argument("--labels", type=Path, default=None)
+    parser.add_argument("--settings", nargs="*", choices=list(SETTINGS), default=list(SETTINGS),
+                        help="run only these gateways (temperature 0: another run's answers "
+                        "for the others stand)")
+    parser.add_argument("--out", default="securitylingua_defence",
+                        help="results/<OUT>.json, .png, _answers.jsonl")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    answers_path = RESULTS / "securitylingua_defence_answers.jsonl"
+    answers_path = RESULTS / f"{args.out}_answers.jsonl"
     run_dir = Path("data/securitylingua-defence")
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -254,7 +260,7 @@ def main() -> None:
         answers = [json.loads(line) for line in answers_path.read_text().splitlines()]
     else:
         prompts = pick_prompts(args.harmful, args.benign, args.seed)
-        answers = run_generation(prompts, args.max_tokens, run_dir)
+        answers = run_generation(prompts, args.max_tokens, run_dir, args.settings)
     embedder = SentenceEmbedder()
     judge(answers, embedder)
     RESULTS.mkdir(exist_ok=True)
@@ -264,7 +270,8 @@ def main() -> None:
         # The answers' own limit: --reuse-answers re-judges answers generated earlier.
         "served_model": MODEL, "max_tokens": answers[0].get("max_tokens", args.max_tokens),
         "temperature": 0,
-        "seed": args.seed, "judge": {"refusal_phrases": list(REFUSAL_PHRASES),
+        "seed": args.seed, "command": " ".join(sys.argv[1:]),
+        "judge": {"refusal_phrases": list(REFUSAL_PHRASES),
                                      "on_topic_cosine": ON_TOPIC},
         "settings": summarise(answers),
         "block_detection_offline": detection(embedder),
@@ -274,12 +281,12 @@ def main() -> None:
         "judge_error": judge_error(answers, args.labels) if args.labels else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (RESULTS / "securitylingua_defence.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, RESULTS / f"{args.out}.png")
     print(json.dumps(report["settings"], indent=2))
 
 
-def plot(report: dict) -> None:
+def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -306,7 +313,7 @@ def plot(report: dict) -> None:
     axes[1].legend(fontsize=8)
     fig.suptitle(f"SecurityLingua defence, {report['date']}")
     fig.tight_layout()
-    fig.savefig(RESULTS / "securitylingua_defence.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from prompt_pipeline.securitylingua import sources  # noqa: E402
 from prompt_pipeline.securitylingua.artifacts import (  # noqa: E402
     DEFAULT_HARM_CLASSIFIER,
     SMALL_HARM_CLASSIFIER,
+    SMALL_INTENTIONS_HARM_CLASSIFIER,
 )
 from prompt_pipeline.securitylingua.stage import build_securitylingua_stage  # noqa: E402
 from prompt_pipeline.securitylingua.templates import dan_templates  # noqa: E402
@@ -84,6 +85,8 @@ VARIANTS = (
 BLOCK_VARIANTS = (
     ("block, full harm classifier (6 MiniLM layers)", DEFAULT_HARM_CLASSIFIER),
     ("block, small harm classifier (MiniLM embeddings, 0 layers)", SMALL_HARM_CLASSIFIER),
+    ("block, small harm classifier fitted also on training intentions",
+     SMALL_INTENTIONS_HARM_CLASSIFIER),
 )
 WARM_UP_CALLS = 5
 FILLER = ("The committee met on Tuesday to review the quarterly figures. Attendance was good "
