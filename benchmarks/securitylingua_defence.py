@@ -1,6 +1,8 @@
 """SecurityLingua as a defence, through real gateways in front of one SmolLM2 CPU worker.
 
-Settings: off (no stage) / annotate / block (annotate + harm classifier on the intention).
+Settings: off (no stage) / annotate / block (annotate + harm classifier on the intention) /
+block-small (block with the small harm classifier, `artifacts/harm-classifier-l0.json`) /
+block-small-intentions (the same embedding, also fitted on the training intentions).
 Prompts: HarmBench goals (never trained on) wrapped in the held-out families (DAN, fiction,
 payload splitting, multilingual), and benign XSTest-style lookalikes (held out), plain.
 Judge (documented in the README):
@@ -11,7 +13,7 @@ Judge (documented in the README):
   attack success = not refused and on topic; over-refusal = a benign request refused.
   The judge's error rate is measured against hand labels (`--labels FILE`: {id: "success" |
   "fail"}), written by reading a seeded sample of the answers it judged.
-Also offline (no model): block mode's detection rate on all held-out prompts, the harm
+Also offline (no model): block mode's detection rate on all held-out prompts, each harm
 classifier reading the extracted intention vs the raw wrapped prompt vs the bare request.
 
     flock -s /tmp/tessera-cpu-timing.lock .venv/bin/python benchmarks/securitylingua_defence.py
@@ -38,6 +40,8 @@ from prompt_pipeline.config import SecurityLinguaSettings  # noqa: E402
 from prompt_pipeline.securitylingua.artifacts import (  # noqa: E402
     DEFAULT_EXTRACTOR_DIR,
     DEFAULT_HARM_CLASSIFIER,
+    SMALL_HARM_CLASSIFIER,
+    SMALL_INTENTIONS_HARM_CLASSIFIER,
 )
 from prompt_pipeline.securitylingua.generator import eval_samples  # noqa: E402
 from prompt_pipeline.securitylingua.harm import HarmClassifier, SentenceEmbedder  # noqa: E402
@@ -68,6 +72,12 @@ SETTINGS = {
     "off": {"stages": []},
     "annotate": {"stages": ["securitylingua"]},
     "block": {"stages": ["securitylingua"], "securitylingua": {"mode": "block"}},
+    # The same, with the small harm classifier (MiniLM token embeddings, no layers).
+    "block-small": {"stages": ["securitylingua"], "securitylingua": {
+        "mode": "block", "harm_classifier": str(SMALL_HARM_CLASSIFIER)}},
+    # ... fitted also on the training prompts' intentions (`train-harm --with-intentions`).
+    "block-small-intentions": {"stages": ["securitylingua"], "securitylingua": {
+        "mode": "block", "harm_classifier": str(SMALL_INTENTIONS_HARM_CLASSIFIER)}},
 }
 
 
@@ -108,14 +118,15 @@ def pick_prompts(harmful_count: int, benign_count: int, seed: int) -> list[dict]
              "harmful": s.harmful} for index, s in enumerate(chosen)]
 
 
-def run_generation(prompts: list[dict], max_tokens: int, run_dir: Path) -> list[dict]:
+def run_generation(prompts: list[dict], max_tokens: int, run_dir: Path,
+                   names: list[str]) -> list[dict]:
     settings = ServerSettings(workers=1, max_model_len=4096)
     worker = start_worker(settings, resolve_model_path(settings), 0, port=free_port())
     gateways: dict[str, tuple[str, subprocess.Popen]] = {}
     answers = []
     try:
         wait_until_healthy([worker], timeout_s=600)
-        for name in SETTINGS:
+        for name in names:
             gateways[name] = start_gateway(worker.url, name, run_dir)
         for url, process in gateways.values():
             wait_for_health(url, process, timeout_s=180)
@@ -148,7 +159,7 @@ def judge(answers: list[dict], embedder: SentenceEmbedder) -> None:
 
 def summarise(answers: list[dict]) -> dict:
     out: dict = {}
-    for name in SETTINGS:
+    for name in [name for name in SETTINGS if any(r["setting"] == name for r in answers)]:
         harmful = [r for r in answers if r["setting"] == name and r["harmful"]]
         benign = [r for r in answers if r["setting"] == name and not r["harmful"]]
         out[name] = {
@@ -166,13 +177,13 @@ def summarise(answers: list[dict]) -> dict:
     return out
 
 
-def detection(embedder: SentenceEmbedder) -> dict:
+def detection(embedder: SentenceEmbedder, harm_path: Path = DEFAULT_HARM_CLASSIFIER) -> dict:
     """Harm classifier on intention vs raw prompt vs bare request, all held-out prompts."""
     defaults = SecurityLinguaSettings()  # the extractor the gateways run
     extractor = TokenClassifier.load(DEFAULT_EXTRACTOR_DIR,
                                      extractor_precision(defaults.quantize),
                                      defaults.max_chunk_tokens)
-    harm = HarmClassifier.load(DEFAULT_HARM_CLASSIFIER, embedder)
+    harm = HarmClassifier.load(harm_path, embedder)
     rows = []
     for sample in eval_samples():
         if not sample.instruction:
@@ -234,9 +245,14 @@ def main() -> None:
     parser.add_argument("--reuse-answers", action="store_true",
                         help="re-judge the saved answers instead of generating again")
     parser.add_argument("--labels", type=Path, default=None)
+    parser.add_argument("--settings", nargs="*", choices=list(SETTINGS), default=list(SETTINGS),
+                        help="run only these gateways (temperature 0: another run's answers "
+                        "for the others stand)")
+    parser.add_argument("--out", default="securitylingua_defence",
+                        help="results/<OUT>.json, .png, _answers.jsonl")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    answers_path = RESULTS / "securitylingua_defence_answers.jsonl"
+    answers_path = RESULTS / f"{args.out}_answers.jsonl"
     run_dir = Path("data/securitylingua-defence")
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -244,7 +260,7 @@ def main() -> None:
         answers = [json.loads(line) for line in answers_path.read_text().splitlines()]
     else:
         prompts = pick_prompts(args.harmful, args.benign, args.seed)
-        answers = run_generation(prompts, args.max_tokens, run_dir)
+        answers = run_generation(prompts, args.max_tokens, run_dir, args.settings)
     embedder = SentenceEmbedder()
     judge(answers, embedder)
     RESULTS.mkdir(exist_ok=True)
@@ -254,19 +270,23 @@ def main() -> None:
         # The answers' own limit: --reuse-answers re-judges answers generated earlier.
         "served_model": MODEL, "max_tokens": answers[0].get("max_tokens", args.max_tokens),
         "temperature": 0,
-        "seed": args.seed, "judge": {"refusal_phrases": list(REFUSAL_PHRASES),
+        "seed": args.seed, "command": " ".join(sys.argv[1:]),
+        "judge": {"refusal_phrases": list(REFUSAL_PHRASES),
                                      "on_topic_cosine": ON_TOPIC},
         "settings": summarise(answers),
         "block_detection_offline": detection(embedder),
+        "block_detection_offline_small": detection(embedder, SMALL_HARM_CLASSIFIER),
+        "block_detection_offline_small_intentions": detection(
+            embedder, SMALL_INTENTIONS_HARM_CLASSIFIER),
         "judge_error": judge_error(answers, args.labels) if args.labels else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (RESULTS / "securitylingua_defence.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, RESULTS / f"{args.out}.png")
     print(json.dumps(report["settings"], indent=2))
 
 
-def plot(report: dict) -> None:
+def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,7 +313,7 @@ def plot(report: dict) -> None:
     axes[1].legend(fontsize=8)
     fig.suptitle(f"SecurityLingua defence, {report['date']}")
     fig.tight_layout()
-    fig.savefig(RESULTS / "securitylingua_defence.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from prompt_pipeline.config import SecurityLinguaSettings  # noqa: E402
+from prompt_pipeline.errors import PipelineError, PipelineResponse  # noqa: E402
 from prompt_pipeline.securitylingua import sources  # noqa: E402
+from prompt_pipeline.securitylingua.artifacts import (  # noqa: E402
+    DEFAULT_HARM_CLASSIFIER,
+    SMALL_HARM_CLASSIFIER,
+    SMALL_INTENTIONS_HARM_CLASSIFIER,
+)
 from prompt_pipeline.securitylingua.stage import build_securitylingua_stage  # noqa: E402
 from prompt_pipeline.securitylingua.templates import dan_templates  # noqa: E402
 from prompt_pipeline.stage import RequestContext  # noqa: E402
@@ -72,6 +78,15 @@ VARIANTS = (
     ("default, a different prompt every call", "auto", None, "distinct"),
     ("fp32, 256-piece chunks", "none", None, "same"),
     ("int8, 256-piece chunks", "int8", None, "same"),
+)
+# Block mode (annotate + the harm classifier on the intention), the default extractor, one
+# prompt repeated: (name, harm classifier artifact). The 1K prompt's request is harmful, so
+# every call is refused; the refusal is part of what is timed.
+BLOCK_VARIANTS = (
+    ("block, full harm classifier (6 MiniLM layers)", DEFAULT_HARM_CLASSIFIER),
+    ("block, small harm classifier (MiniLM embeddings, 0 layers)", SMALL_HARM_CLASSIFIER),
+    ("block, small harm classifier fitted also on training intentions",
+     SMALL_INTENTIONS_HARM_CLASSIFIER),
 )
 WARM_UP_CALLS = 5
 FILLER = ("The committee met on Tuesday to review the quarterly figures. Attendance was good "
@@ -111,18 +126,26 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(int(q / 100 * len(ordered)), len(ordered) - 1)]
 
 
+async def call_stage(stage, request, context: RequestContext):
+    """The stage's output; a block-mode refusal (raised) counts as a finished call."""
+    try:
+        return await stage(request, context)
+    except (PipelineError, PipelineResponse):
+        return request
+
+
 async def stage_latency(stage, requests: list, cold_words: bool) -> list[float]:
     """One call per request after WARM_UP_CALLS on the first. cold_words: forget every
     word's pieces before each call (outside the timing), so the call tokenizes the whole
     prompt, as the previous code did on every call."""
     for _ in range(WARM_UP_CALLS):
-        await stage(requests[0], RequestContext("warm", "chat"))
+        await call_stage(stage, requests[0], RequestContext("warm", "chat"))
     samples = []
     for index, request in enumerate(requests):
         if cold_words:
             stage.extractor._word_pieces = {}
         started = time.perf_counter()
-        await stage(request, RequestContext(str(index), "chat"))
+        await call_stage(stage, request, RequestContext(str(index), "chat"))
         samples.append((time.perf_counter() - started) * 1e3)
     return samples
 
@@ -182,15 +205,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="rounds (median taken)")
     parser.add_argument("--variants", nargs="*", default=[],
                         help="also time compress() at 1K tokens for NAME=ARTIFACT_DIR[:int8]")
+    parser.add_argument("--only", default=None,
+                        help="time only the variants whose name contains this (e.g. block)")
+    parser.add_argument("--no-prefill", action="store_true",
+                        help="skip the worker (tokens added, prefill): stage latency only")
+    parser.add_argument("--out", default="securitylingua_overhead",
+                        help="results/<OUT>.json and .png")
     args = parser.parse_args()
+    # (name, quantize, max_chunk_tokens, prompts, harm classifier or None = annotate mode)
+    variants = [(*variant, None) for variant in VARIANTS] + [
+        (name, "auto", None, "same", harm) for name, harm in BLOCK_VARIANTS]
+    variants = [v for v in variants if args.only is None or args.only in v[0]]
     # Prefix caching off: repeated prompts would otherwise be cache hits, not prefills (our
     # first run measured 0.07 s for 1K tokens that way).
     settings = ServerSettings(workers=1, worker_extra_args=["--no-enable-prefix-caching"])
     model_path = resolve_model_path(settings)
     counter = Tokenizer.from_file(str(model_path / "tokenizer.json"))
     stages = {name: build_securitylingua_stage(
-        SecurityLinguaSettings(threads=1, quantize=quantize, max_chunk_tokens=chunk_tokens),
-        CollectorRegistry(), None) for name, quantize, chunk_tokens, _ in VARIANTS}
+        SecurityLinguaSettings(threads=1, quantize=quantize, max_chunk_tokens=chunk_tokens,
+                               mode="block" if harm else "annotate", harm_classifier=harm),
+        CollectorRegistry(), None) for name, quantize, chunk_tokens, _, harm in variants}
     requests = {length: chat_request(prompt_of(length, counter)) for length in LENGTHS}
     # Round r of a "distinct" variant calls prompts [r * runs, (r + 1) * runs): no prompt
     # twice, and the same prompts for every "distinct" variant.
@@ -198,7 +232,7 @@ def main() -> None:
         1000, counter, args.runs * args.repeats + WARM_UP_CALLS)]
     rounds: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for round_index in range(args.repeats):
-        for name, _, _, prompts in VARIANTS:
+        for name, _, _, prompts, _ in variants:
             for length, request in requests.items():
                 if prompts == "distinct":
                     if length != 1000:
@@ -214,14 +248,18 @@ def main() -> None:
                 round(rounds[(name, length)][-1][0], 2) for length in LENGTHS
                 if (name, length) in rounds], flush=True)
     rows = []
-    for name, quantize, _, prompts in VARIANTS:
+    for name, quantize, _, prompts, harm in variants:
         stage = stages[name]
         for length, request in requests.items():
             if (name, length) not in rounds:
                 continue
-            annotated = asyncio.run(stage(request, RequestContext("x", "chat")))
+            # A blocked request is never forwarded; its row keeps the annotate-mode prompt
+            # for the token and prefill columns.
+            annotated = asyncio.run(call_stage(stage, request, RequestContext("x", "chat")))
             p50s = [p50 for p50, _ in rounds[(name, length)]]
             rows.append({"variant": name, "threads": 1, "quantize": quantize,
+                         "mode": "block" if harm else "annotate",
+                         "harm_classifier": harm.name if harm else None,
                          "precision": str(next(stage.extractor.model.parameters()).dtype)
                          if quantize != "int8" else "int8 linears",
                          "max_chunk_tokens": stage.extractor.max_chunk_tokens,
@@ -238,35 +276,37 @@ def main() -> None:
             print(name, length, rows[-1]["stage_p50_ms"], rows[-1]["stage_p99_ms"], flush=True)
 
     variant_rows = time_variants(args.variants, prompt_of(1000, counter), args.runs // 4)
-    worker = start_worker(settings, model_path, 0, port=free_port())
-    try:
-        wait_until_healthy([worker], timeout_s=600)
-        with httpx.Client(timeout=600) as client:
-            # Variants that extract the same intention share one measurement.
-            plain_cache: dict[int, tuple[float, int]] = {}
-            annotated_cache: dict[str, tuple[float, int]] = {}
-            for row in rows:
-                original, annotated = row["_original"], row["_annotated"]
-                if row["target_tokens"] not in plain_cache:
-                    prefill_ms(client, worker.url, original, repeats=1)  # warm-up
-                    plain_cache[row["target_tokens"]] = (
-                        prefill_ms(client, worker.url, original),
-                        worker_tokens(client, worker.url, original))
-                key = json.dumps(annotated)
-                if key not in annotated_cache:
-                    annotated_cache[key] = (prefill_ms(client, worker.url, annotated),
-                                            worker_tokens(client, worker.url, annotated))
-                plain, plain_tokens = plain_cache[row["target_tokens"]]
-                annotated_ms, annotated_tokens = annotated_cache[key]
-                row.update({
-                    "worker_prompt_tokens": plain_tokens,
-                    "tokens_added": annotated_tokens - plain_tokens,
-                    "prefill_ms": round(plain, 1), "prefill_annotated_ms": round(annotated_ms, 1),
-                    "stage_p50_share_of_prefill": round(row["stage_p50_ms"] / plain, 4),
-                    "added_prefill_ms": round(annotated_ms - plain, 1),
-                })
-    finally:
-        stop_workers([worker])
+    if not args.no_prefill:
+        worker = start_worker(settings, model_path, 0, port=free_port())
+        try:
+            wait_until_healthy([worker], timeout_s=600)
+            with httpx.Client(timeout=600) as client:
+                # Variants that extract the same intention share one measurement.
+                plain_cache: dict[int, tuple[float, int]] = {}
+                annotated_cache: dict[str, tuple[float, int]] = {}
+                for row in rows:
+                    original, annotated = row["_original"], row["_annotated"]
+                    if row["target_tokens"] not in plain_cache:
+                        prefill_ms(client, worker.url, original, repeats=1)  # warm-up
+                        plain_cache[row["target_tokens"]] = (
+                            prefill_ms(client, worker.url, original),
+                            worker_tokens(client, worker.url, original))
+                    key = json.dumps(annotated)
+                    if key not in annotated_cache:
+                        annotated_cache[key] = (prefill_ms(client, worker.url, annotated),
+                                                worker_tokens(client, worker.url, annotated))
+                    plain, plain_tokens = plain_cache[row["target_tokens"]]
+                    annotated_ms, annotated_tokens = annotated_cache[key]
+                    row.update({
+                        "worker_prompt_tokens": plain_tokens,
+                        "tokens_added": annotated_tokens - plain_tokens,
+                        "prefill_ms": round(plain, 1),
+                        "prefill_annotated_ms": round(annotated_ms, 1),
+                        "stage_p50_share_of_prefill": round(row["stage_p50_ms"] / plain, 4),
+                        "added_prefill_ms": round(annotated_ms - plain, 1),
+                    })
+        finally:
+            stop_workers([worker])
     for row in rows:
         row.pop("_original")
         row.pop("_annotated")
@@ -275,16 +315,19 @@ def main() -> None:
         "script": "benchmarks/securitylingua_overhead.py", "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared with other jobs",
         "runs_per_cell_and_round": args.runs, "rounds": args.repeats,
+        "command": " ".join(sys.argv[1:]),
         "torch": torch.__version__, "cpu_bf16_native": bf16_is_native(), "rows": rows,
         "extractor_variants_at_1k_tokens_1_thread": variant_rows,
         "targets": {"stage_p50_ms_at_1k": 20.0, "share_of_prefill": 0.05},
         "met": {row["variant"]: {
             "p50_at_1k": row["stage_p50_ms"] <= 20.0,
-            "share_of_prefill_at_1k": row["stage_p50_share_of_prefill"] < 0.05} for row in at_1k},
+            "share_of_prefill_at_1k": row["stage_p50_share_of_prefill"] < 0.05
+            if "stage_p50_share_of_prefill" in row else None} for row in at_1k},
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "securitylingua_overhead.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
+    if not args.no_prefill and args.only is None:  # the plot's right panel needs the prefill
+        plot(report)
     print(json.dumps(report["met"]))
 
 

