@@ -12,7 +12,7 @@ import torch
 
 from kv_manager.retroinfer.config import DecodeBudget, WaveIndexConfig
 from kv_manager.retroinfer.kernels import decode_ref as ref
-from tests.unit.retroinfer_kernel_cases import assert_rows_close, decode_case
+from tests.unit.retroinfer_kernel_cases import assert_rows_close, decode_case, step_args
 
 pytestmark = [
     pytest.mark.gpu,
@@ -63,19 +63,7 @@ def test_kernels_match_reference_at_llama_shape(dtype):
         got = tri.merge(*tri.estimation(expected_logits, case["value_sums"], sizes, e_ids, splits))
         expected = ref.estimation_ref(expected_logits, case["value_sums"], sizes, e_ids)
         assert_rows_close(got, expected.out, rtol=tol, atol=tol)
-    args = [
-        case[k]
-        for k in (
-            "query",
-            "centroids",
-            "value_sums",
-            "sizes",
-            "offsets",
-            "keys",
-            "values",
-            "steady_ranges",
-        )
-    ]
+    args = step_args(case)
     got = tri.decode_step(*args, retrieval, estimated, SCALE, 16, 8)
     assert_rows_close(
         got, ref.decode_step_ref(*args, retrieval, estimated, SCALE), rtol=tol, atol=tol

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import torch
 
+# The decode step's inputs, in the order decode_ref.decode_step_ref and the Triton decode
+# step take them.
+DECODE_STEP_KEYS = ("query", "centroids", "value_sums", "sizes", "offsets", "keys", "values",
+                    "steady_ranges")
+
+
+def step_args(case: dict) -> list:
+    return [case[key] for key in DECODE_STEP_KEYS]
+
 
 def decode_case(
     rows: int,

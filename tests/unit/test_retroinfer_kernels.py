@@ -13,7 +13,7 @@ import torch
 
 from kv_manager.retroinfer.attention import dense_partial
 from kv_manager.retroinfer.kernels import decode_ref as ref
-from tests.unit.retroinfer_kernel_cases import assert_rows_close, decode_case
+from tests.unit.retroinfer_kernel_cases import assert_rows_close, decode_case, step_args
 
 SCALE = 0.125
 # (rows, groups, dim, clusters, steady rows)
@@ -119,19 +119,7 @@ def check_case(tri, case: dict, tolerance: float) -> None:
         assert_rows_close(tri.merge(e_out, e_lse), expected_est.out, rtol=tolerance, atol=tolerance)
         merged_lse = torch.logsumexp(e_lse, dim=1)
         assert_rows_close(merged_lse, expected_est.lse, rtol=tolerance, atol=tolerance)
-    args = [
-        case[k]
-        for k in (
-            "query",
-            "centroids",
-            "value_sums",
-            "sizes",
-            "offsets",
-            "keys",
-            "values",
-            "steady_ranges",
-        )
-    ]
+    args = step_args(case)
     got = tri.decode_step(
         *args, retrieval, estimated, SCALE, retrieval_splits=2, estimation_splits=2
     )
