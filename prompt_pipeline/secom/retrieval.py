@@ -65,14 +65,15 @@ class Bm25Index:
 
     def truncate(self, size: int) -> None:
         """Drop documents ``size`` and after."""
-        for words in self._words[size:]:
-            for word in words:
-                documents, counts = self._postings[word]
-                keep = bisect.bisect_left(documents, size)
-                if keep == 0:
-                    del self._postings[word]
-                else:
-                    del documents[keep:], counts[keep:]
+        # each word once: two dropped documents sharing a word would find its postings
+        # already gone on the second visit
+        for word in {word for words in self._words[size:] for word in words}:
+            documents, counts = self._postings[word]
+            keep = bisect.bisect_left(documents, size)
+            if keep == 0:
+                del self._postings[word]
+            else:
+                del documents[keep:], counts[keep:]
         del self._lengths[size:], self._words[size:]
 
     def scores(self, query: str) -> np.ndarray:
@@ -160,11 +161,6 @@ class UnitIndex:
             self.bm25.truncate(position)
             self.bm25.extend([unit.key_text for unit in units])
             self.units = [*self.units[:position], *units]
-
-    def snapshot(self) -> tuple[list[MemoryUnit], np.ndarray]:
-        """The units and a copy of their key embeddings, read together."""
-        with self._lock:
-            return list(self.units), self.embeddings.copy()
 
     def position_of(self, first_exchange: int) -> int:
         """How many units start before exchange ``first_exchange``."""

@@ -87,6 +87,16 @@ def test_bm25_grown_and_truncated_equals_one_built_at_once() -> None:
         np.testing.assert_allclose(grown.scores(query), whole.scores(query), rtol=1e-6)
 
 
+def test_bm25_truncates_documents_that_share_a_word_only_among_themselves() -> None:
+    grown = Bm25Index(TEXTS[:3])
+    grown.extend(["zebra crossing", "zebra stripes"])  # "zebra" in no kept document
+    grown.truncate(3)
+    grown.extend(TEXTS[3:])
+    whole = Bm25Index(TEXTS)
+    for query in [*QUERIES, "zebra"]:
+        np.testing.assert_allclose(grown.scores(query), whole.scores(query), rtol=1e-6)
+
+
 def test_unit_index_replaces_only_the_tail() -> None:
     vectors = _bag_of_words([u.key_text for u in UNITS])
     index = UnitIndex(UNITS[:2], vectors[:2])
