@@ -133,10 +133,30 @@ class ConversationMemory:
 
     def store_exchange(self, key: ConversationKey, request_id: str, user_text: str,
                        assistant_text: str, generation: int | None = None) -> bool:
-        vector = self.embed([exchange_text(user_text, assistant_text)])[0]
+        text = exchange_text(user_text, assistant_text)
+        vector = self.embed([text])[0]
         with self._writer_lock(key):
-            return self.store.add_exchange(key, request_id, user_text, assistant_text,
-                                           _blob(vector), generation)
+            if not self.store.add_exchange(key, request_id, user_text, assistant_text,
+                                           _blob(vector), generation):
+                return False
+            self._add_pending_unit(key, self.store.exchange_count(key) - 1, text, vector,
+                                   generation)
+            return True
+
+    def _add_pending_unit(self, key: ConversationKey, position: int, text: str,
+                          vector: np.ndarray, generation: int | None) -> None:
+        """The new exchange joins the cached index as a unit of its own until the write's
+        units replace it (`_write_units` replaces from the open tail on, and the exchange
+        lies in the tail). Segmentation by the served model can take seconds under load:
+        without this a next turn sent meanwhile would not recall the previous one."""
+        with self._lock:
+            cached = self._indexes.get(key)
+        if cached is None or (generation is not None and cached[1] != generation):
+            return  # the next recall loads the index from the store
+        index = cached[0]
+        unit = MemoryUnit(self.settings.granularity, position, position, text, text)
+        index.replace_from(len(index.units), [unit],
+                           np.asarray(vector, dtype=np.float32)[None, :])
 
     def open_tail(self, key: ConversationKey) -> StoredTail:
         """The open segment and every exchange after it, with TextTiling's context rows."""
@@ -276,22 +296,6 @@ class ConversationMemory:
     def generation(self, key: ConversationKey) -> int:
         return self.store.generation(key)
 
-    def _with_pending_exchanges(self, key: ConversationKey, index: UnitIndex) -> UnitIndex:
-        """``index`` plus the exchanges stored but not yet in a unit, each as a unit of its
-        own with the vector stored with it. A write stores its exchange before segmenting
-        (the served model's call can take seconds under load): without this, a next turn
-        sent meanwhile would not recall the previous one. The write's units replace them;
-        this index is not cached."""
-        units, vectors = index.snapshot()
-        covered = units[-1].last_exchange + 1 if units else 0
-        if self.store.exchange_count(key) <= covered:
-            return index
-        pending = self.store.exchanges(key, since=covered)
-        extra = [MemoryUnit(self.settings.granularity, e.position, e.position, e.text, e.text)
-                 for e in pending]
-        pending_vectors = self._exchange_vectors(key, pending, covered)
-        return UnitIndex([*units, *extra], np.concatenate([vectors, pending_vectors]))
-
     def recall(self, key: ConversationKey, query: str) -> list[MemoryUnit]:
         """The conversation's units most relevant to ``query``, in conversation order."""
         return self.recall_with_generation(key, query)[0]
@@ -300,7 +304,7 @@ class ConversationMemory:
                                query: str) -> tuple[list[MemoryUnit], int]:
         """`recall`, and the erase generation it read: a write for this request carries it."""
         generation = self.store.generation(key)
-        index = self._with_pending_exchanges(key, self._index(key, generation))
+        index = self._index(key, generation)
         if not index.units:
             return [], generation
         vector = self.embed([query])[0] if self.settings.method != "bm25" else None
