@@ -12,6 +12,7 @@ from pathlib import Path
 from attention_backends.usage import read_usage
 from server.config import ServerSettings
 from server.launcher import (
+    WorkerProcess,
     free_port,
     resolve_model_path,
     start_worker,
@@ -23,6 +24,27 @@ from tests.integration.conftest import _start_gateway
 
 
 @contextmanager
+def gateway_over_worker(run_dir: Path, env: dict[str, str], settings: ServerSettings,
+                        model_path: Path | None = None) -> Iterator[tuple[str, WorkerProcess]]:
+    """(the gateway's URL, the worker) for one worker of ``settings`` started with ``env``."""
+    path = model_path if model_path is not None else resolve_model_path(settings)
+    worker = start_worker(settings, path, 0, port=free_port(), extra_env=env)
+    gateway: subprocess.Popen | None = None
+    try:
+        wait_until_healthy([worker], timeout_s=600)
+        port = free_port()
+        gateway = _start_gateway([worker.url], port, run_dir / "gateway.log", [])
+        url = f"http://127.0.0.1:{port}"
+        wait_for_health(url, gateway)
+        yield url, worker
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(timeout=15)
+        stop_workers([worker])
+
+
+@contextmanager
 def gateway_over_attention_worker(run_dir: Path, env: dict[str, str],
                                   chunk_tokens: int) -> Iterator[str]:
     """The gateway's URL, over one worker started with ``env`` whose prefill runs in
@@ -31,21 +53,8 @@ def gateway_over_attention_worker(run_dir: Path, env: dict[str, str],
         workers=1, kv_cache_space_gib=1, max_model_len=2048,
         worker_extra_args=["--max-num-batched-tokens", str(chunk_tokens)],
     )
-    worker = start_worker(settings, resolve_model_path(settings), 0, port=free_port(),
-                          extra_env=env)
-    gateway: subprocess.Popen | None = None
-    try:
-        wait_until_healthy([worker], timeout_s=600)
-        port = free_port()
-        gateway = _start_gateway([worker.url], port, run_dir / "gateway.log", [])
-        url = f"http://127.0.0.1:{port}"
-        wait_for_health(url, gateway)
+    with gateway_over_worker(run_dir, env, settings) as (url, _):
         yield url
-    finally:
-        if gateway is not None:
-            gateway.terminate()
-            gateway.wait(timeout=15)
-        stop_workers([worker])
 
 
 def usage_after(stats_dir: Path, min_steps: int) -> dict[int, dict[str, int]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,15 +22,9 @@ from attention_backends.usage import total_usage
 from kv_manager.leank.layout import LayerLayout
 from kv_manager.leank.mask import load_mask
 from server.config import ServerSettings
-from server.launcher import (
-    free_port,
-    resolve_model_path,
-    start_worker,
-    stop_workers,
-    wait_for_health,
-    wait_until_healthy,
-)
-from tests.integration.conftest import MODEL, _start_gateway
+from server.launcher import resolve_model_path
+from tests.integration.attention_worker import gateway_over_worker
+from tests.integration.conftest import MODEL
 
 MASK = Path("kv_manager/leank/masks/smollm2-135m-instruct_s0.7_a16_layeruniform.safetensors")
 CAPACITY_LINE = re.compile(r"KV cache size: ([\d,]+) tokens")
@@ -55,25 +48,14 @@ def capacity_tokens(log_path: Path) -> int:
 
 
 @contextmanager
-def gateway_over_worker(run_dir: Path, env: dict[str, str]) -> Iterator[tuple[str, Path]]:
+def gateway_over_worker_with_own_log(run_dir: Path,
+                                     env: dict[str, str]) -> Iterator[tuple[str, Path]]:
     """(gateway URL, worker log) for one worker with its own data dir (so its own log)."""
-    model_path = resolve_model_path(ServerSettings())
     settings = ServerSettings(workers=1, kv_cache_space_gib=1, max_model_len=2048,
                               data_dir=run_dir)
-    worker = start_worker(settings, model_path, 0, port=free_port(), extra_env=env)
-    gateway: subprocess.Popen | None = None
-    try:
-        wait_until_healthy([worker], timeout_s=600)
-        port = free_port()
-        gateway = _start_gateway([worker.url], port, run_dir / "gateway.log", [])
-        url = f"http://127.0.0.1:{port}"
-        wait_for_health(url, gateway)
+    with gateway_over_worker(run_dir, env, settings,
+                             resolve_model_path(ServerSettings())) as (url, worker):
         yield url, worker.log_path
-    finally:
-        if gateway is not None:
-            gateway.terminate()
-            gateway.wait(timeout=15)
-        stop_workers([worker])
 
 
 def complete(url: str, prompt: str, max_tokens: int) -> str:
@@ -87,7 +69,8 @@ def complete(url: str, prompt: str, max_tokens: int) -> str:
 def dense_capacity(tmp_path_factory: pytest.TempPathFactory) -> int:
     """The negative control: the same worker settings, mask off."""
     run_dir = tmp_path_factory.mktemp("leank_dense")
-    with gateway_over_worker(run_dir, {"TESSERA_ATTENTION_METHOD": "dense"}) as (url, log):
+    with gateway_over_worker_with_own_log(run_dir, {"TESSERA_ATTENTION_METHOD": "dense"}) as (
+            url, log):
         assert "Paris" in complete(url, "The capital of France is", 4)
         return capacity_tokens(log)
 
@@ -98,7 +81,7 @@ def leank_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     stats_dir = run_dir / "stats"
     env = {"TESSERA_ATTENTION_LEANK_MASK": str(MASK.resolve()),
            "TESSERA_ATTENTION_STATS_DIR": str(stats_dir)}
-    with gateway_over_worker(run_dir, env) as (url, log):
+    with gateway_over_worker_with_own_log(run_dir, env) as (url, log):
         yield url, log, stats_dir
 
 
@@ -139,6 +122,7 @@ def test_mask_for_another_model_stops_the_worker(tmp_path: Path) -> None:
                       sparsity=mask.sparsity, align=mask.align)
     save_mask(other, tmp_path / "other.safetensors")
     env = {"TESSERA_ATTENTION_LEANK_MASK": str(tmp_path / "other.safetensors")}
-    with pytest.raises(RuntimeError, match="exited"), gateway_over_worker(tmp_path, env):
+    with (pytest.raises(RuntimeError, match="exited"),
+          gateway_over_worker_with_own_log(tmp_path, env)):
         pass
     assert "LeanK mask was trained for" in (tmp_path / "logs" / "worker-0.log").read_text()
