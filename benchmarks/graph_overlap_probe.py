@@ -207,12 +207,42 @@ def run_scenario(name: str) -> dict:
             "after": overlapping_boundaries(torch, graph)}
 
 
+def plot(result: dict, png: Path) -> None:
+    """Replay time before and after each scenario, with the kernel overlaps seen after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in result["rows"] if "error" not in row]
+    names = [row["scenario"] for row in rows]
+    xs = range(len(rows))
+    fig, axis = plt.subplots(figsize=(11, 4))
+    axis.bar([x - 0.2 for x in xs], [row["replay_us_before"] for row in rows], 0.4,
+             label="replay before")
+    axis.bar([x + 0.2 for x in xs], [row["replay_us_after"] for row in rows], 0.4,
+             label="replay after")
+    for x, row in zip(xs, rows, strict=True):
+        axis.annotate(f"{row['after']['overlapping']} overlaps", (x, row["replay_us_after"]),
+                      ha="center", va="bottom", fontsize=7)
+    axis.set_xticks(list(xs), names, rotation=20, fontsize=7)
+    axis.set_ylabel("graph replay (us, median of 7 blocks)")
+    axis.set_title("decode-like CUDA graph replay before / after each thing a sparse prefill does")
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--scenario", choices=SCENARIOS, help="run one (in this process)")
     parser.add_argument("--repeats", type=int, default=1, help="fresh processes a scenario")
+    parser.add_argument("--plot-only", type=Path, help="draw the PNG of a result JSON")
     args = parser.parse_args()
+    if args.plot_only is not None:
+        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        return
     if args.scenario:
         print(json.dumps(run_scenario(args.scenario)))
         return
