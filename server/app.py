@@ -8,7 +8,6 @@ import hmac
 import json
 import logging
 import time
-from collections import Counter as Tally
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from server.errors import (
     no_healthy_worker_error,
     validation_error,
 )
+from server.key_slots import KeySlots
 from server.memory import (
     CONVERSATION_FIELD,
     find_memory,
@@ -109,7 +109,7 @@ class Gateway:
             memory.use_units_histogram(self.metrics.memory_units_retrieved)
         if memory is not None and hasattr(memory, "use_model"):  # segmentation by the model
             memory.use_model(stage_model_client(self.pool, lambda: self.client))
-        self.in_flight_per_key: Tally[str] = Tally()
+        self.key_slots = KeySlots(settings.max_concurrent_per_key)
         self.response_owners = ResponseOwners()
         self._api_keys = [key.encode() for key in settings.api_keys]
         self.client: httpx.AsyncClient | None = None
@@ -242,28 +242,6 @@ class Gateway:
         setattr(parsed, spec.max_tokens_field, ceiling)
         return True
 
-    def acquire_slot(self, api_key: str | None) -> Callable[[], None]:
-        """Take one of the key's concurrent-request slots; returns an idempotent release.
-
-        A streamed response outlives the route handler, so the slot is released by whoever
-        finishes last: the handler for plain responses, the stream relay for streams.
-        """
-        limit = self.settings.max_concurrent_per_key
-        key = api_key or "-"
-        if limit and self.in_flight_per_key[key] >= limit:
-            raise OpenAIError(429, f"Too many concurrent requests for this key (limit {limit}).",
-                              type="rate_limit_error", code="concurrency_limit_exceeded")
-        self.in_flight_per_key[key] += 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.in_flight_per_key[key] -= 1
-
-        return release
-
     # --- every forwarded route goes through here
     async def forward(self, request: Request, spec: RouteSpec) -> Response:
         started = time.perf_counter()
@@ -276,8 +254,7 @@ class Gateway:
         notes = memory_notes(request, payload) if spec.runs_pipeline else {}
         parsed = self.validate(payload, spec)
         defaulted = self.apply_ceiling_default(parsed, payload, spec) or stripped
-        release_slot = self.acquire_slot(api_key)
-        try:
+        with self.key_slots.hold(api_key) as slot:
             # The client's own bytes go upstream unless something changed the request: no
             # re-encoding of a large body, and unknown fields stay byte-for-byte as sent.
             body = json.dumps(payload).encode() if defaulted else raw
@@ -306,15 +283,11 @@ class Gateway:
                     route=spec.route, path=spec.path, body=body,
                     stream=bool(getattr(parsed, "stream", False)), request_id=request_id,
                     started=started, model=getattr(parsed, "model", None),
-                    fingerprints=fingerprints, on_stream_end=release_slot,
+                    fingerprints=fingerprints, on_stream_end=slot.release,
                     pinned_worker=pinned,
                     on_worker=served_by.append if spec.route == "responses" else None,
                 )))
-        except BaseException:
-            release_slot()
-            raise
-        if response.media_type != "text/event-stream":
-            release_slot()
+            slot.follow(response)
         if served_by:
             self._remember_response(response, served_by[0], api_key)
         if context is not None and context.wants_outcome:
@@ -363,20 +336,14 @@ class Gateway:
         query = request.url.query
         path = f"/v1/responses/{response_id}{suffix}" + (f"?{query}" if query else "")
         stream = request.query_params.get("stream", "").lower() == "true"
-        release_slot = self.acquire_slot(api_key)
         assert self.forwarder is not None, "lifespan not started"
-        try:
+        with self.key_slots.hold(api_key) as slot:
             response = await _unless_client_leaves(request.receive, self.forwarder.forward(
                 ForwardRequest(route="responses_by_id", path=path, body=b"", stream=stream,
                                request_id=request.state.request_id, started=started,
-                               on_stream_end=release_slot, method=method,
+                               on_stream_end=slot.release, method=method,
                                pinned_worker=owner)))
-        except BaseException:
-            release_slot()
-            raise
-        if response.media_type != "text/event-stream":
-            release_slot()
-        return response
+            return slot.follow(response)
 
     def _after_response(self, response: Response, request: BaseModel,
                         context: RequestContext) -> None:

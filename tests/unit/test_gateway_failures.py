@@ -249,4 +249,4 @@ async def test_stream_left_during_prefill_frees_worker_slot_and_upstream() -> No
         await asyncio.wait_for(prefill.closed_by_gateway.wait(), 2.0)
         gateway = client.gateway  # type: ignore[attr-defined]
         assert gateway.pool.workers[0].outstanding == 0
-        assert gateway.in_flight_per_key["-"] == 0
+        assert gateway.key_slots.in_flight["-"] == 0
