@@ -25,12 +25,18 @@ from vllm.v1.attention.backends.cpu_attn import (
 from attention_backends import leank_cache, prompt_lengths
 from attention_backends.dispatch import PrefillDecodeSplit, split_prefill_decode
 from attention_backends.vllm_layers import PerLayerPattern, attention_settings, attention_usage
+from attention_backends.worker_metrics import DensePoolBytes
 
 BACKEND_NAME = "tessera-cpu"
 
 
 def _usage():
     return attention_usage(BACKEND_NAME)
+
+
+@functools.cache
+def _dense_pool_bytes() -> DensePoolBytes:
+    return DensePoolBytes(attention_settings().stats_dir)
 
 
 @functools.cache
@@ -125,6 +131,7 @@ class TesseraCPUAttentionImpl(PerLayerPattern, CPUAttentionBackendImpl):
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         if self.leank is None:
+            _dense_pool_bytes().note(layer, kv_cache, self.num_kv_heads, self.head_size)
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         self.leank.write(layer, key, value, kv_cache, slot_mapping)
 

@@ -25,8 +25,6 @@ and is checked against the served model's fingerprint when the first layer is bu
 from __future__ import annotations
 
 import functools
-import json
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,6 +34,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 from attention_backends.policy import ModelFingerprint
 from attention_backends.vllm_layers import attention_settings
+from attention_backends.worker_metrics import write_kv_bytes
 from kv_manager.leank.apply import (
     live_values,
     prefill_over_pruned_prefix,
@@ -225,9 +224,9 @@ _kv_bytes_written = False
 
 
 def write_kv_bytes_once(served: ServedLeanK, kv_cache: torch.Tensor) -> None:
-    """Log the KV bytes once per worker and, with a stats dir, write them as Prometheus text
-    (``tessera_kv_bytes``) and JSON beside the usage counters: metrics made in a worker
-    process never reach vLLM's ``/metrics``."""
+    """Log the KV bytes once per worker and, with a stats dir, write them there for the
+    API server to show as ``tessera_kv_bytes`` (``worker_metrics.py``: metrics made in the
+    engine process never reach vLLM's ``/metrics`` by themselves)."""
     global _kv_bytes_written
     if _kv_bytes_written:
         return
@@ -235,13 +234,5 @@ def write_kv_bytes_once(served: ServedLeanK, kv_cache: torch.Tensor) -> None:
     values = kv_bytes_metrics(served, kv_cache)
     logger.info("tessera LeanK KV bytes: %s", values)
     stats_dir = attention_settings().stats_dir
-    if stats_dir is None:
-        return
-    stats_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["# TYPE tessera_kv_bytes gauge"]
-    for kind in ("k", "v"):
-        for state in ("dense", "stored"):
-            lines.append(f'tessera_kv_bytes{{kind="{kind}",state="{state}"}} '
-                         f"{values[f'{kind}_{state}']}")
-    (stats_dir / f"leank-kv-bytes-{os.getpid()}.prom").write_text("\n".join(lines) + "\n")
-    (stats_dir / f"leank-kv-bytes-{os.getpid()}.json").write_text(json.dumps(values))
+    if stats_dir is not None:
+        write_kv_bytes(stats_dir, values)

@@ -48,6 +48,9 @@ def resolve_model_path(settings: ServerSettings) -> Path:
     return prepare_model(settings.data_dir)
 
 
+WORKER_METRICS_MIDDLEWARE = "attention_backends.worker_metrics.TesseraWorkerMetrics"
+
+
 def worker_command(settings: ServerSettings, model_path: Path, host: str, port: int) -> list[str]:
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -60,6 +63,8 @@ def worker_command(settings: ServerSettings, model_path: Path, host: str, port: 
         # Lets the gateway's x-request-id become vLLM's request id (one id across hops).
         "--enable-request-id-headers",
         "--disable-uvicorn-access-log",
+        # tessera's own worker metrics (KV bytes, attention paths) on the worker's /metrics.
+        "--middleware", WORKER_METRICS_MIDDLEWARE,
     ]
     if settings.enforce_eager:
         command.append("--enforce-eager")

@@ -41,6 +41,8 @@ QUANTILES = (0.5, 0.95, 0.99)
 # Selectors, as in vLLM's dashboards (workers) and the gateway's equivalent.
 VLLM = 'job=~"$job", model_name=~"$model_name", instance=~"$instance"'
 GATEWAY = 'job=~"$gateway_job"'
+# tessera's own worker metrics (attention_backends/worker_metrics.py) carry no model_name.
+TESSERA_WORKER = 'job=~"$job", instance=~"$instance"'
 # Client traffic only: Prometheus' scrapes and health probes are counted by the gateway too.
 GATEWAY_ROUTE = 'job=~"$gateway_job", route=~"$route", route!~"health|metrics"'
 
@@ -337,6 +339,39 @@ def worker_rows() -> list[RowSpec]:
                         )
                     ],
                     unit="percentunit",
+                    width=12,
+                ),
+            ],
+        ),
+        RowSpec(
+            "tessera: KV savings and attention paths",
+            [
+                PanelSpec(
+                    "KV cache bytes by worker, stored vs dense",
+                    "The KV pool as its pages store it and as a dense cache would need for "
+                    "the same tokens (equal without LeanK; LeanK stores pruned K).",
+                    [
+                        Query(
+                            "sum by (instance, kind, state) "
+                            f"(tessera_kv_bytes{{{TESSERA_WORKER}}})",
+                            "{{kind}} {{state}} {{instance}}",
+                        )
+                    ],
+                    unit="bytes",
+                    width=12,
+                ),
+                PanelSpec(
+                    "Attention query tokens / s by path",
+                    "Query tokens through each attention path of tessera's backend (dense, "
+                    "a sparse prefill pattern, LeanK or RetroInfer decode), all layers.",
+                    [
+                        Query(
+                            "sum by (path) (rate(tessera_attention_query_tokens_total"
+                            f"{{{TESSERA_WORKER}}}[$__rate_interval]))",
+                            "{{path}}",
+                        )
+                    ],
+                    unit="short",
                     width=12,
                 ),
             ],

@@ -9,7 +9,6 @@ from our page spec ("KV cache size: N tokens"); that is the number read here, no
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from attention_backends.usage import total_usage
 from kv_manager.leank.layout import LayerLayout
@@ -49,13 +49,27 @@ def capacity_tokens(log_path: Path) -> int:
 
 @contextmanager
 def gateway_over_worker_with_own_log(run_dir: Path,
-                                     env: dict[str, str]) -> Iterator[tuple[str, Path]]:
-    """(gateway URL, worker log) for one worker with its own data dir (so its own log)."""
+                                     env: dict[str, str]) -> Iterator[tuple[str, Path, str]]:
+    """(gateway URL, worker log, worker URL) for one worker with its own data dir (so its
+    own log)."""
     settings = ServerSettings(workers=1, kv_cache_space_gib=1, max_model_len=2048,
                               data_dir=run_dir)
     with gateway_over_worker(run_dir, env, settings,
                              resolve_model_path(ServerSettings())) as (url, worker):
-        yield url, worker.log_path
+        yield url, worker.log_path, worker.url
+
+
+def worker_kv_metrics(worker_url: str) -> dict[str, float]:
+    """tessera's KV gauges as the worker's own /metrics shows them (a Prometheus scrape)."""
+    text = httpx.get(f"{worker_url}/metrics", timeout=30).text
+    shown = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tessera_kv_bytes":
+                shown[f"{sample.labels['kind']}_{sample.labels['state']}"] = sample.value
+            elif sample.name == "tessera_kv_capacity_tokens":
+                shown["capacity_tokens"] = sample.value
+    return shown
 
 
 def complete(url: str, prompt: str, max_tokens: int) -> str:
@@ -69,24 +83,31 @@ def complete(url: str, prompt: str, max_tokens: int) -> str:
 def dense_capacity(tmp_path_factory: pytest.TempPathFactory) -> int:
     """The negative control: the same worker settings, mask off."""
     run_dir = tmp_path_factory.mktemp("leank_dense")
-    with gateway_over_worker_with_own_log(run_dir, {"TESSERA_ATTENTION_METHOD": "dense"}) as (
-            url, log):
+    env = {"TESSERA_ATTENTION_METHOD": "dense",
+           "TESSERA_ATTENTION_STATS_DIR": str(run_dir / "stats")}
+    with gateway_over_worker_with_own_log(run_dir, env) as (url, log, worker_url):
         assert "Paris" in complete(url, "The capital of France is", 4)
+        # The dense worker's own /metrics: stored == dense, and vLLM's logged capacity.
+        shown = worker_kv_metrics(worker_url)
+        assert shown["k_stored"] == shown["k_dense"] > 0, shown
+        assert shown["v_stored"] == shown["v_dense"] == shown["k_dense"], shown
+        assert shown["capacity_tokens"] == capacity_tokens(log), shown
         return capacity_tokens(log)
 
 
 @pytest.fixture(scope="module")
-def leank_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+def leank_worker(tmp_path_factory: pytest.TempPathFactory,
+                 ) -> Iterator[tuple[str, Path, Path, str]]:
     run_dir = tmp_path_factory.mktemp("leank")
     stats_dir = run_dir / "stats"
     env = {"TESSERA_ATTENTION_LEANK_MASK": str(MASK.resolve()),
            "TESSERA_ATTENTION_STATS_DIR": str(stats_dir)}
-    with gateway_over_worker_with_own_log(run_dir, env) as (url, log):
-        yield url, log, stats_dir
+    with gateway_over_worker_with_own_log(run_dir, env) as (url, log, worker_url):
+        yield url, log, stats_dir, worker_url
 
 
 def test_capacity_grows_by_the_saved_bytes(dense_capacity: int, leank_worker) -> None:
-    _, log, _ = leank_worker
+    _, log, _, _ = leank_worker
     ratio = capacity_tokens(log) / dense_capacity
     # Whole blocks only: the pool rounds down to a block of 128 tokens per side.
     assert ratio == pytest.approx(expected_capacity_ratio(MASK), rel=0.01)
@@ -94,21 +115,20 @@ def test_capacity_grows_by_the_saved_bytes(dense_capacity: int, leank_worker) ->
 
 
 def test_generation_answers_through_the_gateway(leank_worker) -> None:
-    url, _, stats_dir = leank_worker
+    url, _, stats_dir, _ = leank_worker
     assert "Paris" in complete(url, "The capital of France is", 4)
     usage = total_usage(stats_dir)
     assert all(paths.get("leank_decode", 0) > 0 for paths in usage.values())
     assert all(paths.get("dense", 0) == 0 for paths in usage.values())
 
 
-def test_kv_bytes_metric_reports_stored_below_dense(leank_worker) -> None:
-    _, _, stats_dir = leank_worker
-    [prom] = stats_dir.glob("leank-kv-bytes-*.prom")
-    assert 'tessera_kv_bytes{kind="k",state="stored"}' in prom.read_text()
-    [values_file] = stats_dir.glob("leank-kv-bytes-*.json")
-    values = json.loads(values_file.read_text())
-    assert values["k_stored"] < values["k_dense"]
-    assert values["v_stored"] <= values["v_dense"]
+def test_kv_bytes_metric_reports_stored_below_dense(dense_capacity: int, leank_worker) -> None:
+    """Read from the running worker's /metrics, as Prometheus scrapes it."""
+    _, log, _, worker_url = leank_worker
+    shown = worker_kv_metrics(worker_url)
+    assert shown["k_stored"] < shown["k_dense"], shown
+    assert shown["v_stored"] <= shown["v_dense"], shown
+    assert shown["capacity_tokens"] == capacity_tokens(log) > dense_capacity, shown
 
 
 def test_mask_for_another_model_stops_the_worker(tmp_path: Path) -> None:
