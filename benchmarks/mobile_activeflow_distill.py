@@ -1,0 +1,254 @@
+"""ActiveFlow quality before and after sparsity-aware self-distillation (issue 25).
+
+For the original SmolLM2-135M ("raw": TEAL thresholds only) and the distilled student
+(`tessera mobile distill`), at sparsity 0 / 0.3 / 0.5 / 0.7: thresholds calibrated the same
+way for both (the sparsity quantile of unmasked |x| on the first 256 tokens of GPL-3), then
+perplexity, realized sparsity and top-1 agreement with the *original dense* model on two
+held-out sets never trained on (`mobile/activeflow/corpus.py`): Apache-2.0 (first 1024
+tokens, one sequence) and 4 held-out doc files (first 256 tokens each).
+Negative control: the original model with *random* channels dropped at the same share
+(0.5) instead of the smallest-magnitude ones: magnitude thresholds must beat it by far.
+Engine cross-check: the distilled flash file run through the real ActiveFlow engine at
+sp 0.5 (engine-calibrated thresholds) on the first `--engine-tokens` Apache tokens, next to
+the torch evaluation of the same tokens.
+
+    flock -s /tmp/tessera-cpu-timing.lock .venv/bin/python benchmarks/mobile_activeflow_distill.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mobile.activeflow.corpus import APACHE, CALIBRATION, split_texts  # noqa: E402
+from mobile.activeflow.distill import (  # noqa: E402
+    calibrate,
+    evaluate,
+    load_model,
+    projections,
+)
+from mobile.activeflow.text import load_tokenizer  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+MODEL = ROOT / "data/models/smollm2-135m-instruct"
+DISTILLED = ROOT / "data/mobile/smollm2-135m-instruct-distilled-sp0.5"
+LEVELS = (0.0, 0.3, 0.5, 0.7)
+
+
+def eval_sets(tok, apache_tokens: int, docs: int, doc_tokens: int) -> dict[str, list[list[int]]]:
+    held = split_texts()["eval_docs"][:docs]
+    return {
+        "apache": [tok.encode(APACHE.read_text()).ids[:apache_tokens]],
+        "docs": [tok.encode(t).ids[:doc_tokens] for t in held],
+    }
+
+
+@contextmanager
+def random_masks(model: torch.nn.Module, keep: float, seed: int):
+    """Negative control: each projection input keeps a random `keep` share of its channels."""
+    gen = torch.Generator().manual_seed(seed)
+    handles = []
+    for _layer, _name, proj in projections(model):
+
+        def hook(_m, args):
+            m = (torch.rand(args[0].shape, generator=gen) < keep).to(args[0].dtype)
+            return (args[0] * m,) + tuple(args[1:])
+
+        handles.append(proj.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def quality_rows(name: str, model, calib: list[int], sets: dict, ref: dict) -> list[dict]:
+    rows = []
+    for sp in LEVELS:
+        th = calibrate(model, calib, sp) if sp else None
+        row = {"weights": name, "sparsity": sp}
+        for set_name, seqs in sets.items():
+            r = evaluate(model, seqs, th, ref[set_name])
+            row[set_name] = {k: v for k, v in r.items() if k != "top1"}
+        rows.append(row)
+        print(
+            f"  {name} sp={sp}: "
+            + ", ".join(
+                f"{s} ppl {row[s]['perplexity']:.2f} "
+                f"top-1 {row[s]['top1_agreement_with_dense']:.3f} "
+                f"sp {row[s]['realized_sparsity']:.2f}"
+                for s in sets
+            ),
+            flush=True,
+        )
+    return rows
+
+
+def engine_check(flash: Path, thresholds: Path, ids: list[int], sp: float) -> dict:
+    """The distilled flash file through the real engine: ppl and top-1 per position."""
+    from mobile.activeflow.engine import ActiveFlowEngine, EngineOptions
+    from mobile.activeflow.layout import FlashIndex
+    from mobile.activeflow.sparsity import load_thresholds
+
+    index = FlashIndex.load(flash)
+    engine = ActiveFlowEngine(
+        index,
+        EngineOptions(budget_bytes=index.weight_bytes + (64 << 20), max_seq_len=len(ids)),
+        load_thresholds(thresholds)[sp],
+    )
+    nll, top1 = [], []
+    for i, t in enumerate(ids):
+        logits = engine.forward_token(t).astype(np.float64)
+        top1.append(int(np.argmax(logits)))
+        if i + 1 < len(ids):
+            m = logits.max()
+            nll.append(m + np.log(np.exp(logits - m).sum()) - logits[ids[i + 1]])
+    engine.close()
+    return {"perplexity": float(np.exp(np.mean(nll))), "top1": top1}
+
+
+def plot(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for set_name, ls in (("apache", "-"), ("docs", "--")):
+        for weights, color in (("raw", "C0"), ("distilled", "C1")):
+            rows = [r for r in result["quality"] if r["weights"] == weights]
+            xs = [r["sparsity"] for r in rows]
+            axes[0].plot(
+                xs,
+                [r[set_name]["perplexity"] for r in rows],
+                "o" + ls,
+                color=color,
+                label=f"{weights}, {set_name}",
+            )
+            axes[1].plot(
+                xs,
+                [r[set_name]["top1_agreement_with_dense"] for r in rows],
+                "o" + ls,
+                color=color,
+                label=f"{weights}, {set_name}",
+            )
+    ctrl = result["negative_control"]
+    for set_name, marker in (("apache", "x"), ("docs", "+")):
+        axes[0].plot(
+            [0.5],
+            [ctrl[set_name]["perplexity"]],
+            marker,
+            color="k",
+            label=f"random masks 0.5, {set_name}",
+        )
+        axes[1].plot([0.5], [ctrl[set_name]["top1_agreement_with_dense"]], marker, color="k")
+    axes[0].set(
+        xlabel="target activation sparsity",
+        ylabel="perplexity",
+        yscale="log",
+        title="held-out text (never trained on)",
+    )
+    axes[1].set(
+        xlabel="target activation sparsity",
+        ylabel="top-1 agreement with original dense",
+        ylim=(0, 1.02),
+    )
+    axes[0].legend(fontsize=7)
+    losses = result["training"]["losses"]
+    axes[2].plot(losses, lw=0.6, label="per step")
+    if len(losses) >= 10:
+        axes[2].plot(np.convolve(losses, np.ones(10) / 10, mode="valid"), label="mean of 10")
+    axes[2].set(
+        xlabel="step (256 tokens)",
+        ylabel="KL(dense || masked student)",
+        title=f"distillation at sp {result['training']['config']['sparsity']}",
+    )
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"benchmarks/mobile_activeflow_distill.py, {result['date']}, SmolLM2-135M")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--distilled", type=Path, default=DISTILLED)
+    parser.add_argument("--apache-tokens", type=int, default=1024)
+    parser.add_argument("--docs", type=int, default=4)
+    parser.add_argument("--doc-tokens", type=int, default=256)
+    parser.add_argument("--engine-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="mobile_activeflow_distill")
+    parser.add_argument("--plot-only", type=Path)
+    args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        return
+    torch.set_num_threads(args.threads)
+    t0 = time.monotonic()
+    tok = load_tokenizer(MODEL)
+    calib = tok.encode(CALIBRATION.read_text()).ids[:256]
+    sets = eval_sets(tok, args.apache_tokens, args.docs, args.doc_tokens)
+    original = load_model(MODEL).eval()
+    ref = {s: evaluate(original, seqs, None)["top1"] for s, seqs in sets.items()}
+    print("[distill-bench] quality", flush=True)
+    rows = quality_rows("raw", original, calib, sets, ref)
+    with random_masks(original, keep=0.5, seed=0):
+        control = {
+            s: {k: v for k, v in evaluate(original, seqs, None, ref[s]).items() if k != "top1"}
+            for s, seqs in sets.items()
+        }
+    print(f"  negative control (random 50% masks): {control}", flush=True)
+    distilled = load_model(args.distilled).eval()
+    rows += quality_rows("distilled", distilled, calib, sets, ref)
+    meta = json.loads((args.distilled / "distill.json").read_text())
+    result = {
+        "date": dt.date.today().isoformat(),
+        "script": "benchmarks/mobile_activeflow_distill.py",
+        "distilled": str(args.distilled),
+        "quality": rows,
+        "negative_control": control,
+        "eval_tokens": {s: sum(map(len, q)) for s, q in sets.items()},
+        "calibration": f"{CALIBRATION} first 256 tokens",
+        "training": {k: meta["log"][k] for k in ("config", "losses", "sparsity", "elapsed_s")},
+    }
+    flash = Path(f"{args.distilled}.flash.bin")
+    if args.engine_tokens and Path(f"{flash}.thresholds.json").exists():
+        ids = sets["apache"][0][: args.engine_tokens]
+        eng = engine_check(flash, Path(f"{flash}.thresholds.json"), ids, 0.5)
+        th = calibrate(distilled, calib, 0.5)
+        torch_r = evaluate(distilled, [ids], th, [ref["apache"][0][: len(ids)]])
+        result["engine_check"] = {
+            "tokens": len(ids),
+            "sparsity": 0.5,
+            "engine_perplexity": eng["perplexity"],
+            "torch_perplexity": torch_r["perplexity"],
+            "engine_top1_agreement_with_dense": float(
+                np.mean(np.array(eng["top1"]) == ref["apache"][0][: len(ids)])
+            ),
+            "torch_top1_agreement_with_dense": torch_r["top1_agreement_with_dense"],
+            "engine_vs_torch_top1_agreement": float(
+                np.mean(np.array(eng["top1"]) == torch_r["top1"][0])
+            ),
+        }
+        print(f"  engine check: {result['engine_check']}", flush=True)
+    result["wall_s"] = time.monotonic() - t0
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{args.out}.json"
+    out.write_text(json.dumps(result, indent=1))
+    plot(result, out.with_suffix(".png"))
+    print(f"[distill-bench] wrote {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
