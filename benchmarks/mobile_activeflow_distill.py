@@ -5,7 +5,7 @@ For the original SmolLM2-135M ("raw": TEAL thresholds only) and the distilled st
 way for both (the sparsity quantile of unmasked |x| on the first 256 tokens of GPL-3), then
 perplexity, realized sparsity and top-1 agreement with the *original dense* model on two
 held-out sets never trained on (`mobile/activeflow/corpus.py`): Apache-2.0 (first 1024
-tokens, one sequence) and 4 held-out doc files (first 256 tokens each).
+tokens, one sequence) and 5 held-out doc files (every 6th; first 256 tokens each).
 Negative control: the original model with *random* channels dropped at the same share
 (0.5) instead of the smallest-magnitude ones: magnitude thresholds must beat it by far.
 Engine cross-check: the distilled flash file run through the real ActiveFlow engine at
@@ -42,12 +42,13 @@ from mobile.activeflow.text import load_tokenizer  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = ROOT / "data/models/smollm2-135m-instruct"
-DISTILLED = ROOT / "data/mobile/smollm2-135m-instruct-distilled-sp0.5"
+DISTILLED = [ROOT / f"data/mobile/smollm2-135m-instruct-distilled-sp{sp}" for sp in (0.5, 0.7)]
 LEVELS = (0.0, 0.3, 0.5, 0.7)
 
 
 def eval_sets(tok, apache_tokens: int, docs: int, doc_tokens: int) -> dict[str, list[list[int]]]:
-    held = split_texts()["eval_docs"][:docs]
+    # every 6th held-out doc: spread over packages (the first ones are badge-heavy READMEs)
+    held = split_texts()["eval_docs"][::6][:docs]
     return {
         "apache": [tok.encode(APACHE.read_text()).ids[:apache_tokens]],
         "docs": [tok.encode(t).ids[:doc_tokens] for t in held],
@@ -126,7 +127,8 @@ def plot(result: dict, png: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for set_name, ls in (("apache", "-"), ("docs", "--")):
-        for weights, color in (("raw", "C0"), ("distilled", "C1")):
+        names = sorted({r["weights"] for r in result["quality"]}, key=lambda n: n != "raw")
+        for weights, color in zip(names, ("C0", "C1", "C2", "C3"), strict=False):
             rows = [r for r in result["quality"] if r["weights"] == weights]
             xs = [r["sparsity"] for r in rows]
             axes[0].plot(
@@ -144,20 +146,14 @@ def plot(result: dict, png: Path) -> None:
                 label=f"{weights}, {set_name}",
             )
     ctrl = result["negative_control"]
-    for set_name, marker in (("apache", "x"), ("docs", "+")):
-        axes[0].plot(
-            [0.5],
-            [ctrl[set_name]["perplexity"]],
-            marker,
-            color="k",
-            label=f"random masks 0.5, {set_name}",
-        )
-        axes[1].plot([0.5], [ctrl[set_name]["top1_agreement_with_dense"]], marker, color="k")
+    axes[1].plot([0.5], [ctrl["apache"]["top1_agreement_with_dense"]], "kx", label="random 50%")
+    axes[1].legend(fontsize=7)
     axes[0].set(
         xlabel="target activation sparsity",
         ylabel="perplexity",
         yscale="log",
-        title="held-out text (never trained on)",
+        title="held-out text (never trained on); random 50% masks: "
+        f"PPL {ctrl['apache']['perplexity']:.0e}",
     )
     axes[1].set(
         xlabel="target activation sparsity",
@@ -165,14 +161,16 @@ def plot(result: dict, png: Path) -> None:
         ylim=(0, 1.02),
     )
     axes[0].legend(fontsize=7)
-    losses = result["training"]["losses"]
-    axes[2].plot(losses, lw=0.6, label="per step")
-    if len(losses) >= 10:
-        axes[2].plot(np.convolve(losses, np.ones(10) / 10, mode="valid"), label="mean of 10")
+    for i, (name, tr) in enumerate(result["training"].items()):
+        losses = tr["losses"]
+        axes[2].plot(losses, lw=0.5, color=f"C{i + 1}", alpha=0.5)
+        if len(losses) >= 8:
+            smooth = np.convolve(losses, np.ones(8) / 8, mode="valid")
+            axes[2].plot(np.arange(7, len(losses)), smooth, color=f"C{i + 1}", label=name)
     axes[2].set(
         xlabel="step (256 tokens)",
         ylabel="KL(dense || masked student)",
-        title=f"distillation at sp {result['training']['config']['sparsity']}",
+        title="distillation loss (thin: per step, thick: mean of 8)",
     )
     axes[2].legend(fontsize=8)
     fig.suptitle(f"benchmarks/mobile_activeflow_distill.py, {result['date']}, SmolLM2-135M")
@@ -182,9 +180,14 @@ def plot(result: dict, png: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--distilled", type=Path, default=DISTILLED)
+    parser.add_argument("--distilled", type=Path, nargs="*", default=DISTILLED)
+    parser.add_argument(
+        "--reuse-raw",
+        type=Path,
+        help="take the raw rows and the control from this earlier JSON of the same eval sets",
+    )
     parser.add_argument("--apache-tokens", type=int, default=1024)
-    parser.add_argument("--docs", type=int, default=4)
+    parser.add_argument("--docs", type=int, default=5)
     parser.add_argument("--doc-tokens", type=int, default=256)
     parser.add_argument("--engine-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
@@ -202,46 +205,64 @@ def main() -> None:
     original = load_model(MODEL).eval()
     ref = {s: evaluate(original, seqs, None)["top1"] for s, seqs in sets.items()}
     print("[distill-bench] quality", flush=True)
-    rows = quality_rows("raw", original, calib, sets, ref)
-    with random_masks(original, keep=0.5, seed=0):
-        control = {
-            s: {k: v for k, v in evaluate(original, seqs, None, ref[s]).items() if k != "top1"}
-            for s, seqs in sets.items()
-        }
+    eval_tokens = {s: sum(map(len, q)) for s, q in sets.items()}
+    if args.reuse_raw:
+        prior = json.loads(args.reuse_raw.read_text())
+        assert prior["eval_tokens"] == eval_tokens, "the earlier JSON used other eval sets"
+        rows = [r for r in prior["quality"] if r["weights"] == "raw"]
+        control = prior["negative_control"]
+    else:
+        rows = quality_rows("raw", original, calib, sets, ref)
+        with random_masks(original, keep=0.5, seed=0):
+            control = {
+                s: {k: v for k, v in evaluate(original, seqs, None, ref[s]).items() if k != "top1"}
+                for s, seqs in sets.items()
+            }
+        for c in control.values():
+            c["realized_sparsity"] = 0.5  # by construction (random keep share 0.5), not counted
     print(f"  negative control (random 50% masks): {control}", flush=True)
-    distilled = load_model(args.distilled).eval()
-    rows += quality_rows("distilled", distilled, calib, sets, ref)
-    meta = json.loads((args.distilled / "distill.json").read_text())
     result = {
         "date": dt.date.today().isoformat(),
         "script": "benchmarks/mobile_activeflow_distill.py",
-        "distilled": str(args.distilled),
         "quality": rows,
         "negative_control": control,
-        "eval_tokens": {s: sum(map(len, q)) for s, q in sets.items()},
+        "eval_tokens": eval_tokens,
         "calibration": f"{CALIBRATION} first 256 tokens",
-        "training": {k: meta["log"][k] for k in ("config", "losses", "sparsity", "elapsed_s")},
+        "training": {},
+        "engine_check": {},
     }
-    flash = Path(f"{args.distilled}.flash.bin")
-    if args.engine_tokens and Path(f"{flash}.thresholds.json").exists():
-        ids = sets["apache"][0][: args.engine_tokens]
-        eng = engine_check(flash, Path(f"{flash}.thresholds.json"), ids, 0.5)
-        th = calibrate(distilled, calib, 0.5)
-        torch_r = evaluate(distilled, [ids], th, [ref["apache"][0][: len(ids)]])
-        result["engine_check"] = {
-            "tokens": len(ids),
-            "sparsity": 0.5,
-            "engine_perplexity": eng["perplexity"],
-            "torch_perplexity": torch_r["perplexity"],
-            "engine_top1_agreement_with_dense": float(
-                np.mean(np.array(eng["top1"]) == ref["apache"][0][: len(ids)])
-            ),
-            "torch_top1_agreement_with_dense": torch_r["top1_agreement_with_dense"],
-            "engine_vs_torch_top1_agreement": float(
-                np.mean(np.array(eng["top1"]) == torch_r["top1"][0])
-            ),
+    for path in args.distilled:
+        meta = json.loads((path / "distill.json").read_text())
+        sp = meta["log"]["config"]["sparsity"]
+        name = f"distilled-sp{sp}"
+        distilled = load_model(path).eval()
+        rows += quality_rows(name, distilled, calib, sets, ref)
+        result["training"][name] = {
+            "dir": str(path),
+            **{k: meta["log"][k] for k in ("config", "losses", "sparsity", "elapsed_s")},
         }
-        print(f"  engine check: {result['engine_check']}", flush=True)
+        flash = Path(f"{path}.flash.bin")
+        if args.engine_tokens and Path(f"{flash}.thresholds.json").exists():
+            ids = sets["apache"][0][: args.engine_tokens]
+            eng = engine_check(flash, Path(f"{flash}.thresholds.json"), ids, sp)
+            torch_r = evaluate(
+                distilled, [ids], calibrate(distilled, calib, sp), [ref["apache"][0]]
+            )
+            dense_top1 = ref["apache"][0][: len(ids)]
+            result["engine_check"][name] = {
+                "tokens": len(ids),
+                "sparsity": sp,
+                "engine_perplexity": eng["perplexity"],
+                "torch_perplexity": torch_r["perplexity"],
+                "engine_top1_agreement_with_dense": float(
+                    np.mean(np.array(eng["top1"]) == dense_top1)
+                ),
+                "torch_top1_agreement_with_dense": float(np.mean(torch_r["top1"][0] == dense_top1)),
+                "engine_vs_torch_top1_agreement": float(
+                    np.mean(np.array(eng["top1"]) == torch_r["top1"][0])
+                ),
+            }
+            print(f"  engine check {name}: {result['engine_check'][name]}", flush=True)
     result["wall_s"] = time.monotonic() - t0
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{args.out}.json"

@@ -170,7 +170,17 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args.model_dir)
     print("[mobile] tokenizing the local training text (corpus.py: Apache-2.0 and 1/8 of the "
           "docs held out)", flush=True)
-    train_ids = tokens_of(tok, split_texts()["train"], tok.token_to_id("<|endoftext|>"))
+    import numpy as np
+
+    # int32 array, not a list of 5.9M Python ints (~200 MB): the first run was OOM-killed
+    train_ids = np.asarray(
+        tokens_of(tok, split_texts()["train"], tok.token_to_id("<|endoftext|>")), np.int32
+    )
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give the tokenizer's temporaries back
     calib = tok.encode(CALIBRATION.read_text()).ids[: args.calibration_tokens]
     print(f"[mobile] {len(train_ids)} training tokens; {cfg}", flush=True)
     student, teacher = load_model(args.model_dir), load_model(args.model_dir)
