@@ -119,6 +119,27 @@ def engine_check(flash: Path, thresholds: Path, ids: list[int], sp: float) -> di
     return {"perplexity": float(np.exp(np.mean(nll))), "top1": top1}
 
 
+def engine_vs_torch(path: Path, model, sp: float, ids: list[int], calib: list[int], ref) -> dict:
+    """The student's flash file through the engine vs the torch evaluation, same tokens."""
+    flash = Path(f"{path}.flash.bin")
+    eng = engine_check(flash, Path(f"{flash}.thresholds.json"), ids, sp)
+    dense_top1 = ref["apache"][0][: len(ids)]
+    torch_r = evaluate(model, [ids], calibrate(model, calib, sp), [dense_top1])
+    out = {
+        "tokens": len(ids),
+        "sparsity": sp,
+        "engine_perplexity": eng["perplexity"],
+        "torch_perplexity": torch_r["perplexity"],
+        "engine_top1_agreement_with_dense": float(np.mean(np.array(eng["top1"]) == dense_top1)),
+        "torch_top1_agreement_with_dense": torch_r["top1_agreement_with_dense"],
+        "engine_vs_torch_top1_agreement": float(
+            np.mean(np.array(eng["top1"]) == torch_r["top1"][0])
+        ),
+    }
+    print(f"  engine check {path.name}: {out}", flush=True)
+    return out
+
+
 def plot(result: dict, png: Path) -> None:
     import matplotlib
 
@@ -193,12 +214,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="mobile_activeflow_distill")
     parser.add_argument("--plot-only", type=Path)
+    parser.add_argument("--engine-only", type=Path, help="add the engine check to this JSON")
     args = parser.parse_args()
     if args.plot_only:
         plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
         return
     torch.set_num_threads(args.threads)
     t0 = time.monotonic()
+    if args.engine_only:  # add the engine check to an earlier result (same eval sets)
+        result = json.loads(args.engine_only.read_text())
+        tok = load_tokenizer(MODEL)
+        calib = tok.encode(CALIBRATION.read_text()).ids[:256]
+        ids = tok.encode(APACHE.read_text()).ids[: args.engine_tokens]
+        ref = {"apache": [evaluate(load_model(MODEL).eval(), [ids], None)["top1"][0]]}
+        for name, tr in result["training"].items():
+            path = ROOT / tr["dir"] if not Path(tr["dir"]).is_absolute() else Path(tr["dir"])
+            model = load_model(path).eval()
+            sp = tr["config"]["sparsity"]
+            result["engine_check"][name] = engine_vs_torch(path, model, sp, ids, calib, ref)
+        args.engine_only.write_text(json.dumps(result, indent=1))
+        return
     tok = load_tokenizer(MODEL)
     calib = tok.encode(CALIBRATION.read_text()).ids[:256]
     sets = eval_sets(tok, args.apache_tokens, args.docs, args.doc_tokens)
@@ -241,28 +276,9 @@ def main() -> None:
             "dir": str(path),
             **{k: meta["log"][k] for k in ("config", "losses", "sparsity", "elapsed_s")},
         }
-        flash = Path(f"{path}.flash.bin")
-        if args.engine_tokens and Path(f"{flash}.thresholds.json").exists():
+        if args.engine_tokens:
             ids = sets["apache"][0][: args.engine_tokens]
-            eng = engine_check(flash, Path(f"{flash}.thresholds.json"), ids, sp)
-            torch_r = evaluate(
-                distilled, [ids], calibrate(distilled, calib, sp), [ref["apache"][0]]
-            )
-            dense_top1 = ref["apache"][0][: len(ids)]
-            result["engine_check"][name] = {
-                "tokens": len(ids),
-                "sparsity": sp,
-                "engine_perplexity": eng["perplexity"],
-                "torch_perplexity": torch_r["perplexity"],
-                "engine_top1_agreement_with_dense": float(
-                    np.mean(np.array(eng["top1"]) == dense_top1)
-                ),
-                "torch_top1_agreement_with_dense": float(np.mean(torch_r["top1"][0] == dense_top1)),
-                "engine_vs_torch_top1_agreement": float(
-                    np.mean(np.array(eng["top1"]) == torch_r["top1"][0])
-                ),
-            }
-            print(f"  engine check {name}: {result['engine_check'][name]}", flush=True)
+            result["engine_check"][name] = engine_vs_torch(path, distilled, sp, ids, calib, ref)
     result["wall_s"] = time.monotonic() - t0
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{args.out}.json"
