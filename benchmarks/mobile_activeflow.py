@@ -81,13 +81,13 @@ def device_read_bytes() -> int:
 
 
 # -- child: one (system, budget) point ---------------------------------------------------------
-def child(system: str, budget: int) -> dict:
-    index = FlashIndex.load(FLASH)
+def child(system: str, budget: int, flash: Path = FLASH) -> dict:
+    index = FlashIndex.load(flash)
     if system == "mmap":
         model: ActiveFlowEngine = MmapDenseModel(index, max_seq_len=WARM + TIMED)
     else:
         sp = None if system == "af-dense" else float(system.removeprefix("af-sp"))
-        th = load_thresholds(THRESHOLDS)[sp] if sp else None
+        th = load_thresholds(Path(f"{flash}.thresholds.json"))[sp] if sp else None
         # NOTES: gap-merging experiments (unset = the engine's defaults)
         gap = os.environ.get("AF_ONDEMAND_GAP")
         preload_gap = int(os.environ.get("AF_PRELOAD_GAP", 64 << 10))
@@ -98,7 +98,7 @@ def child(system: str, budget: int) -> dict:
     # Join before the first token: every arena page and every page-cache page of the file
     # is charged to the limited cgroup (warm-up tokens absorb interpreter first-use costs).
     cg = join_limited_cgroup(f"tessera_mobile_{os.getpid()}", budget + SLACK)
-    fd = os.open(FLASH, os.O_RDONLY)
+    fd = os.open(flash, os.O_RDONLY)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # mmap starts cold, like the engine
     os.close(fd)
     for t in ids[:WARM]:
@@ -121,8 +121,8 @@ def child(system: str, budget: int) -> dict:
     return out
 
 
-def run_child(system: str, budget: int) -> dict:
-    proc = subprocess.Popen([sys.executable, __file__, "--child", system, str(budget)],
+def run_child(system: str, budget: int, flash: Path = FLASH) -> dict:
+    proc = subprocess.Popen([sys.executable, __file__, "--child", system, str(budget), str(flash)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.communicate(timeout=300)
     cg = own_memory_cgroup() / f"tessera_mobile_{proc.pid}"
@@ -134,9 +134,9 @@ def run_child(system: str, budget: int) -> dict:
 
 
 # -- quality -----------------------------------------------------------------------------------
-def quality(levels: list[float], n_tokens: int) -> list[dict]:
-    index = FlashIndex.load(FLASH)
-    table = load_thresholds(THRESHOLDS)
+def quality(levels: list[float], n_tokens: int, flash: Path = FLASH) -> list[dict]:
+    index = FlashIndex.load(flash)
+    table = load_thresholds(Path(f"{flash}.thresholds.json"))
     ids = eval_tokens(n_tokens)
     dense_top1 = None
     rows = []
@@ -206,16 +206,19 @@ def plot(result: dict, png: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--child", nargs=2, metavar=("SYSTEM", "BUDGET"))
+    parser.add_argument("--child", nargs=3, metavar=("SYSTEM", "BUDGET", "FLASH"))
     parser.add_argument("--quality-tokens", type=int, default=64)
     parser.add_argument("--plot-only", type=Path)
     parser.add_argument("--curve-only", action="store_true", help="skip the quality pass")
     parser.add_argument("--shares", default=",".join(map(str, SHARES)))
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--out", default="mobile_activeflow")
+    parser.add_argument("--flash", type=Path, default=FLASH,
+                        help="flash file (its .thresholds.json beside it), e.g. the distilled "
+                        "one from `tessera mobile distill`")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]))))
+        print(json.dumps(child(args.child[0], int(args.child[1]), Path(args.child[2]))))
         return
     if args.plot_only:
         plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
@@ -223,16 +226,16 @@ def main() -> None:
     if not Path(f"{FLASH}.json").exists():
         FLASH.parent.mkdir(parents=True, exist_ok=True)
         write_flash_file(MODEL, FLASH)
-    if not THRESHOLDS.exists():
+    if not Path(f"{args.flash}.thresholds.json").exists():
         raise SystemExit("run `tessera mobile calibrate` first (thresholds file missing)")
-    index = FlashIndex.load(FLASH)
+    index = FlashIndex.load(args.flash)
     print("[mobile_activeflow] quality", flush=True)
-    q = [] if args.curve_only else quality([0.0, 0.3, 0.5, 0.7], args.quality_tokens)
+    q = [] if args.curve_only else quality([0.0, 0.3, 0.5, 0.7], args.quality_tokens, args.flash)
     curve = []
     for share in [float(s) for s in args.shares.split(",")]:
         budget = int(share * index.weight_bytes)
         for system in args.systems.split(","):
-            r = run_child(system, budget)
+            r = run_child(system, budget, args.flash)
             curve.append(r)
             msg = r.get("error", "").splitlines()[-1:] if "error" in r else (
                 f"{r['tok_s_median']:.2f} tok/s, {r['device_read_bytes_per_token'] / 2**20:.1f} "
@@ -241,7 +244,7 @@ def main() -> None:
             print(f"  {share:.0%} {system}: {msg}", flush=True)
     result = {"date": dt.date.today().isoformat(), "script": "benchmarks/mobile_activeflow.py",
               "weight_bytes": index.weight_bytes, "slack_bytes": SLACK, "warm_tokens": WARM,
-              "timed_tokens": TIMED, "quality": q, "curve": curve,
+              "timed_tokens": TIMED, "quality": q, "curve": curve, "flash": str(args.flash),
               "ondemand_merge_gap_bytes": os.environ.get("AF_ONDEMAND_GAP"),
               "preload_merge_gap_bytes": os.environ.get("AF_PRELOAD_GAP")}
     RESULTS.mkdir(exist_ok=True)

@@ -62,6 +62,25 @@ def add_mobile_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--no-chat", action="store_true", help="raw prompt, no chat template")
     run.set_defaults(func=_cmd_run)
 
+    dis = sub.add_parser("distill", help="sparsity-aware self-distillation (KL to the dense "
+                         "model, straight-through masks), then convert + calibrate")
+    common(dis)
+    dis.add_argument("--out", type=Path, default=None,
+                     help="HF checkpoint dir of the student (default: data/mobile/"
+                          "<model>-distilled-sp<S>); its flash file goes to <out>.flash.bin")
+    dis.add_argument("--sparsity", type=float, default=0.5)
+    dis.add_argument("--steps", type=int, default=150)
+    dis.add_argument("--seq-len", type=int, default=256)
+    dis.add_argument("--lr", type=float, default=2e-5)
+    dis.add_argument("--seed", type=int, default=0)
+    dis.add_argument("--max-minutes", type=float, default=30.0,
+                     help="stop (checkpointed) after this long; rerun to resume")
+    dis.add_argument("--calibration-tokens", type=int, default=256)
+    dis.add_argument("--threads", type=int, default=1,
+                     help="torch threads; 1 on a shared box (NOTES: 2 OpenMP threads ran 5-8x "
+                          "slower than 1 at load ~20)")
+    dis.set_defaults(func=_cmd_distill)
+
     from mobile.tts.cli import add_tts_parser
 
     add_tts_parser(sub)
@@ -134,4 +153,50 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"sparsity {args.sparsity}", flush=True)
     generate(engine, tok, args.prompt, args.max_tokens, chat=not args.no_chat, progress=True)
     engine.close()
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from mobile.activeflow.corpus import CALIBRATION, split_texts, tokens_of
+    from mobile.activeflow.distill import DistillConfig, distill, load_model, save_student
+    from mobile.activeflow.layout import write_flash_file
+    from mobile.activeflow.text import load_tokenizer
+
+    out = args.out or args.model_dir.parent.parent / "mobile" / (
+        f"{args.model_dir.name}-distilled-sp{args.sparsity}")
+    cfg = DistillConfig(sparsity=args.sparsity, steps=args.steps, seq_len=args.seq_len,
+                        lr=args.lr, seed=args.seed, max_minutes=args.max_minutes,
+                        threads=args.threads)
+    tok = load_tokenizer(args.model_dir)
+    print("[mobile] tokenizing the local training text (corpus.py: Apache-2.0 and 1/8 of the "
+          "docs held out)", flush=True)
+    import numpy as np
+
+    # int32 array, not a list of 5.9M Python ints (~200 MB): the first run was OOM-killed
+    train_ids = np.asarray(
+        tokens_of(tok, split_texts()["train"], tok.token_to_id("<|endoftext|>")), np.int32
+    )
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give the tokenizer's temporaries back
+    calib = tok.encode(CALIBRATION.read_text()).ids[: args.calibration_tokens]
+    print(f"[mobile] {len(train_ids)} training tokens; {cfg}", flush=True)
+    student, teacher = load_model(args.model_dir), load_model(args.model_dir)
+    log = distill(student, teacher, train_ids, calib, cfg, out / "train")
+    if not log["finished"]:
+        print(f"[mobile] stopped at step {len(log['losses'])}/{cfg.steps} after "
+              f"{args.max_minutes} min; run the same command again to resume", flush=True)
+        return 3
+    save_student(student, args.model_dir, out, {"log": log, "base": str(args.model_dir),
+                                                "calibration_tokens": len(calib)})
+    flash = args.flash or Path(f"{out}.flash.bin")
+    write_flash_file(out, flash)  # always rewritten: an older file may hold other weights
+    _cmd_calibrate(argparse.Namespace(model_dir=out, flash=flash, text=CALIBRATION,
+                                      tokens=args.calibration_tokens, sparsity="0.3,0.5,0.7",
+                                      out=None))
+    print(f"[mobile] distilled weights {out}, flash file {flash}; run with "
+          f"`tessera mobile run --model-dir {out} --flash {flash} --sparsity {args.sparsity} "
+          f"...`", flush=True)
     return 0
