@@ -61,7 +61,7 @@ def _cmd_train_harm(args: argparse.Namespace) -> int:
         out = Path(args.out or DEFAULT_HARM_CLASSIFIER)
         layers = 0 if args.layers is None else args.layers
         _, facts = train_attention_harm(out, args.seed, layers, args.precision, args.heads,
-                                        args.with_intentions)
+                                        args.with_intentions, form_crossed=args.form_crossed)
     else:
         from prompt_pipeline.securitylingua.harm import train_harm_classifier
 
@@ -111,6 +111,9 @@ def add_securitylingua_parser(commands: argparse._SubParsersAction) -> None:
                       "harm-classifier-attention.json: --attention --layers 0 "
                       "--with-intentions)")
     harm.add_argument("--heads", type=int, default=4, help="attention heads (--attention)")
+    harm.add_argument("--form-crossed", action="store_true",
+                      help="also fit on harmful goals asked as questions and benign how-to "
+                      "questions given as imperatives (--attention)")
     harm.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                       help="MiniLM precision for the states (--attention)")
     harm.add_argument("--layers", type=int, default=None,

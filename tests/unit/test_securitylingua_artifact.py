@@ -88,6 +88,7 @@ def test_small_harm_classifier_runs_on_the_layers_it_was_fitted_on() -> None:
 def test_default_harm_classifier_is_the_attention_head_on_embeddings_only() -> None:
     data = json.loads(DEFAULT_HARM_CLASSIFIER.read_text())
     assert (data["kind"], data["layers"]) == ("attention-pool", 0)
+    assert data["facts"]["with_intentions"] and data["facts"]["form_crossed"]
     from prompt_pipeline.securitylingua.harm import load_harm_classifier
 
     default = load_harm_classifier(DEFAULT_HARM_CLASSIFIER)
