@@ -41,7 +41,7 @@ from prompt_pipeline.config import SecurityLinguaSettings  # noqa: E402
 from prompt_pipeline.errors import PipelineError, PipelineResponse  # noqa: E402
 from prompt_pipeline.securitylingua import sources  # noqa: E402
 from prompt_pipeline.securitylingua.artifacts import (  # noqa: E402
-    DEFAULT_HARM_CLASSIFIER,
+    ATTENTION_HARM_CLASSIFIER,
     FULL_HARM_CLASSIFIER,
     SMALL_HARM_CLASSIFIER,
     SMALL_INTENTIONS_HARM_CLASSIFIER,
@@ -84,7 +84,7 @@ VARIANTS = (
 # prompt repeated: (name, harm classifier artifact). The 1K prompt's request is harmful, so
 # every call is refused; the refusal is part of what is timed.
 BLOCK_VARIANTS = (
-    ("block, default harm classifier (attention pool, 0 layers)", DEFAULT_HARM_CLASSIFIER),
+    ("block, attention-pooled harm head (0 layers)", ATTENTION_HARM_CLASSIFIER),
     ("block, full harm classifier (6 MiniLM layers)", FULL_HARM_CLASSIFIER),
     ("block, small harm classifier (MiniLM embeddings, 0 layers)", SMALL_HARM_CLASSIFIER),
     ("block, small harm classifier fitted also on training intentions",
