@@ -41,7 +41,8 @@ from prompt_pipeline.config import SecurityLinguaSettings  # noqa: E402
 from prompt_pipeline.errors import PipelineError, PipelineResponse  # noqa: E402
 from prompt_pipeline.securitylingua import sources  # noqa: E402
 from prompt_pipeline.securitylingua.artifacts import (  # noqa: E402
-    DEFAULT_HARM_CLASSIFIER,
+    ATTENTION_HARM_CLASSIFIER,
+    FULL_HARM_CLASSIFIER,
     SMALL_HARM_CLASSIFIER,
     SMALL_INTENTIONS_HARM_CLASSIFIER,
 )
@@ -83,7 +84,8 @@ VARIANTS = (
 # prompt repeated: (name, harm classifier artifact). The 1K prompt's request is harmful, so
 # every call is refused; the refusal is part of what is timed.
 BLOCK_VARIANTS = (
-    ("block, full harm classifier (6 MiniLM layers)", DEFAULT_HARM_CLASSIFIER),
+    ("block, attention-pooled harm head (0 layers)", ATTENTION_HARM_CLASSIFIER),
+    ("block, full harm classifier (6 MiniLM layers)", FULL_HARM_CLASSIFIER),
     ("block, small harm classifier (MiniLM embeddings, 0 layers)", SMALL_HARM_CLASSIFIER),
     ("block, small harm classifier fitted also on training intentions",
      SMALL_INTENTIONS_HARM_CLASSIFIER),
@@ -328,6 +330,8 @@ def main() -> None:
     (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
     if not args.no_prefill and args.only is None:  # the plot's right panel needs the prefill
         plot(report)
+    elif args.only == "block":
+        plot_block(report, RESULTS / f"{args.out}.png")
     print(json.dumps(report["met"]))
 
 
@@ -361,6 +365,34 @@ def plot(report: dict) -> None:
     fig.suptitle(f"SecurityLingua overhead, {report['date']}")
     fig.tight_layout()
     fig.savefig(RESULTS / "securitylingua_overhead.png", dpi=110)
+
+
+def plot_block(report: dict, path: Path) -> None:
+    """Block mode's stage latency per harm classifier (and the prefill, when measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(7, 4))
+    for variant, _ in BLOCK_VARIANTS:
+        rows = [r for r in report["rows"] if r["variant"] == variant]
+        if not rows:
+            continue
+        xs = [r["prompt_tokens"] for r in rows]
+        line = axis.plot(xs, [r["stage_p50_ms"] for r in rows], "o-", label=f"p50, {variant}")
+        axis.plot(xs, [r["stage_p99_ms"] for r in rows], "x--", color=line[0].get_color())
+    prefill = {r["prompt_tokens"]: r["prefill_ms"] for r in report["rows"] if "prefill_ms" in r}
+    if prefill:
+        axis.plot(list(prefill), list(prefill.values()), "k:", label="served model's prefill")
+    axis.axhline(20, color="red", lw=0.8, label="target p50 at 1K")
+    axis.set_xlabel("prompt tokens (SmolLM2)")
+    axis.set_ylabel("ms (x: p99)")
+    axis.set_yscale("log")
+    axis.legend(fontsize=7)
+    axis.set_title(f"SecurityLingua block mode, stage latency, {report['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.securitylingua_overhead import prompt_of  # noqa: E402
 from prompt_pipeline.securitylingua.artifacts import (  # noqa: E402
     DEFAULT_EXTRACTOR_DIR,
-    DEFAULT_HARM_CLASSIFIER,
+    FULL_HARM_CLASSIFIER,
 )
 from prompt_pipeline.securitylingua.harm import HarmClassifier  # noqa: E402
 from prompt_pipeline.token_classifier import TokenClassifier  # noqa: E402
@@ -96,7 +96,7 @@ def main() -> None:
               f"{precision or 'fp32'}, word cache warm"] = lambda c=classifier: c.compress(text)
     fp32.max_chunk_tokens = classifiers["bf16"].max_chunk_tokens
     # Block mode adds the harm classifier (full MiniLM-L6 on the intention) to the stage.
-    harm = HarmClassifier.load(DEFAULT_HARM_CLASSIFIER)
+    harm = HarmClassifier.load(FULL_HARM_CLASSIFIER)
     intention = classifiers["bf16"].compress(text).text
     cases[f"block mode: harm classifier on the intention ({len(intention.split())} words)"] = \
         lambda: harm.probability(intention)

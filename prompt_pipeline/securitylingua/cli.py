@@ -9,6 +9,7 @@ from pathlib import Path
 from prompt_pipeline.securitylingua.artifacts import (
     DEFAULT_EXTRACTOR_DIR,
     DEFAULT_HARM_CLASSIFIER,
+    FULL_HARM_CLASSIFIER,
 )
 
 
@@ -54,10 +55,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_harm(args: argparse.Namespace) -> int:
-    from prompt_pipeline.securitylingua.harm import train_harm_classifier
+    if args.attention:
+        from prompt_pipeline.securitylingua.harm_attention import train_attention_harm
 
-    print(json.dumps(train_harm_classifier(Path(args.out), args.seed, args.layers,
-                                                 args.with_intentions), indent=2))
+        out = Path(args.out or DEFAULT_HARM_CLASSIFIER)
+        layers = 0 if args.layers is None else args.layers
+        _, facts = train_attention_harm(out, args.seed, layers, args.precision, args.heads,
+                                        args.with_intentions, form_crossed=args.form_crossed)
+    else:
+        from prompt_pipeline.securitylingua.harm import train_harm_classifier
+
+        out = Path(args.out or FULL_HARM_CLASSIFIER)
+        layers = 6 if args.layers is None else args.layers
+        facts = train_harm_classifier(out, args.seed, layers, args.with_intentions)
+    print(json.dumps(facts, indent=2))
     return 0
 
 
@@ -90,12 +101,26 @@ def add_securitylingua_parser(commands: argparse._SubParsersAction) -> None:
     train.set_defaults(func=_cmd_train)
 
     harm = sub.add_parser("train-harm", help="train block mode's harm classifier")
-    harm.add_argument("--out", default=str(DEFAULT_HARM_CLASSIFIER))
+    harm.add_argument("--out", default=None, help="default: the shipped file of that kind "
+                      f"({DEFAULT_HARM_CLASSIFIER.name} with --attention, else "
+                      f"{FULL_HARM_CLASSIFIER.name})")
     harm.add_argument("--seed", type=int, default=42)
-    harm.add_argument("--layers", type=int, default=6,
-                      help="MiniLM layers under the embedding: 6 = the full sentence model "
-                      "(harm-classifier.json); 0 = its token embeddings only "
-                      "(harm-classifier-l0.json, block mode within the 20 ms bar)")
+    harm.add_argument("--attention", action="store_true",
+                      help="attention-pooled head over MiniLM's per-piece states instead of a "
+                      "logistic regression on their mean (the default artifact, "
+                      "harm-classifier-attention.json: --attention --layers 0 "
+                      "--with-intentions)")
+    harm.add_argument("--heads", type=int, default=4, help="attention heads (--attention)")
+    harm.add_argument("--form-crossed", action="store_true",
+                      help="also fit on harmful goals asked as questions and benign how-to "
+                      "questions given as imperatives (--attention)")
+    harm.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                      help="MiniLM precision for the states (--attention)")
+    harm.add_argument("--layers", type=int, default=None,
+                      help="MiniLM layers under the embedding (default 6 = the full sentence "
+                      "model, harm-classifier.json; with --attention 0 = its token "
+                      "embeddings only, as in harm-classifier-attention.json and "
+                      "harm-classifier-l0.json)")
     harm.add_argument("--with-intentions", action="store_true",
                       help="also fit on the extractor's intentions of the generated training "
                       "prompts (training families only; harm-classifier-l0-intentions.json)")

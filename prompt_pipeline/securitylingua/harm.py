@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,9 @@ FULL_LAYERS = 6
 
 
 class SentenceEmbedder:
-    def __init__(self, layers: int = FULL_LAYERS) -> None:
+    def __init__(self, layers: int = FULL_LAYERS, precision: str = "fp32") -> None:
+        """precision "bf16": MiniLM's weights and activations in bfloat16 (the pooled
+        embedding back in fp32), for a CPU with native bf16 (`bf16_is_native()`)."""
         from transformers import BertModel
         from transformers.utils import logging as hf_logging
 
@@ -38,27 +41,39 @@ class SentenceEmbedder:
                                                local_files_only=True).eval()
         if not 0 <= layers <= FULL_LAYERS:
             raise ValueError(f"layers must be in 0..{FULL_LAYERS}, got {layers}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"unknown precision {precision!r}")
         self.layers = layers
+        self.precision = precision
+        if precision == "bf16":
+            self.model = self.model.to(torch.bfloat16)
         # Later layers are dropped, not skipped at run time: the model never computes them.
         self.model.encoder.layer = self.model.encoder.layer[:layers]
         self.tokenizer = load_tokenizer()
         self.cls_id = self.tokenizer.token_to_id("[CLS]")
         self.sep_id = self.tokenizer.token_to_id("[SEP]")
 
-    def embed(self, text: str) -> np.ndarray:
-        """[384] float32, unit length (zeros for a text with no tokens)."""
+    def token_states(self, text: str) -> torch.Tensor:
+        """[pieces + 2 per window, 384] float32: the output of the first `layers` layers for
+        every piece, windows of EMBED_WINDOW pieces each with its [CLS] and [SEP] (0 rows
+        for a text with no tokens)."""
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        if not ids:
-            return np.zeros(384, dtype=np.float32)
         window = EMBED_WINDOW - 2
-        total = torch.zeros(384)
+        rows = []
         with torch.inference_mode():
             for start in range(0, len(ids), window):
                 piece = [self.cls_id, *ids[start:start + window], self.sep_id]
-                hidden = self.model(input_ids=torch.tensor([piece])).last_hidden_state[0]
-                total += hidden.sum(dim=0)
-        mean = total / (len(ids) + 2 * ((len(ids) + window - 1) // window))
-        return torch.nn.functional.normalize(mean, dim=0).numpy()
+                rows.append(self.model(input_ids=torch.tensor([piece])).last_hidden_state[0])
+        if not rows:
+            return torch.zeros(0, 384)
+        return torch.cat(rows).float()
+
+    def embed(self, text: str) -> np.ndarray:
+        """[384] float32, unit length (zeros for a text with no tokens)."""
+        states = self.token_states(text)
+        if len(states) == 0:
+            return np.zeros(384, dtype=np.float32)
+        return torch.nn.functional.normalize(states.mean(dim=0), dim=0).numpy()
 
 
 class HarmClassifier:
@@ -82,6 +97,18 @@ class HarmClassifier:
             return 0.0
         logit = float(self.embedder.embed(text) @ self.weights) + self.bias
         return float(1.0 / (1.0 + np.exp(-logit)))
+
+
+def load_harm_classifier(path: Path) -> Any:
+    """Either kind of shipped harm classifier, by the artifact's `kind`: the logistic
+    regression on a mean embedding (no kind: the original format) or the attention-pooled
+    head (`harm_attention.py`). Both have `probability(text) -> float` and `embedder`."""
+    data = json.loads(Path(path).read_text())
+    if data.get("kind") == "attention-pool":
+        from prompt_pipeline.securitylingua.harm_attention import AttentionHarmClassifier
+
+        return AttentionHarmClassifier.from_json(data)
+    return HarmClassifier.load(path)
 
 
 def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-3,

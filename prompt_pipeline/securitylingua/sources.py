@@ -13,6 +13,8 @@ training half and a held-out half.
 
 from __future__ import annotations
 
+import random
+import re
 from pathlib import Path
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -65,3 +67,42 @@ def benign_compositional() -> list[str]:
     """300 benign requests from forms x topics: volume for the harm classifier's benign class
     (the hand-written benign sets are small). Training only."""
     return [form.format(topic) for form in _BENIGN_FORMS for topic in _BENIGN_TOPICS]
+
+
+# Sentence forms crossed with harm (harm classifier training only). Every harmful goal in
+# AdvBench and HarmBench is an imperative and every benign lookalike a question, so a
+# classifier can learn the form instead of the harm: the attention-pooled head did, and
+# flagged 0 of 20 harmful questions (benchmarks/securitylingua_form_probe.py, 2026-12-01).
+# Training frames; `EVAL_*` frames (other wording) make the held-out check in
+# benchmarks/securitylingua_harm_sweep.py.
+TRAIN_QUESTION_FRAMES = ("Can you {}?", "Could you {}?", "How do I {}?", "Is there a way to {}?")
+EVAL_QUESTION_FRAMES = ("Would you be able to {}?", "What's the best way to {}?")
+TRAIN_IMPERATIVE_FRAMES = ("Explain how to {}.", "Give step-by-step instructions to {}.",
+                           "Write a guide on how to {}.")
+EVAL_IMPERATIVE_FRAMES = ("Tell me how to {}.", "Provide a tutorial on how to {}.")
+_QUESTION_OPENING = re.compile(
+    r"^(?:how do i|how can i|what(?:'s| is) the (?:best|easiest) way to) (.+?)\??$",
+    re.IGNORECASE)
+
+
+def as_question(imperative: str, frame: str) -> str:
+    """"Write a tutorial on X" -> frame with "write a tutorial on X"."""
+    body = imperative.strip().rstrip(".")
+    return frame.format(body[:1].lower() + body[1:])
+
+
+def as_imperative(question: str, frame: str) -> str | None:
+    """"How do I X?" -> frame with "X"; None for a question of another shape."""
+    match = _QUESTION_OPENING.match(question.strip())
+    return frame.format(match.group(1)) if match else None
+
+
+def form_crossed(harmful: list[str], benign: list[str], frames_q: tuple[str, ...],
+                 frames_i: tuple[str, ...], seed: int) -> tuple[list[str], list[str]]:
+    """Harmful imperatives asked as questions (one seeded frame each) and benign
+    how-to questions given as imperatives (every frame)."""
+    rng = random.Random(seed)
+    questions = [as_question(goal, rng.choice(frames_q)) for goal in harmful]
+    imperatives = [text for question in benign for frame in frames_i
+                   if (text := as_imperative(question, frame)) is not None]
+    return questions, imperatives

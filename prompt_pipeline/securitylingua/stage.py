@@ -145,8 +145,8 @@ def build_securitylingua_stage(settings: SecurityLinguaSettings, registry: Colle
                                      settings.max_chunk_tokens)
     harm = None
     if settings.mode == "block":
-        from prompt_pipeline.securitylingua.harm import HarmClassifier
+        from prompt_pipeline.securitylingua.harm import load_harm_classifier
 
-        harm = HarmClassifier.load(settings.harm_classifier or DEFAULT_HARM_CLASSIFIER)
+        harm = load_harm_classifier(settings.harm_classifier or DEFAULT_HARM_CLASSIFIER)
     return SecurityLinguaStage(extractor, settings, SecurityLinguaMetrics.create(registry, flagged),
                                harm)
