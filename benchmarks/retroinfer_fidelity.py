@@ -316,6 +316,12 @@ def main() -> None:
     parser.add_argument("--out", default="retroinfer_fidelity")
     parser.add_argument("--plot-only", help="redraw the PNG from this JSON")
     parser.add_argument(
+        "--documents", nargs="+", help="only documents whose name starts with one of these"
+    )
+    parser.add_argument(
+        "--budgets", nargs="+", help="only budgets whose name starts with one of these"
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="first 1,400 tokens of each document, 16 decode rows, results under /tmp",
@@ -332,6 +338,12 @@ def main() -> None:
     model = load_model()
     docs = documents(AutoTokenizer.from_pretrained(str(MODEL_DIR)))
     results_dir = RESULTS
+    if args.documents:
+        docs = {n: ids for n, ids in docs.items() if n.startswith(tuple(args.documents))}
+    if args.budgets:
+        # The dense pass records every budget's metrics: fewer budgets, a shorter run.
+        for name in [n for n in BUDGETS if not n.startswith(tuple(args.budgets))]:
+            del BUDGETS[name]
     if args.smoke:
         docs = {name: ids[:1400] for name, ids in docs.items()}
         args.decode_rows, args.bucket, results_dir = 16, 8, Path("/tmp")
