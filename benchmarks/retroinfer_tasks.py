@@ -117,7 +117,14 @@ def run_setting(
             [r for r, d in zip(rows, dense_subset, strict=True) if r["passed"] and not d["passed"]]
         ),
         "attention_rows_by_path": decode_paths(stats_dir),
+        "identical_completions": identical_completions(dense_subset, rows),
     }
+
+
+def identical_completions(dense_rows: list[dict], rows: list[dict]) -> int:
+    """Cases whose 12-token completion equals dense's byte for byte (stricter than passing)."""
+    dense = {tf.case_key(row): row["completion"] for row in dense_rows}
+    return sum(dense[tf.case_key(row)] == row["completion"] for row in rows)
 
 
 def make_cases(tasks: list[str], lengths: list[int], cases: int, count_tokens) -> list[Case]:
@@ -191,7 +198,11 @@ def main() -> None:
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
     if args.plot_only:
-        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        result = json.loads(args.out.read_text())
+        for run in result["settings"].values():  # (added after the first run: from its rows)
+            run["identical_completions"] = identical_completions(result["dense_rows"], run["rows"])
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        plot(result, args.out.with_suffix(".png"))
         return
     settings = ServerSettings(workers=1, kv_cache_space_gib=2, max_model_len=8192)
     model_path = resolve_model_path(settings)
