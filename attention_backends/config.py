@@ -63,8 +63,8 @@ class AttentionSettings(TesseraSettings):
     )  # fmt: skip
     retroinfer_min_exact_tokens: int = Field(
         2048, ge=0, description="RetroInfer: the exact (retrieval) tier is at least this many "
-        "tokens' worth of clusters; 0: only the fraction (1.8% of 4-7K tokens is 64-128). "
-        "2048: chosen by benchmarks/retroinfer_fidelity.py (NOTES); <= 1.8% of 128K.",
+        "tokens' worth of clusters; 0: only the fraction (0.018 of 4-7K tokens is 64-128). "
+        "2048: chosen by benchmarks/retroinfer_fidelity.py (NOTES); below 0.018 of 128K.",
     )  # fmt: skip
     retroinfer_retrieval_fraction: float = Field(
         0.018, ge=0, le=1, description="RetroInfer: fraction of clusters attended exactly."
