@@ -61,6 +61,18 @@ class AttentionSettings(TesseraSettings):
         "many tokens before the new one; 0: off. Needs >= 1092 tokens (sink 4 + recent 64 + "
         "1024 indexed) to take effect.",
     )  # fmt: skip
+    retroinfer_min_exact_tokens: int = Field(
+        2048, ge=0, description="RetroInfer: the exact (retrieval) tier is at least this many "
+        "tokens' worth of clusters; 0: only the fraction (0.018 of 4-7K tokens is 64-128). "
+        "2048: chosen by benchmarks/retroinfer_fidelity.py (NOTES); below 0.018 of 128K.",
+    )  # fmt: skip
+    retroinfer_retrieval_fraction: float = Field(
+        0.018, ge=0, le=1, description="RetroInfer: fraction of clusters attended exactly."
+    )
+    retroinfer_estimation_fraction: float = Field(
+        0.232, ge=0, le=1, description="RetroInfer: fraction of clusters estimated from "
+        "their centroids (after the retrieved ones).",
+    )  # fmt: skip
 
     @field_validator("dense_layers", mode="before")
     @classmethod
@@ -68,6 +80,16 @@ class AttentionSettings(TesseraSettings):
         if isinstance(value, str):
             return [int(item) for item in value.split(",") if item.strip()]
         return value
+
+    def retroinfer_config(self):  # -> WaveIndexConfig
+        """The wave-index settings for RetroInfer decode (the official defaults otherwise)."""
+        from kv_manager.retroinfer.config import WaveIndexConfig
+
+        return WaveIndexConfig(
+            retrieval_fraction=self.retroinfer_retrieval_fraction,
+            estimation_fraction=self.retroinfer_estimation_fraction,
+            min_exact_tokens=self.retroinfer_min_exact_tokens,
+        )
 
     def layer_policy(self, fingerprint=None):  # -> LayerPatternPolicy
         """The per-layer policy for the served model (``ModelFingerprint`` or None); an

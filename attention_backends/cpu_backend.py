@@ -159,7 +159,8 @@ class TesseraCPUAttentionImpl(PerLayerPattern, CPUAttentionBackendImpl):
         if (self.leank is None and retroinfer_min_tokens and attn_metadata.max_query_len <= 1
                 and self.layer_index >= 0):
             self._forward_retroinfer_decode(layer, query, key, value, kv_cache, attn_metadata,
-                                            output, retroinfer_min_tokens, usage)
+                                            output, retroinfer_min_tokens, usage,
+                                            attention_settings().retroinfer_config())
             self.end_step_if_last(usage)
             return output
         if self.leank is not None:
@@ -178,7 +179,7 @@ class TesseraCPUAttentionImpl(PerLayerPattern, CPUAttentionBackendImpl):
         return output
 
     def _forward_retroinfer_decode(self, layer, query, key, value, kv_cache, attn_metadata,
-                                   output, min_tokens: int, usage) -> None:
+                                   output, min_tokens: int, usage, config) -> None:
         """Decode-only step: long sequences through RetroInfer (attention_backends/
         retroinfer_decode.py), the others through vLLM's kernel."""
         from attention_backends import retroinfer_decode
@@ -191,7 +192,8 @@ class TesseraCPUAttentionImpl(PerLayerPattern, CPUAttentionBackendImpl):
             self.layer_index, query, logical_key_cache(key_cache, dim_major), value_cache,
             attn_metadata, output, self.scale, min_tokens,
             dense=lambda: CPUAttentionBackendImpl.forward(
-                self, layer, query, key, value, kv_cache, attn_metadata, output))
+                self, layer, query, key, value, kv_cache, attn_metadata, output),
+            config=config)
         usage.record(self.layer_index, "retroinfer_decode", answered)
         usage.record(self.layer_index, "dense", attn_metadata.num_actual_tokens - answered)
 

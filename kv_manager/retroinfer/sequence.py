@@ -59,7 +59,7 @@ class LayerSequenceState:
             self.updates += 1
 
     def budget(self) -> DecodeBudget:
-        return DecodeBudget.default(self.index.num_clusters, self.config)
+        return DecodeBudget.for_index(self.index.num_clusters, self.index.num_tokens, self.config)
 
     def decode(
         self, query: torch.Tensor, budget: DecodeBudget | None = None, scale: float | None = None

@@ -2,8 +2,13 @@
 the long sequence's decode steps ran through the wave index in every layer.
 
 A worker of its own (the shared stack stays dense) with ``retroinfer_min_tokens`` 1100: a
-~1,500-token prompt is indexed after its prefill (defaults: sink 4, recent 64, ~90 clusters
-of ~16 tokens, 1.8% retrieved, 23.2% estimated), a short one stays dense. The pass key sits at
+~1,500-token prompt is indexed after its prefill (sink 4, recent 64, ~90 clusters of ~16
+tokens, 1.8% retrieved, 23.2% estimated), a short one stays dense. The exact-tier floor is
+off (0, the paper's budget): the served default (2048) would cover this whole index and make
+the step exact. Caution (NOTES, 2026-12-01): with a covering floor (= dense attention) and with
+a 256-token floor this prompt's answer is " 11111"; the paper's budget finds the key because it
+drops most of the repetitive filler. So this test shows the sparse path serving, not fidelity
+to dense (``benchmarks/retroinfer_tasks.py`` measures that). The pass key sits at
 the start, inside the indexed middle, not in the steady zone.
 """
 
@@ -29,6 +34,7 @@ def retroinfer_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
     stats_dir = run_dir / "stats"
     env = {
         "TESSERA_ATTENTION_RETROINFER_MIN_TOKENS": str(MIN_TOKENS),
+        "TESSERA_ATTENTION_RETROINFER_MIN_EXACT_TOKENS": "0",
         "TESSERA_ATTENTION_STATS_DIR": str(stats_dir),
     }
     with gateway_over_attention_worker(run_dir, env, 2048) as url:

@@ -113,3 +113,15 @@ def test_batches_the_runner_did_not_publish_stay_dense():
     output, answered, dense_calls = _run(query, keys, values, metadata, expected, EXACT)
     assert answered == 0 and dense_calls == 1
     torch.testing.assert_close(output, expected)
+
+
+def test_a_min_exact_token_floor_covering_the_index_equals_vllm_dense():
+    # The served knob (attention.retroinfer_min_exact_tokens) on zero fractions: a floor above
+    # the indexed tokens retrieves every cluster, so the long rows equal vLLM's kernel; the
+    # same zero fractions without the floor do not (test_a_tiny_budget_changes_long_rows_only).
+    floor = WaveIndexConfig(**{**TINY_BUDGET.__dict__, "min_exact_tokens": 10_000})
+    query, keys, values, metadata, expected = _decode_batch([300, 40, 451], seed=4)
+    retroinfer_decode.publish(metadata.query_start_loc.numpy(), ["a", "b", "c"])
+    output, answered, _ = _run(query, keys, values, metadata, expected, floor)
+    assert answered == 2
+    torch.testing.assert_close(output, expected, atol=2e-5, rtol=1e-4)
