@@ -10,7 +10,9 @@ Reports accuracy with Wilson 95% CIs, each N paired against N = 1 (bootstrap CI 
 difference, exact McNemar p), and accuracy vs generated tokens (the compute axis).
 
 Generation is bounded: each phase (set x method) has its own minutes (`--budget`); tasks
-not started by the phase's deadline are skipped and the JSON says how many ran.
+not started by the phase's deadline are skipped and the JSON says how many ran. Tasks run in
+order, so what ran is a prefix of the seeded set; `--top-up` runs the rest of each set into
+an existing JSON (same tasks, same settings, a fresh worker) and recomputes every summary.
 
     flock -s /tmp/tessera-cpu-timing.lock .venv/bin/python benchmarks/mobile_tts.py \\
         --count 100 --concurrency 8
@@ -31,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mobile.tts.beam import evaluate_beam  # noqa: E402
-from mobile.tts.best_of_n import evaluate  # noqa: E402
+from mobile.tts.beam import evaluate_beam, summarise_beam  # noqa: E402
+from mobile.tts.best_of_n import evaluate, summarise  # noqa: E402
 from mobile.tts.client import Endpoint  # noqa: E402
 from mobile.tts.stats import compare  # noqa: E402
 from mobile.tts.tasks import TASK_SETS  # noqa: E402
@@ -117,6 +119,8 @@ def main() -> None:
                         help="beam-search minutes per set")
     parser.add_argument("--out", default="mobile_tts")
     parser.add_argument("--plot-only", type=Path)
+    parser.add_argument("--top-up", action="store_true",
+                        help="continue each set of results/<out>.json where it stopped")
     args = parser.parse_args()
     if args.plot_only:
         plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
@@ -128,14 +132,24 @@ def main() -> None:
                    for k, v in (kv.split("=") for kv in args.beam_budget.split(","))}
     settings = ServerSettings(data_dir=Path(os.environ.get("TESSERA_DATA_DIR", "data")),
                               workers=1, kv_cache_space_gib=3, max_model_len=2048)
-    result = {"date": dt.date.today().isoformat(), "script": "benchmarks/mobile_tts.py",
-              "model": SERVED_MODEL_NAME, "temperature": 0.7, "max_tokens": 160,
-              "endpoint": "gateway -> one vLLM CPU worker", "requested_count": args.count,
-              "budget_s": budget, "beam_budget_s": beam_budget,
-              "concurrency": args.concurrency, "task_sets": {}}
+    scorers = args.scorers.split(",")
+    out = RESULTS / f"{args.out}.json"
+    if args.top_up:
+        result = json.loads(out.read_text())
+        for bon in result["task_sets"].values():  # JSON made the N keys strings
+            for row in bon["tasks"]:
+                row["correct"] = {s: {int(n): v for n, v in c.items()}
+                                  for s, c in row["correct"].items()}
+    else:
+        result = {"date": dt.date.today().isoformat(), "script": "benchmarks/mobile_tts.py",
+                  "model": SERVED_MODEL_NAME, "temperature": 0.7, "max_tokens": 160,
+                  "endpoint": "gateway -> one vLLM CPU worker", "requested_count": args.count,
+                  "concurrency": args.concurrency, "task_sets": {}, "runs": []}
+    result.setdefault("runs", []).append(
+        {"started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+         "budget_s": budget, "beam_budget_s": beam_budget, "top_up": args.top_up})
     run_dir = Path(tempfile.mkdtemp(prefix="mobile-tts-"))
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{args.out}.json"
 
     def save() -> None:  # after each phase: a cut-short run keeps what it has
         out.write_text(json.dumps(json.loads(json.dumps(result)), indent=1))  # int keys -> str
@@ -146,22 +160,32 @@ def main() -> None:
         try:
             endpoint = Endpoint(f"{url}/v1", SERVED_MODEL_NAME)
             for name in sets:
-                tasks = TASK_SETS[name](args.count, 0)
+                old = result["task_sets"].get(name, {"tasks": [], "seconds": 0.0})
+                tasks = TASK_SETS[name](args.count, 0)[len(old["tasks"]):]
                 print(f"[mobile_tts] best-of-N {name}: {len(tasks)} tasks", flush=True)
-                r = evaluate(endpoint, tasks, NS, args.scorers.split(","),
-                             concurrency=args.concurrency,
+                r = evaluate(endpoint, tasks, NS, scorers, concurrency=args.concurrency,
                              deadline=time.monotonic() + budget[name])
-                result["task_sets"][name] = r
-                print(json.dumps({"count": r["count"], "accuracy": r["accuracy"],
-                                  "oracle": r["oracle_any_correct"]}), flush=True)
+                rows = old["tasks"] + r["tasks"]
+                if not rows:
+                    continue
+                result["task_sets"][name] = {**summarise(rows, NS, scorers),
+                                             "seconds": old["seconds"] + r["seconds"],
+                                             "tasks": rows, "beam": old.get("beam")}
+                print(json.dumps({"count": len(rows), "accuracy": summarise(
+                    rows, NS, scorers)["accuracy"]}), flush=True)
                 save()
             for name in beam_sets:
-                tasks = TASK_SETS[name](args.count, 0)
-                print(f"[mobile_tts] beam {name}", flush=True)
+                bon = result["task_sets"][name]
+                old = bon.get("beam") or {"tasks": [], "seconds": 0.0}
+                tasks = TASK_SETS[name](args.count, 0)[len(old["tasks"]):]
+                print(f"[mobile_tts] beam {name}: {len(tasks)} tasks", flush=True)
                 b = evaluate_beam(endpoint, tasks, args.beam_width, args.beam_expand,
                                   concurrency=args.concurrency,
-                                  deadline=time.monotonic() + budget[name])
-                bon = result["task_sets"][name]
+                                  deadline=time.monotonic() + beam_budget[name])
+                rows = old["tasks"] + b["tasks"]
+                if not rows:
+                    continue
+                b.update(summarise_beam(rows), tasks=rows, seconds=old["seconds"] + b["seconds"])
                 b["vs_best_of_n"] = {n: beam_vs_best_of_n(bon, b, n) for n in NS}
                 bon["beam"] = b
                 print(json.dumps({k: b[k] for k in ("count", "accuracy", "ci95",

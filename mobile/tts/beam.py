@@ -132,13 +132,18 @@ def evaluate_beam(endpoint: Endpoint, tasks: Sequence[Task], width: int = 4, exp
                       end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
+    return {"width": width, "expand": expand, "max_steps": max_steps,
+            "step_tokens": step_tokens, "max_tokens": max_tokens,
+            **(summarise_beam(rows) if rows else {"count": 0}),
+            "seconds": time.monotonic() - started, "tasks": rows}
+
+
+def summarise_beam(rows: Sequence[dict]) -> dict:
+    """Accuracy with its Wilson 95% CI, generated tokens and requests per task."""
     k = len(rows)
     if k == 0:
         raise ValueError("no tasks finished")
     hits = sum(r["correct"] for r in rows)
-    return {"count": k, "width": width, "expand": expand, "max_steps": max_steps,
-            "step_tokens": step_tokens, "max_tokens": max_tokens, "accuracy": hits / k,
-            "ci95": list(wilson(hits, k)),
+    return {"count": k, "accuracy": hits / k, "ci95": list(wilson(hits, k)),
             "generated_tokens_per_task": sum(r["tokens"] for r in rows) / k,
-            "requests_per_task": sum(r["requests"] for r in rows) / k,
-            "seconds": time.monotonic() - started, "tasks": rows}
+            "requests_per_task": sum(r["requests"] for r in rows) / k}

@@ -105,5 +105,5 @@ def evaluate(endpoint: Endpoint, tasks: Sequence[Task], ns: Sequence[int],
                       end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
-    return {**summarise(rows, ns, scorers), "seconds": time.monotonic() - started,
-            "tasks": rows}
+    summary = summarise(rows, ns, scorers) if rows else {"count": 0}
+    return {**summary, "seconds": time.monotonic() - started, "tasks": rows}

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from mobile.tts.answers import parse_choice, parse_number
-from mobile.tts.beam import Beam, select_beams
+from mobile.tts.beam import Beam, select_beams, summarise_beam
 from mobile.tts.best_of_n import choose, score_task, summarise
 from mobile.tts.scorers import Candidate, pick_by_vote, yes_probability
 from mobile.tts.stats import mcnemar_exact, paired_bootstrap, wilson
@@ -181,3 +181,14 @@ def test_summarise_accuracy_tokens_oracle_and_pairing():
     assert s["vs_n1"]["vote"][4]["diff"] == 0 and s["vs_n1"]["vote"][4]["mcnemar_p"] == 1.0
     with pytest.raises(ValueError):
         summarise([], (1,), ("vote",))
+
+
+def test_summarise_beam_counts_accuracy_tokens_and_requests():
+    rows = [{"correct": True, "tokens": 100, "requests": 5},
+            {"correct": False, "tokens": 300, "requests": 9}]
+    s = summarise_beam(rows)
+    assert s["count"] == 2 and s["accuracy"] == 0.5
+    assert s["generated_tokens_per_task"] == 200 and s["requests_per_task"] == 7
+    assert s["ci95"] == pytest.approx(list(wilson(1, 2)))
+    with pytest.raises(ValueError):
+        summarise_beam([])
