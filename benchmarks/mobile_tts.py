@@ -15,7 +15,7 @@ order, so what ran is a prefix of the seeded set; `--top-up` runs the rest of ea
 an existing JSON (same tasks, same settings, a fresh worker) and recomputes every summary.
 
     flock -s /tmp/tessera-cpu-timing.lock .venv/bin/python benchmarks/mobile_tts.py \\
-        --count 100 --concurrency 8
+        --count 100 --concurrency 6
 """
 
 from __future__ import annotations
@@ -113,9 +113,9 @@ def main() -> None:
     parser.add_argument("--beam-width", type=int, default=4)
     parser.add_argument("--beam-expand", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=4, help="tasks in flight")
-    parser.add_argument("--budget", default="addition=12,choice=7,arithmetic=12",
+    parser.add_argument("--budget", default="addition=12,choice=7,arithmetic=10",
                         help="Best-of-N minutes per set")
-    parser.add_argument("--beam-budget", default="addition=5,choice=3,arithmetic=3",
+    parser.add_argument("--beam-budget", default="addition=5,choice=3,arithmetic=2",
                         help="beam-search minutes per set")
     parser.add_argument("--out", default="mobile_tts")
     parser.add_argument("--plot-only", type=Path)
@@ -131,7 +131,7 @@ def main() -> None:
     beam_budget = {k: float(v) * 60
                    for k, v in (kv.split("=") for kv in args.beam_budget.split(","))}
     settings = ServerSettings(data_dir=Path(os.environ.get("TESSERA_DATA_DIR", "data")),
-                              workers=1, kv_cache_space_gib=3, max_model_len=2048)
+                              workers=1, kv_cache_space_gib=1, max_model_len=2048)
     scorers = args.scorers.split(",")
     out = RESULTS / f"{args.out}.json"
     if args.top_up:
@@ -174,6 +174,8 @@ def main() -> None:
                 print(json.dumps({"count": len(rows), "accuracy": summarise(
                     rows, NS, scorers)["accuracy"]}), flush=True)
                 save()
+                if r["error"]:  # saved first, so --top-up can continue from here
+                    raise SystemExit(f"[mobile_tts] {name} stopped: {r['error']}")
             for name in beam_sets:
                 bon = result["task_sets"][name]
                 old = bon.get("beam") or {"tasks": [], "seconds": 0.0}
@@ -191,6 +193,8 @@ def main() -> None:
                 print(json.dumps({k: b[k] for k in ("count", "accuracy", "ci95",
                                                     "generated_tokens_per_task")}), flush=True)
                 save()
+                if b["error"]:
+                    raise SystemExit(f"[mobile_tts] beam {name} stopped: {b['error']}")
         finally:
             gateway.terminate()
             gateway.wait(timeout=30)

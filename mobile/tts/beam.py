@@ -122,8 +122,17 @@ def evaluate_beam(endpoint: Endpoint, tasks: Sequence[Task], width: int = 4, exp
 
     started = time.monotonic()
     rows: list[dict] = []
+    error = None
     with ThreadPoolExecutor(max(concurrency, 1)) as pool:
-        for i, row in enumerate(pool.map(run, tasks)):
+        futures = [pool.submit(run, t) for t in tasks]
+        for i, fut in enumerate(futures):  # in task order: what ran is a prefix
+            try:
+                row = fut.result()
+            except Exception as exc:  # noqa: BLE001 - e.g. the worker died: keep the prefix
+                error = f"task {i}: {exc!r}"
+                for later in futures[i + 1:]:
+                    later.cancel()
+                break
             if row is not None:
                 rows.append(row)
             if progress:
@@ -135,7 +144,7 @@ def evaluate_beam(endpoint: Endpoint, tasks: Sequence[Task], width: int = 4, exp
     return {"width": width, "expand": expand, "max_steps": max_steps,
             "step_tokens": step_tokens, "max_tokens": max_tokens,
             **(summarise_beam(rows) if rows else {"count": 0}),
-            "seconds": time.monotonic() - started, "tasks": rows}
+            "seconds": time.monotonic() - started, "tasks": rows, "error": error}
 
 
 def summarise_beam(rows: Sequence[dict]) -> dict:

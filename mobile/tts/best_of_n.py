@@ -88,14 +88,22 @@ def evaluate(endpoint: Endpoint, tasks: Sequence[Task], ns: Sequence[int],
     """Accuracy and mean generated tokens per (scorer, N); one request of max(ns) per task.
 
     Tasks not started by `deadline` (time.monotonic()) are skipped; `count` says how many ran.
+    A failed request stops the run: the rows before it are returned with `error` set.
     """
     rows: list[dict] = []
+    error = None
     started = time.monotonic()
     with ThreadPoolExecutor(max(concurrency, 1)) as pool:
         futures = [pool.submit(_run_task, endpoint, t, ns, scorers, temperature, max_tokens,
                                deadline) for t in tasks]
         for i, fut in enumerate(futures):  # in task order, so rows are too
-            row = fut.result()
+            try:
+                row = fut.result()
+            except Exception as exc:  # noqa: BLE001 - e.g. the worker died: keep the prefix
+                error = f"task {i}: {exc!r}"
+                for later in futures[i + 1:]:
+                    later.cancel()
+                break
             if row is not None:
                 rows.append(row)
             if progress:
@@ -106,4 +114,4 @@ def evaluate(endpoint: Endpoint, tasks: Sequence[Task], ns: Sequence[int],
     if progress:
         print(file=sys.stderr)
     summary = summarise(rows, ns, scorers) if rows else {"count": 0}
-    return {**summary, "seconds": time.monotonic() - started, "tasks": rows}
+    return {**summary, "seconds": time.monotonic() - started, "tasks": rows, "error": error}
