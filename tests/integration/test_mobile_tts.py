@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mobile.tts.beam import beam_search, evaluate_beam
+from mobile.tts.beam import Beam, _extend, beam_search, evaluate_beam
 from mobile.tts.best_of_n import evaluate
 from mobile.tts.client import Endpoint
 from mobile.tts.tasks import addition
@@ -27,12 +27,21 @@ def test_best_of_n_through_the_gateway_scores_prefixes_of_one_draw(stack: Stack)
     assert len({r["accuracy"][s][1] for s in r["accuracy"]}) == 1
 
 
-def test_beam_search_continues_the_partial_answer_through_the_gateway(stack: Stack) -> None:
+def test_beam_step_continues_the_partial_answer_through_the_gateway(stack: Stack) -> None:
+    endpoint = Endpoint(stack.base_url, MODEL)
+    partial = Beam("1. Red\n2.", -1.0, 4, False)
+    grown, generated = _extend(endpoint, "List three colours, one per line.", partial, 2, 0.7, 8)
+    assert len(grown) == 2 and generated == endpoint.completion_tokens > 0
+    for beam in grown:  # continue_final_message: each child extends the partial text
+        assert beam.text.startswith(partial.text) and len(beam.text) > len(partial.text)
+        assert beam.tokens > partial.tokens and beam.logprob_sum <= partial.logprob_sum
+
+
+def test_beam_search_counts_every_sampled_token(stack: Stack) -> None:
     endpoint = Endpoint(stack.base_url, MODEL)
     res = beam_search(endpoint, "List three colours, one per line.", width=2, expand=2,
                       max_steps=3, step_tokens=16)
-    assert res.best.tokens > 0 and res.best.text
-    assert res.requests >= 2  # one request from the empty beam, then one per live beam
+    assert res.best.tokens > 0 and res.best.text and res.requests >= 1
     assert res.generated_tokens >= res.best.tokens
     assert endpoint.completion_tokens == res.generated_tokens
 
