@@ -7,14 +7,19 @@
    batch (M=16) shapes; LUT dequant vs arithmetic dequant; LUT softmax vs exact fp32 softmax.
    Median of 7 after 2 warm-ups, baselines in the same run; a copy-bandwidth probe gives
    each time its fraction of the memory-bandwidth floor.
+3. `--gemm-only`: the tile-order GEMM (`mobile.npu.direct`: dequant per strip chunk, no
+   untile) vs the untiling tile GEMM vs fp32 matmul, per chunk size, in one run ->
+   `results/mobile_npu_direct.{json,png}`.
 No NPU here: the paper's 19x (GEMM) and 2.2x (softmax) are HVX/HMX/TCM effects; this run
 reports numerical parity and what the same algorithms cost on a 2-core x86 CPU.
 
     flock -x /tmp/tessera-cpu-timing.lock .venv/bin/python benchmarks/mobile_npu.py
+    flock -x /tmp/tessera-cpu-timing.lock .venv/bin/python benchmarks/mobile_npu.py --gemm-only
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import statistics
@@ -27,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mobile.npu.direct import tile_order_matmul  # noqa: E402
 from mobile.npu.gemm import TileQuantLinear  # noqa: E402
 from mobile.npu.lut_softmax import lut_softmax, softmax_ref  # noqa: E402
 from mobile.npu.quant import dequant_arith, dequant_lut, pack_int4, quantize  # noqa: E402
@@ -152,6 +158,67 @@ def speed_table(bandwidth_gbs: float) -> dict:
     return {"gemm": gemm, "dequant": dequant, "softmax": softmax}
 
 
+CHUNKS = {"64KiB": 64 << 10, "256KiB": 256 << 10, "1MiB": 1 << 20, "whole": 1 << 40}
+
+
+def direct_table(bandwidth_gbs: float) -> list[dict]:
+    """fp32 matmul, untiling tile GEMM, tile-order GEMM per chunk size; same x, same W."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for k, n in ((576, 1536), (1536, 576), (2048, 8192)):
+        w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+        lin = TileQuantLinear(quantize(w, TILES["hmx32x32_pairs"], bits=4))
+        for m in (1, 16):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            row = {"k": k, "n": n, "m": m,
+                   "fp32_matmul_ms": median_ms(lambda x=x, w=w: x @ w),
+                   "untile_w4a16_ms": median_ms(lambda x=x, lin=lin: lin(x, act="fp16")),
+                   "w4_weight_bytes": lin.weight_bytes, "fp32_weight_bytes": w.nbytes}
+            ref = lin(x, act="fp16")
+            for name, chunk in CHUNKS.items():
+                y = tile_order_matmul(lin, x, act="fp16", chunk_bytes=chunk)
+                row[f"direct_{name}_ms"] = median_ms(
+                    lambda x=x, lin=lin, c=chunk: tile_order_matmul(lin, x, "fp16", c))
+                row[f"direct_{name}_max_abs_diff_vs_untile"] = float(np.abs(y - ref).max())
+            best = min(CHUNKS, key=lambda c: row[f"direct_{c}_ms"])
+            row["direct_best_chunk"] = best
+            row["direct_speedup_vs_untile"] = row["untile_w4a16_ms"] / row[f"direct_{best}_ms"]
+            row["direct_speed_vs_fp32"] = row["fp32_matmul_ms"] / row[f"direct_{best}_ms"]
+            # Floor: read the packed weight once at copy bandwidth (the fused kernel's W-hat
+            # stays in cache); the untiling kernel also writes + reads two fp32 W-hats.
+            row["direct_frac_of_bw_floor"] = (lin.weight_bytes / bandwidth_gbs / 1e6
+                                              / row[f"direct_{best}_ms"])
+            rows.append(row)
+            print(f"  {k}x{n} m={m}: fp32 {row['fp32_matmul_ms']:.3f} ms, untile "
+                  f"{row['untile_w4a16_ms']:.3f} ms, direct "
+                  + ", ".join(f"{c} {row[f'direct_{c}_ms']:.3f}" for c in CHUNKS), flush=True)
+    return rows
+
+
+def plot_direct(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = result["gemm"]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    names = [f"{r['k']}x{r['n']}\nM={r['m']}" for r in g]
+    series = [("fp32 matmul", "fp32_matmul_ms"), ("tile W4A16, untile", "untile_w4a16_ms")]
+    series += [(f"tile-order W4A16, chunk {c}", f"direct_{c}_ms") for c in CHUNKS]
+    width = 0.8 / len(series)
+    for i, (label, key) in enumerate(series):
+        ax.bar(np.arange(len(g)) + (i - len(series) / 2 + 0.5) * width, [r[key] for r in g],
+               width, label=label)
+    ax.set_xticks(np.arange(len(g)), names, fontsize=8)
+    ax.set(yscale="log", ylabel=f"median ms ({result['repeats']} runs)",
+           title="Tile GEMM without the untile pass, this 2-core CPU")
+    ax.legend(fontsize=7)
+    fig.suptitle(f"benchmarks/mobile_npu.py --gemm-only, {result['date']}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def plot(result: dict, png: Path) -> None:
     import matplotlib
 
@@ -184,7 +251,27 @@ def plot(result: dict, png: Path) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gemm-only", action="store_true",
+                        help="only the tile-order vs untile vs fp32 GEMM table")
+    parser.add_argument("--plot-only", type=Path)
+    args = parser.parse_args()
+    if args.plot_only:
+        plot_direct(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        return
     RESULTS.mkdir(exist_ok=True)
+    if args.gemm_only:
+        bandwidth = copy_bandwidth_gbs()
+        print(f"[mobile_npu] copy bandwidth {bandwidth:.1f} GB/s; tile-order GEMM", flush=True)
+        result = {"date": dt.date.today().isoformat(),
+                  "script": "benchmarks/mobile_npu.py --gemm-only",
+                  "copy_bandwidth_gbs": bandwidth, "repeats": REPEATS, "warmup": WARMUP,
+                  "gemm": direct_table(bandwidth)}
+        out = RESULTS / "mobile_npu_direct.json"
+        out.write_text(json.dumps(result, indent=1))
+        plot_direct(result, out.with_suffix(".png"))
+        print(f"[mobile_npu] wrote {out}", flush=True)
+        return
     print("[mobile_npu] copy bandwidth probe", flush=True)
     bandwidth = copy_bandwidth_gbs()
     print(f"  {bandwidth:.1f} GB/s", flush=True)

@@ -8,11 +8,18 @@ the whole partial answer (the paper uses a process reward model; none is served 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import httpx
 
+from mobile.tts.answers import PARSERS
 from mobile.tts.client import Endpoint
+from mobile.tts.stats import wilson
+from mobile.tts.tasks import Task
 
 
 @dataclass(frozen=True)
@@ -36,8 +43,15 @@ def select_beams(beams: list[Beam], width: int) -> list[Beam]:
     return sorted(unique.values(), key=lambda b: b.score, reverse=True)[:width]
 
 
+@dataclass(frozen=True)
+class BeamResult:
+    best: Beam
+    generated_tokens: int  # every continuation sampled, kept or pruned: the compute axis
+    requests: int
+
+
 def _extend(endpoint: Endpoint, question: str, beam: Beam, expand: int, temperature: float,
-            step_tokens: int) -> list[Beam]:
+            step_tokens: int) -> tuple[list[Beam], int]:
     messages = [{"role": "user", "content": question}]
     if beam.text:
         messages.append({"role": "assistant", "content": beam.text})
@@ -49,7 +63,8 @@ def _extend(endpoint: Endpoint, question: str, beam: Beam, expand: int, temperat
                    timeout=endpoint.timeout_s)
     r.raise_for_status()
     data = r.json()
-    endpoint.completion_tokens += data.get("usage", {}).get("completion_tokens", 0)
+    generated = data.get("usage", {}).get("completion_tokens", 0)
+    endpoint.bill(generated)
     out = []
     for ch in data["choices"]:
         lps = [t["logprob"] for t in ((ch.get("logprobs") or {}).get("content") or [])]
@@ -58,18 +73,86 @@ def _extend(endpoint: Endpoint, question: str, beam: Beam, expand: int, temperat
         more = ch.get("stop_reason") == "\n" and ch.get("finish_reason") == "stop"
         out.append(Beam(beam.text + step + ("\n" if more else ""), beam.logprob_sum + sum(lps),
                         beam.tokens + len(lps), not more))
-    return out
+    return out, generated
 
 
 def beam_search(endpoint: Endpoint, question: str, width: int = 4, expand: int = 2,
-                max_steps: int = 8, temperature: float = 0.7, step_tokens: int = 64) -> Beam:
+                max_steps: int = 8, temperature: float = 0.7, step_tokens: int = 64,
+                max_tokens: int = 160) -> BeamResult:
+    """Each step samples `expand` continuations of every live beam (the first step samples
+    width x expand from the empty answer, so the beam starts full), concurrently so the
+    server batches them: a step costs up to width x expand samples, like Best-of-N at that N.
+    A beam that reaches `max_tokens` (Best-of-N's per-answer cap) stops growing."""
     beams = [Beam("", 0.0, 0, False)]
-    for _ in range(max_steps):
+    generated = requests = 0
+    for step in range(max_steps):
+        live = [b for b in beams if not b.finished]
         grown = [b for b in beams if b.finished]
-        for b in beams:
-            if not b.finished:
-                grown += _extend(endpoint, question, b, expand, temperature, step_tokens)
+        fan = width * expand if step == 0 else expand
+        with ThreadPoolExecutor(max(len(live), 1)) as pool:
+            for new, used in pool.map(
+                    lambda b, fan=fan: _extend(endpoint, question, b, fan, temperature,
+                                      min(step_tokens, max_tokens - b.tokens)), live):
+                grown += [b if b.tokens < max_tokens else replace(b, finished=True)
+                          for b in new]
+                generated += used
+        requests += len(live)
         beams = select_beams(grown, width)
         if all(b.finished for b in beams):
             break
-    return max(beams, key=lambda b: b.score)
+    return BeamResult(max(beams, key=lambda b: b.score), generated, requests)
+
+
+def evaluate_beam(endpoint: Endpoint, tasks: Sequence[Task], width: int = 4, expand: int = 2,
+                  max_steps: int = 8, step_tokens: int = 64, temperature: float = 0.7,
+                  max_tokens: int = 160, concurrency: int = 1,
+                  deadline: float | None = None, progress: bool = True) -> dict:
+    """Accuracy (Wilson 95% CI) and generated tokens per task of beam search on a task set;
+    tasks not started by `deadline` (time.monotonic()) are skipped and not counted."""
+
+    def run(task: Task) -> dict | None:
+        if deadline is not None and time.monotonic() > deadline:
+            return None
+        res = beam_search(endpoint, task.question, width, expand, max_steps, temperature,
+                          step_tokens, max_tokens)
+        parsed = PARSERS[task.kind](res.best.text)
+        return {"question": task.question, "answer": task.answer, "parsed": parsed,
+                "correct": parsed == task.answer, "tokens": res.generated_tokens,
+                "requests": res.requests, "best": res.best.text}
+
+    started = time.monotonic()
+    rows: list[dict] = []
+    error = None
+    with ThreadPoolExecutor(max(concurrency, 1)) as pool:
+        futures = [pool.submit(run, t) for t in tasks]
+        for i, fut in enumerate(futures):  # in task order: what ran is a prefix
+            try:
+                row = fut.result()
+            except Exception as exc:  # noqa: BLE001 - e.g. the worker died: keep the prefix
+                error = f"task {i}: {exc!r}"
+                for later in futures[i + 1:]:
+                    later.cancel()
+                break
+            if row is not None:
+                rows.append(row)
+            if progress:
+                print(f"\r[beam] task {i + 1}/{len(tasks)} ran {len(rows)} correct "
+                      f"{sum(r['correct'] for r in rows)} {time.monotonic() - started:.0f} s",
+                      end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return {"width": width, "expand": expand, "max_steps": max_steps,
+            "step_tokens": step_tokens, "max_tokens": max_tokens,
+            **(summarise_beam(rows) if rows else {"count": 0}),
+            "seconds": time.monotonic() - started, "tasks": rows, "error": error}
+
+
+def summarise_beam(rows: Sequence[dict]) -> dict:
+    """Accuracy with its Wilson 95% CI, generated tokens and requests per task."""
+    k = len(rows)
+    if k == 0:
+        raise ValueError("no tasks finished")
+    hits = sum(r["correct"] for r in rows)
+    return {"count": k, "accuracy": hits / k, "ci95": list(wilson(hits, k)),
+            "generated_tokens_per_task": sum(r["tokens"] for r in rows) / k,
+            "requests_per_task": sum(r["requests"] for r in rows) / k}

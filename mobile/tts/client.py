@@ -12,7 +12,7 @@ from mobile.tts.scorers import Candidate, yes_probability
 
 @dataclass
 class Endpoint:
-    base_url: str  # e.g. http://127.0.0.1:8080/v1 (the gateway) or a worker's URL + /v1
+    base_url: str  # e.g. http://127.0.0.1:8000/v1 (the gateway) or a worker's URL + /v1
     model: str
     timeout_s: float = 300.0
     completion_tokens: int = 0  # generated tokens billed so far: the compute axis
@@ -29,9 +29,12 @@ class Endpoint:
                        timeout=self.timeout_s)
         r.raise_for_status()
         data = r.json()
-        with self._lock:  # verifier requests run on threads
-            self.completion_tokens += data.get("usage", {}).get("completion_tokens", 0)
+        self.bill(data.get("usage", {}).get("completion_tokens", 0))
         return data["choices"]
+
+    def bill(self, tokens: int) -> None:
+        with self._lock:  # requests run on threads (verifier prompts, concurrent tasks)
+            self.completion_tokens += tokens
 
     def sample(self, prompt: str, n: int, temperature: float = 0.7,
                max_tokens: int = 128) -> list[Candidate]:

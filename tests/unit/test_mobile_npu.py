@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from mobile.npu.gemm import TileQuantLinear, error_bound, gemm_ref, untile
+from mobile.npu.direct import strips_per_chunk, tile_order_matmul
+from mobile.npu.gemm import (
+    TileQuantLinear,
+    error_bound,
+    gemm_ref,
+    quantize_activation,
+    untile,
+)
 from mobile.npu.lut_softmax import (
     EXP2_TABLE,
     lut_softmax,
@@ -130,3 +137,53 @@ def test_lut_softmax_within_stated_bound_per_row(scale: float) -> None:
     assert np.allclose(got.sum(axis=1), 1.0, atol=1e-5)
     # fp16 rounding of d is visible: the LUT is not secretly an fp64 exp.
     assert np.abs(got - ref).max() > 1e-7
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 40_000, 1 << 30])  # 1 strip, a few, all at once
+@pytest.mark.parametrize("act", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("tile", TILES)
+def test_tile_order_gemm_matches_reference_and_error_bound_per_row(tile, bits, act,
+                                                                   chunk_bytes) -> None:
+    rng = np.random.default_rng(20 + bits)
+    k, n = 256, 128
+    w = _weights(7 + bits, k=k, n=n)
+    x = rng.standard_normal((5, k)).astype(np.float32) * rng.uniform(0.1, 10, size=(5, 1))
+    qw = quantize(w, tile, bits=bits)
+    lin = TileQuantLinear(qw)
+    y = tile_order_matmul(lin, x, act=act, chunk_bytes=chunk_bytes).astype(np.float64)
+    xq, x_scale = quantize_activation(x, act)
+    # vs the float64 reference of the same numerics: fp32 accumulation only, per element.
+    ref = gemm_ref(x, qw, act)
+    x_hat = np.abs(xq.astype(np.float64)) * (1.0 if x_scale is None else x_scale)
+    accum = 2 * k * 2.0**-24 * (x_hat @ np.abs(dequantize(qw).astype(np.float64)))
+    if act == "int8":  # plus the final rounding of y * s_x
+        accum = accum * 1.01 + 2.0**-24 * np.abs(ref)
+    ratio = (np.abs(y - ref) / (accum + 1e-30)).max(axis=1)
+    assert np.all(ratio <= 1.0), ratio
+    # vs the untiling kernel: the same bound (both are fp32 sums of the same products).
+    assert np.all(np.abs(y - lin(x, act=act)) <= 2 * accum + 1e-30)
+    # vs the unquantized product: the stated per-element bound, per row, and not vacuous.
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    per_row = (np.abs(y - exact) / error_bound(x, qw, act)).max(axis=1)
+    assert np.all(per_row <= 1.0) and per_row.max() > 0.02, per_row
+
+
+def test_tile_order_gemm_fails_the_bound_when_the_layout_is_misread() -> None:
+    # Negative control: the same packed bytes read as if there were no row-pair interleave
+    # put weights on the wrong rows; the per-row check above must catch that.
+    w = _weights(11, k=256, n=128)
+    x = np.random.default_rng(12).standard_normal((4, 256)).astype(np.float32)
+    qw = quantize(w, HMX, bits=4)
+    misread = TileQuantLinear(qw)
+    misread.tile = TileShape(32, 32, False)
+    y = tile_order_matmul(misread, x, act="fp32").astype(np.float64)
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    assert np.all((np.abs(y - exact) / error_bound(x, qw, "fp32")).max(axis=1) > 1.0)
+
+
+def test_strips_per_chunk_takes_whole_strips_within_the_budget() -> None:
+    lin = TileQuantLinear(quantize(_weights(13, k=256, n=128), HMX, bits=4))
+    assert strips_per_chunk(lin, 1) == 1  # a strip is 256 x 32 x 4 B = 32 KiB
+    assert strips_per_chunk(lin, 100_000) == 3
+    assert strips_per_chunk(lin, 1 << 30) == 4  # never more than the matrix has
