@@ -35,7 +35,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mobile.activeflow.engine import ActiveFlowEngine, EngineOptions  # noqa: E402
+from mobile.activeflow.engine import (  # noqa: E402
+    ActiveFlowEngine,
+    EngineOptions,
+    teacher_forced_scores,
+)
 from mobile.activeflow.layout import FlashIndex, write_flash_file  # noqa: E402
 from mobile.activeflow.mmap_baseline import MmapDenseModel  # noqa: E402
 from mobile.activeflow.sparsity import load_thresholds  # noqa: E402
@@ -144,20 +148,14 @@ def quality(levels: list[float], n_tokens: int, flash: Path = FLASH) -> list[dic
         engine = ActiveFlowEngine(index, EngineOptions(budget_bytes=index.weight_bytes + (64 << 20),
                                                        max_seq_len=n_tokens),
                                   table[sp] if sp else None)
-        nll, top1 = [], []
-        for i, t in enumerate(ids):
-            logits = engine.forward_token(t).astype(np.float64)
-            top1.append(int(np.argmax(logits)))
-            if i + 1 < len(ids):
-                m = logits.max()
-                nll.append(m + np.log(np.exp(logits - m).sum()) - logits[ids[i + 1]])
+        perplexity, top1 = teacher_forced_scores(engine, ids)
         active = engine.counters.active_channels
         total = sum(e.channels for e in index.extents.values()) * len(ids)
         engine.close()
         if dense_top1 is None:
             dense_top1 = top1
         rows.append({"sparsity": sp, "realized_sparsity": 1 - active / total,
-                     "perplexity": float(np.exp(np.mean(nll))),
+                     "perplexity": perplexity,
                      "top1_agreement_with_dense": float(np.mean(np.array(top1) ==
                                                                 np.array(dense_top1)))})
         print(f"  quality sp={sp}: ppl {rows[-1]['perplexity']:.2f}, top-1 agreement "

@@ -99,7 +99,7 @@ def quality_rows(name: str, model, calib: list[int], sets: dict, ref: dict) -> l
 
 def engine_check(flash: Path, thresholds: Path, ids: list[int], sp: float) -> dict:
     """The distilled flash file through the real engine: ppl and top-1 per position."""
-    from mobile.activeflow.engine import ActiveFlowEngine, EngineOptions
+    from mobile.activeflow.engine import ActiveFlowEngine, EngineOptions, teacher_forced_scores
     from mobile.activeflow.layout import FlashIndex
     from mobile.activeflow.sparsity import load_thresholds
 
@@ -109,15 +109,9 @@ def engine_check(flash: Path, thresholds: Path, ids: list[int], sp: float) -> di
         EngineOptions(budget_bytes=index.weight_bytes + (64 << 20), max_seq_len=len(ids)),
         load_thresholds(thresholds)[sp] if sp else None,
     )
-    nll, top1 = [], []
-    for i, t in enumerate(ids):
-        logits = engine.forward_token(t).astype(np.float64)
-        top1.append(int(np.argmax(logits)))
-        if i + 1 < len(ids):
-            m = logits.max()
-            nll.append(m + np.log(np.exp(logits - m).sum()) - logits[ids[i + 1]])
+    perplexity, top1 = teacher_forced_scores(engine, ids)
     engine.close()
-    return {"perplexity": float(np.exp(np.mean(nll))), "top1": top1}
+    return {"perplexity": perplexity, "top1": top1}
 
 
 def engine_vs_torch(path: Path, model, sp: float, ids: list[int], calib: list[int], ref) -> dict:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -346,3 +346,16 @@ class ActiveFlowEngine:
                 "resident_share": self.cached_weight_bytes / self.index.weight_bytes,
                 "resident_bytes_outside_budget": self.resident_bytes,
                 "o_direct": self.reader.direct}
+
+
+def teacher_forced_scores(engine: ActiveFlowEngine, ids: Sequence[int]) -> tuple[float, list[int]]:
+    """Feed ``ids`` one token at a time: (perplexity of each next id, in float64 from the
+    logits; the argmax token at every position, for top-1 agreement between models)."""
+    nll, top1 = [], []
+    for i, token in enumerate(ids):
+        logits = engine.forward_token(token).astype(np.float64)
+        top1.append(int(np.argmax(logits)))
+        if i + 1 < len(ids):
+            peak = logits.max()
+            nll.append(peak + np.log(np.exp(logits - peak).sum()) - logits[ids[i + 1]])
+    return float(np.exp(np.mean(nll))), top1

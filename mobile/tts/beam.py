@@ -8,7 +8,6 @@ the whole partial answer (the paper uses a process reward model; none is served 
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ import httpx
 
 from mobile.tts.answers import PARSERS
 from mobile.tts.client import Endpoint
+from mobile.tts.ordered import run_in_task_order
 from mobile.tts.stats import wilson
 from mobile.tts.tasks import Task
 
@@ -120,27 +120,12 @@ def evaluate_beam(endpoint: Endpoint, tasks: Sequence[Task], width: int = 4, exp
                 "correct": parsed == task.answer, "tokens": res.generated_tokens,
                 "requests": res.requests, "best": res.best.text}
 
+    def line(done: int, rows: list[dict], seconds: float) -> str:
+        return (f"[beam] task {done}/{len(tasks)} ran {len(rows)} correct "
+                f"{sum(r['correct'] for r in rows)} {seconds:.0f} s")
+
     started = time.monotonic()
-    rows: list[dict] = []
-    error = None
-    with ThreadPoolExecutor(max(concurrency, 1)) as pool:
-        futures = [pool.submit(run, t) for t in tasks]
-        for i, fut in enumerate(futures):  # in task order: what ran is a prefix
-            try:
-                row = fut.result()
-            except Exception as exc:  # noqa: BLE001 - e.g. the worker died: keep the prefix
-                error = f"task {i}: {exc!r}"
-                for later in futures[i + 1:]:
-                    later.cancel()
-                break
-            if row is not None:
-                rows.append(row)
-            if progress:
-                print(f"\r[beam] task {i + 1}/{len(tasks)} ran {len(rows)} correct "
-                      f"{sum(r['correct'] for r in rows)} {time.monotonic() - started:.0f} s",
-                      end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+    rows, error = run_in_task_order(tasks, run, concurrency, line if progress else None)
     return {"width": width, "expand": expand, "max_steps": max_steps,
             "step_tokens": step_tokens, "max_tokens": max_tokens,
             **(summarise_beam(rows) if rows else {"count": 0}),

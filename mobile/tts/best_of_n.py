@@ -8,13 +8,13 @@ batches their samples (one task's 16 samples alone leave a CPU worker's batch ha
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from mobile.tts.answers import PARSERS
 from mobile.tts.client import Endpoint
+from mobile.tts.ordered import run_in_task_order
 from mobile.tts.scorers import Candidate, pick_by_likelihood, pick_by_scores, pick_by_vote
 from mobile.tts.stats import compare, wilson
 from mobile.tts.tasks import Task
@@ -90,28 +90,16 @@ def evaluate(endpoint: Endpoint, tasks: Sequence[Task], ns: Sequence[int],
     Tasks not started by `deadline` (time.monotonic()) are skipped; `count` says how many ran.
     A failed request stops the run: the rows before it are returned with `error` set.
     """
-    rows: list[dict] = []
-    error = None
     started = time.monotonic()
-    with ThreadPoolExecutor(max(concurrency, 1)) as pool:
-        futures = [pool.submit(_run_task, endpoint, t, ns, scorers, temperature, max_tokens,
-                               deadline) for t in tasks]
-        for i, fut in enumerate(futures):  # in task order, so rows are too
-            try:
-                row = fut.result()
-            except Exception as exc:  # noqa: BLE001 - e.g. the worker died: keep the prefix
-                error = f"task {i}: {exc!r}"
-                for later in futures[i + 1:]:
-                    later.cancel()
-                break
-            if row is not None:
-                rows.append(row)
-            if progress:
-                done = {s: sum(r["correct"][s][max(ns)] for r in rows) for s in scorers}
-                print(f"\r[tts] task {i + 1}/{len(tasks)} ran {len(rows)} "
-                      f"correct@N={max(ns)}: {done} {time.monotonic() - started:.0f} s",
-                      end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+
+    def run(task: Task) -> dict | None:
+        return _run_task(endpoint, task, ns, scorers, temperature, max_tokens, deadline)
+
+    def line(done: int, rows: list[dict], seconds: float) -> str:
+        correct = {s: sum(r["correct"][s][max(ns)] for r in rows) for s in scorers}
+        return (f"[tts] task {done}/{len(tasks)} ran {len(rows)} "
+                f"correct@N={max(ns)}: {correct} {seconds:.0f} s")
+
+    rows, error = run_in_task_order(tasks, run, concurrency, line if progress else None)
     summary = summarise(rows, ns, scorers) if rows else {"count": 0}
     return {**summary, "seconds": time.monotonic() - started, "tasks": rows, "error": error}

@@ -143,3 +143,25 @@ def test_corpus_split_keeps_eval_text_out_of_training(tmp_path: Path) -> None:
     assert sum(t.startswith("GPL three") for t in train) == 1
     assert not any("Apache License" in t for t in train + held)
     assert held and not set(held) & set(train) and len(train) + len(held) == 41
+
+
+def test_teacher_forced_scores_give_perplexity_and_argmax_per_position() -> None:
+    import numpy as np
+
+    from mobile.activeflow.engine import teacher_forced_scores
+
+    class FixedLogits:  # a stand-in with the engine's one method this function calls
+        def __init__(self) -> None:
+            self.position = 0
+
+        def forward_token(self, token_id: int) -> np.ndarray:
+            logits = np.zeros(4, dtype=np.float32)
+            logits[self.position % 4] = np.log(3.0)  # p = 3/6 for the argmax, 1/6 others
+            self.position += 1
+            return logits
+
+    ids = [0, 1, 3, 3]
+    perplexity, top1 = teacher_forced_scores(FixedLogits(), ids)
+    assert top1 == [0, 1, 2, 3]
+    # Position 0 predicts id 1 (p 1/6), 1 predicts 3 (1/6), 2 predicts 3 (1/6).
+    assert perplexity == pytest.approx(6.0, rel=1e-6)

@@ -192,3 +192,18 @@ def test_summarise_beam_counts_accuracy_tokens_and_requests():
     assert s["ci95"] == pytest.approx(list(wilson(1, 2)))
     with pytest.raises(ValueError):
         summarise_beam([])
+
+
+def test_a_failed_task_stops_the_set_and_keeps_the_finished_prefix() -> None:
+    from mobile.tts.ordered import run_in_task_order
+
+    def run(task: int) -> dict | None:
+        if task == 3:
+            raise ConnectionError("worker gone")
+        return None if task == 1 else {"task": task}  # task 1: skipped (past a deadline)
+
+    rows, error = run_in_task_order(list(range(6)), run, concurrency=1)
+    assert [row["task"] for row in rows] == [0, 2]
+    assert error is not None and error.startswith("task 3:")
+    rows, error = run_in_task_order([0, 2], run, concurrency=2)
+    assert [row["task"] for row in rows] == [0, 2] and error is None
