@@ -151,19 +151,24 @@ def training_intentions(seed: int) -> tuple[list[str], list[int]]:
     return intentions, [int(sample.harmful) for sample in samples]
 
 
+def bare_training_set() -> tuple[list[str], list[int]]:
+    """(texts, labels) of the bare requests every harm classifier trains on: AdvBench goals
+    (1) and our benign everyday, lookalike and compositional requests (0); no template."""
+    from prompt_pipeline.securitylingua import sources
+
+    harmful = sources.advbench()
+    benign = (sources.benign_everyday() + sources.lookalikes_train()
+              + sources.benign_compositional())
+    return harmful + benign, [1] * len(harmful) + [0] * len(benign)
+
+
 def train_harm_classifier(out_path: Path, seed: int = 42, layers: int = FULL_LAYERS,
                           with_intentions: bool = False) -> dict:
     """Fits and writes the classifier. with_intentions: also fit on the extracted
     intentions of the training prompts (train = serve: a wrapped benign request's
     intention keeps some template words, which bare requests never show)."""
-    from prompt_pipeline.securitylingua import sources
-
     torch.set_num_threads(2)
-    harmful = sources.advbench()
-    benign = sources.benign_everyday() + sources.lookalikes_train() + \
-        sources.benign_compositional()
-    texts = harmful + benign
-    labels_list = [1] * len(harmful) + [0] * len(benign)
+    texts, labels_list = bare_training_set()
     if with_intentions:
         intentions, intention_labels = training_intentions(seed)
         texts, labels_list = texts + intentions, labels_list + intention_labels

@@ -132,16 +132,14 @@ def train_attention_harm(out_path: Path | None, seed: int = 42, layers: int = 0,
     questions and the benign how-to questions given as imperatives (`sources.form_crossed`,
     training frames), so that the sentence form stops predicting the label."""
     from prompt_pipeline.securitylingua import sources
-    from prompt_pipeline.securitylingua.harm import training_intentions
+    from prompt_pipeline.securitylingua.harm import bare_training_set, training_intentions
 
     # One thread: on this shared 2-core host two threads spin-wait when another job runs
     # (the extraction ran at ~3 prompts/s with 2 threads, 2026-12-01).
     torch.set_num_threads(1)
-    harmful = sources.advbench()
-    benign = sources.benign_everyday() + sources.lookalikes_train() + \
-        sources.benign_compositional()
-    texts = harmful + benign
-    labels = [1] * len(harmful) + [0] * len(benign)
+    texts, labels = bare_training_set()
+    harmful = [text for text, label in zip(texts, labels, strict=True) if label]
+    benign = [text for text, label in zip(texts, labels, strict=True) if not label]
     if form_crossed:
         questions, imperatives = sources.form_crossed(
             harmful, benign, sources.TRAIN_QUESTION_FRAMES, sources.TRAIN_IMPERATIVE_FRAMES, seed)
