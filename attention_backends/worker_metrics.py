@@ -13,8 +13,9 @@ TesseraWorkerMetrics``; the launcher adds it). A scrape of one worker then shows
 - ``tessera_attention_query_tokens_total{path}``: query tokens per attention path (dense,
   sparse prefill, RetroInfer decode...), summed over layers, from ``usage.py``'s snapshots.
 
-Only snapshots of live processes count (a restarted worker leaves its old files behind), and
-the engine's tensor-parallel ranks, each holding its share of the pool, are summed.
+Only snapshots of live processes count (a restarted worker leaves its old files behind). The
+engine's tensor-parallel ranks each hold a share of the KV pool, so their bytes are summed;
+each runs every query token, so the path counts are their maximum.
 This module's rendering functions import neither vLLM nor torch.
 """
 
@@ -104,11 +105,16 @@ def render(stats_dir: Path) -> str:
                   f"tessera_kv_capacity_tokens {totals['capacity_tokens'] // len(kv)}"]
     usage = list(_live_snapshots(stats_dir, USAGE_GLOB))
     if usage:
+        # Every tensor-parallel rank runs every query token (on its share of the heads), so
+        # the ranks' counts are the same tokens: the engine's count is their maximum.
         per_path: dict[str, int] = {}
         for snapshot in usage:
+            mine: dict[str, int] = {}
             for paths in snapshot.get("layers", {}).values():
                 for path, tokens in paths.items():
-                    per_path[path] = per_path.get(path, 0) + int(tokens)
+                    mine[path] = mine.get(path, 0) + int(tokens)
+            for path, tokens in mine.items():
+                per_path[path] = max(per_path.get(path, 0), tokens)
         lines += ["# HELP tessera_attention_query_tokens Query tokens per attention path, "
                   "summed over layers.",
                   "# TYPE tessera_attention_query_tokens counter"]

@@ -47,9 +47,12 @@ def test_kv_bytes_of_live_processes_are_summed_and_dead_ones_ignored(tmp_path: P
     assert shown[("tessera_kv_capacity_tokens", ())] == 64
 
 
-def test_attention_paths_are_summed_over_layers(tmp_path: Path) -> None:
+def test_attention_paths_are_summed_over_layers_not_over_ranks(tmp_path: Path) -> None:
     usage = {"layers": {"0": {"dense": 5, "trianglemix": 7}, "1": {"dense": 3}}}
     (tmp_path / f"attention-usage-{os.getpid()}.json").write_text(json.dumps(usage))
+    # A second tensor-parallel rank ran the same tokens (one step behind): not added.
+    behind = {"layers": {"0": {"dense": 4, "trianglemix": 7}, "1": {"dense": 3}}}
+    (tmp_path / f"attention-usage-{os.getppid()}.json").write_text(json.dumps(behind))
     shown = samples(render(tmp_path))
     assert shown[("tessera_attention_query_tokens_total", (("path", "dense"),))] == 8
     assert shown[("tessera_attention_query_tokens_total", (("path", "trianglemix"),))] == 7
