@@ -115,6 +115,12 @@ class MemoryUnit:
     vector: bytes | None = field(default=None, compare=False, repr=False)  # float32 key emb.
 
 
+# One conversation's units of one kind, columns in MemoryUnit's field order (rows become
+# MemoryUnit(*row)); callers append the ORDER BY they need.
+SELECT_UNITS = ("SELECT kind, first_exchange, last_exchange, text, key_text, vector FROM units "
+                "WHERE tenant=? AND user=? AND conversation=? AND kind=? ")
+
+
 @dataclass(frozen=True)
 class ConversationSummary:
     conversation: str
@@ -247,9 +253,7 @@ class SQLiteMemoryStore:
     def units(self, key: ConversationKey, kind: str) -> list[MemoryUnit]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT kind, first_exchange, last_exchange, text, key_text, vector FROM units "
-                "WHERE "
-                "tenant=? AND user=? AND conversation=? AND kind=? ORDER BY first_exchange",
+                SELECT_UNITS + "ORDER BY first_exchange",
                 (key.tenant, key.user, key.conversation, kind)).fetchall()
         return [MemoryUnit(*row) for row in rows]
 
@@ -257,9 +261,7 @@ class SQLiteMemoryStore:
         """The conversation's latest unit (the open segment), or None."""
         with self._lock:
             row = self._db.execute(
-                "SELECT kind, first_exchange, last_exchange, text, key_text, vector FROM units "
-                "WHERE tenant=? AND user=? AND conversation=? AND kind=? "
-                "ORDER BY first_exchange DESC LIMIT 1",
+                SELECT_UNITS + "ORDER BY first_exchange DESC LIMIT 1",
                 (key.tenant, key.user, key.conversation, kind)).fetchone()
         return None if row is None else MemoryUnit(*row)
 
