@@ -70,7 +70,11 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.25, 0.5, 0.7])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--out", default="leank_magnitude_baseline")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads((RESULTS / f"{args.out}.json").read_text()), RESULTS / f"{args.out}.png")
+        return
     torch.set_num_threads(2)
     from transformers import AutoTokenizer
 
@@ -94,6 +98,32 @@ def main() -> None:
               "mode": "decode", "mask": str(DEFAULT_MASK), "align": mask.align, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, RESULTS / f"{args.out}.png")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in sorted({row["importance"] for row in result["rows"]}):
+        rows = sorted((r for r in result["rows"] if r["importance"] == name),
+                      key=lambda r: r["sparsity"])
+        x = [r["sparsity"] for r in rows]
+        axes[0].plot(x, [r["kl"] for r in rows], marker="o", label=name)
+        axes[1].plot(x, [r["top1"] for r in rows], marker="o", label=name)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("KL(dense || masked)")
+    axes[1].set_ylabel("top-1 agreement with dense")
+    for ax in axes:
+        ax.set_xlabel("K channels pruned (sparsity)")
+        ax.legend()
+    fig.suptitle(f"LeanK channel ranking on SmolLM2-135M, {result['document']} "
+                 f"{result['tokens']} tokens, {result['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
