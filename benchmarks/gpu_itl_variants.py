@@ -63,6 +63,13 @@ def make_servers(base_port: int) -> list[GpuServer]:
     return servers
 
 
+def median_by_path(runs: list[dict]) -> dict[str, float]:
+    """Median ITL (ms) per server over the runs of ``itl``."""
+    names = dict.fromkeys(r["path"] for r in runs)
+    return {name: statistics.median(r["itl_median_ms"] for r in runs if r["path"] == name)
+            for name in names}
+
+
 def plot(result: dict, png: Path) -> None:
     import matplotlib
 
@@ -112,14 +119,25 @@ def main() -> None:
         wait_healthy(servers, timeout_s=420)
         result["healthy_after_s"] = {s.name: s.healthy_after_s for s in servers}
         paths = {s.name: s.url for s in servers}
+        # ITL after a 600-token prompt (dense in every variant) before any server has seen a
+        # long prompt, then again after the warm-up: tells a gap that vLLM's start already
+        # leaves (graph capture, module loading) from one a sparse prefill leaves behind
+        print("[variants] ITL before any long prompt (600 tokens)", flush=True)
+        before = itl(paths, [600], 3, None, names=tuple(paths))
+        result["itl_600_before_sparse_ms"] = median_by_path(before)
         print("[variants] warm-up: one 32K prompt each", flush=True)
         for server in servers:
             stream(server.url, prompt_tokens(32768, seed=server.port), 1)
         runs = itl(paths, [32768], args.repeats, None, names=tuple(paths))
         result["itl_runs"] = runs
-        result["itl_median_ms"] = {name: statistics.median(r["itl_median_ms"] for r in runs
-                                                           if r["path"] == name)
-                                   for name in paths}
+        result["itl_median_ms"] = median_by_path(runs)
+        after = itl(paths, [600], 3, None, names=tuple(paths))
+        result["itl_600_after_sparse_ms"] = median_by_path(after)
+        result["itl_600_runs"] = before + after
+        print("[variants] ITL 600 before / after:",
+              json.dumps({n: [result["itl_600_before_sparse_ms"][n],
+                              result["itl_600_after_sparse_ms"][n]] for n in paths}),
+              flush=True)
         out_json.write_text(json.dumps(result, indent=1))
         result["decode_profile"] = {}
         for server in servers:
