@@ -39,11 +39,12 @@ fi
 echo "[gpu-bundle] 2/5 dependency wheels"
 rm -rf "$B/deps" "$B/deps_b" && mkdir -p "$B/deps" "$B/deps_b"
 dl "$B/deps" -r scripts/gpu/deps.txt
-# A call carries at most 64 MiB with the working tree: the three largest wheels travel in
-# call 3 (deps_b), the rest with vLLM's first chunk.
+# A call carries at most 64 MiB with the working tree (~16 MB in Dec 2026): the wheels
+# travel with vLLM's second chunk (call 4), the three largest in deps_b.
 ls -S "$B/deps"/*.whl | head -3 | xargs -I{} mv {} "$B/deps_b/"
-echo "[gpu-bundle] 3/5 SmolLM2 GGUF in two chunks"
-split -b 50M -d -a 1 "$GGUF" "$B/smollm2.gguf.part"
+echo "[gpu-bundle] 3/5 SmolLM2 GGUF in two equal chunks (each ~49 MB, alone in its call)"
+rm -f "$B"/smollm2.gguf.part*
+split -n 2 -d -a 1 "$GGUF" "$B/smollm2.gguf.part"
 echo "[gpu-bundle] 4/5 Llama-3.1-8B-shaped model directory, fidelity documents"
 rm -rf "$B/llama8b" && python3 scripts/gpu/make_llama8b_dir.py "$SMOL" "$B/llama8b"
 mkdir -p "$B/docs" && cp /usr/share/common-licenses/GPL-3 /usr/share/common-licenses/GFDL-1.3 "$B/docs/"

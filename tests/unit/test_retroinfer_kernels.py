@@ -69,7 +69,7 @@ def check_interpreted_kernels() -> None:
             tri, decode_case(rows, groups, dim, clusters, steady, seed=seed + 10), tolerance=1e-5
         )
     # fp16 storage (bf16 cannot be checked here: the interpreter's bf16 tl.dot is wrong;
-    # tests/gpu_retroinfer checks bf16 natively).
+    # tests/gpu/test_retroinfer_gpu.py checks bf16 natively).
     check_case(tri, decode_case(3, 4, 32, 20, 10, seed=20, dtype=torch.float16), tolerance=1e-2)
 
 
@@ -127,7 +127,7 @@ def check_case(tri, case: dict, tolerance: float) -> None:
     assert_rows_close(got, expected, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="covered natively by tests/gpu_retroinfer")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="covered natively by tests/gpu/test_retroinfer_gpu.py")
 def test_triton_kernels_match_reference_interpreted():
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parents[2]

@@ -2,7 +2,7 @@
 bf16 and fp16), full-budget decode vs dense SDPA over a 128K wave index, and the wave buffer
 with pinned host memory and side-stream copies.
 
-    python -m pytest -q tests/gpu_retroinfer   # on the GPU host: torch + Triton only
+    python -m pytest -q tests/gpu/test_retroinfer_gpu.py   # on the GPU host: torch + Triton only
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def test_wave_buffer_serves_rows_from_pinned_host_and_cache():
     assert buffer.stats.cluster_misses == 400 and buffer.stats.cluster_hits == 400
 
 
-if __name__ == "__main__":  # without pytest: python -m tests.gpu_retroinfer.test_retroinfer_gpu
+if __name__ == "__main__":  # without pytest: python -m tests.gpu.test_retroinfer_gpu
     for check_dtype in (torch.bfloat16, torch.float16):
         test_kernels_match_reference_at_llama_shape(check_dtype)
         print(f"kernels vs reference, {check_dtype}: ok", flush=True)
