@@ -35,7 +35,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, only: set[str] | None =
             continue
         flag = "--" + name.replace("_", "-")
         default = field.default_factory() if field.default_factory else field.default
-        help_text = f"{field.description} (default: {default})"
+        help_text = f"{field.description} (default: {default})".replace("%", "%%")
         if field.annotation is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                default=None, help=help_text)
@@ -57,7 +57,8 @@ def _add_attention_flags(parser: argparse.ArgumentParser) -> None:
         default = field.default_factory() if field.default_factory else field.default
         group.add_argument("--attention-" + name.replace("_", "-"), dest=f"attention_{name}",
                            default=None, metavar="VALUE",
-                           help=f"{field.description} (default: {default})")
+                           # argparse %-formats help text: a literal % must be doubled
+                           help=f"{field.description} (default: {default})".replace("%", "%%"))
 
 
 def _export_attention_flags(args: argparse.Namespace) -> None:

@@ -33,7 +33,18 @@ class ServerSettings(TesseraSettings):
     served_model_name: str = Field(SERVED_MODEL_NAME, description="Model id clients send.")
 
     # --- workers (vLLM OpenAI servers launched by `tessera serve`)
-    workers: int = Field(1, ge=0, description="vLLM worker processes to launch.")
+    workers: int | Literal["auto"] = Field(
+        1, description="vLLM worker processes to launch; auto: one per group of "
+        "gpus_per_worker visible GPUs on a CUDA host, one on a CPU host.",
+    )  # fmt: skip
+    gpus_per_worker: int = Field(
+        1, ge=1, description="CUDA host: GPUs per worker (CUDA_VISIBLE_DEVICES); more than "
+        "one is served with vLLM's tensor parallelism.",
+    )  # fmt: skip
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="CUDA host: share of each GPU's memory for its workers, "
+        "split evenly when several workers share a GPU.",
+    )  # fmt: skip
     worker_host: str = Field("127.0.0.1", description="Interface the workers bind.")
     worker_base_port: int = Field(8100, description="First worker port; worker i uses base + i.")
     worker_urls: Annotated[list[str], NoDecode] = Field(
@@ -101,8 +112,17 @@ class ServerSettings(TesseraSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("workers")
+    @classmethod
+    def _workers_not_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("workers must be >= 0 or 'auto'")
+        return value
+
     def local_worker_urls(self) -> list[str]:
+        # The launcher resolves "auto" to a count before the gateway starts.
+        count = self.workers if isinstance(self.workers, int) else 0
         return [
             f"http://{self.worker_host}:{self.worker_base_port + index}"
-            for index in range(self.workers)
+            for index in range(count)
         ]

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from server.config import ServerSettings
+from server.gpu_placement import TENSOR_PARALLEL_FLAG, GpuSlot, plan_workers, visible_gpus
 from server.model_prep import prepare_model
 
 
@@ -91,8 +92,9 @@ def worker_env(settings: ServerSettings, worker_index: int) -> dict[str, str]:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_space_gib))
     # Spread workers over the cores instead of stacking every worker on core 0.
     cores = os.cpu_count() or 1
-    if settings.workers > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        per_worker = max(cores // settings.workers, 1)
+    count = settings.workers if isinstance(settings.workers, int) else 1
+    if count > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        per_worker = max(cores // count, 1)
         first = (worker_index * per_worker) % cores
         env["VLLM_CPU_OMP_THREADS_BIND"] = f"{first}-{first + per_worker - 1}"
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
@@ -103,21 +105,33 @@ def worker_env(settings: ServerSettings, worker_index: int) -> dict[str, str]:
     return env
 
 
+def worker_launch(settings: ServerSettings, model_path: Path, index: int, port: int,
+                  gpu: GpuSlot | None = None) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of local worker ``index``, on its GPUs if any."""
+    command = worker_command(settings, model_path, settings.worker_host, port)
+    env = worker_env(settings, index)
+    if gpu is not None:
+        command += gpu.args(settings.gpu_memory_utilization, settings.worker_extra_args)
+        env |= gpu.env()
+    return command, env
+
+
 def start_worker(
     settings: ServerSettings,
     model_path: Path,
     index: int,
     port: int | None = None,
     extra_env: dict[str, str] | None = None,
+    gpu: GpuSlot | None = None,
 ) -> WorkerProcess:
     port = port if port is not None else settings.worker_base_port + index
     log_dir = settings.data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"worker-{index}.log"
+    command, env = worker_launch(settings, model_path, index, port, gpu)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            worker_command(settings, model_path, settings.worker_host, port),
-            env=worker_env(settings, index) | (extra_env or {}), stdout=log,
+            command, env=env | (extra_env or {}), stdout=log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
     return WorkerProcess(f"http://{settings.worker_host}:{port}", process, log_path)
@@ -195,6 +209,34 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def place_workers(settings: ServerSettings,
+                  gpus: list[str] | None = None) -> tuple[ServerSettings, list[GpuSlot] | None]:
+    """``settings`` with ``workers`` resolved to a count, and each worker's GPUs on a CUDA
+    host (None on a CPU host: workers there share the cores, see ``worker_env``)."""
+    if gpus is None:
+        gpus = visible_gpus() if _cuda_host() else []
+    auto = settings.workers == "auto"
+    if not gpus:
+        return settings.model_copy(update={"workers": 1 if auto else settings.workers}), None
+    if not auto and settings.workers == 0:
+        return settings, None
+    slots = plan_workers(gpus, None if auto else int(settings.workers),
+                         max(settings.gpus_per_worker, _tensor_parallel_arg(settings)))
+    return settings.model_copy(update={"workers": len(slots)}), slots
+
+
+def _tensor_parallel_arg(settings: ServerSettings) -> int:
+    """A --tensor-parallel-size the user put in worker_extra_args (1 when none): each worker
+    then needs that many GPUs."""
+    args = settings.worker_extra_args
+    for index, arg in enumerate(args):
+        if arg.startswith(TENSOR_PARALLEL_FLAG + "="):
+            return int(arg.split("=", 1)[1])
+        if arg == TENSOR_PARALLEL_FLAG and index + 1 < len(args):
+            return int(args[index + 1])
+    return 1
+
+
 def serve(settings: ServerSettings) -> int:
     import uvicorn
 
@@ -206,11 +248,17 @@ def serve(settings: ServerSettings) -> int:
     # SIGTERM outside uvicorn's lifetime (while workers load) must still clean up.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        settings, gpu_slots = place_workers(settings)
         if settings.workers:
             model_path = resolve_model_path(settings)
             _say(f"starting {settings.workers} vLLM worker(s) for {model_path}; logs in "
                  f"{settings.data_dir / 'logs'}")
-            workers = [start_worker(settings, model_path, i) for i in range(settings.workers)]
+            if gpu_slots:
+                _say("GPUs per worker: " + "; ".join(
+                    f"worker {i}: {','.join(slot.devices)}" for i, slot in enumerate(gpu_slots)))
+            workers = [start_worker(settings, model_path, i,
+                                    gpu=gpu_slots[i] if gpu_slots else None)
+                       for i in range(settings.workers)]
             wait_until_healthy(workers, settings.worker_start_timeout_s)
         base = f"http://{settings.host}:{settings.port}"
         _say(f"gateway on {base}  ->  OpenAI base_url={base}/v1  "

@@ -1,4 +1,5 @@
-"""Random GPU-layout decode inputs shared by the interpreter test and tests/gpu/test_retroinfer_gpu.py."""
+"""Random GPU-layout decode inputs shared by the interpreter test and
+tests/gpu/test_retroinfer_gpu.py."""
 
 from __future__ import annotations
 

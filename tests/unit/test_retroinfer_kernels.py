@@ -127,7 +127,8 @@ def check_case(tri, case: dict, tolerance: float) -> None:
     assert_rows_close(got, expected, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="covered natively by tests/gpu/test_retroinfer_gpu.py")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="covered natively by tests/gpu/test_retroinfer_gpu.py")
 def test_triton_kernels_match_reference_interpreted():
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parents[2]

@@ -12,8 +12,8 @@ One decode step for rows R = sequences x KV heads, G query heads per row:
 5. ``merge``: log-sum-exp merge of all partials (grid R x G).
 
 Runs under ``TRITON_INTERPRET=1`` on CPU tensors (unit tests) and natively on CUDA
-(tests/gpu/test_retroinfer_gpu.py, benchmarks/retroinfer_decode.py). Written for Triton 3.6 (GPU host)
-and checked here with the installed Triton under the interpreter.
+(tests/gpu/test_retroinfer_gpu.py, benchmarks/retroinfer_decode.py). Written for Triton 3.6
+(GPU host) and checked here with the installed Triton under the interpreter.
 """
 
 from __future__ import annotations
