@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+
 from attention_backends.usage import read_usage
 from server.config import ServerSettings
 from server.launcher import (
@@ -20,7 +22,7 @@ from server.launcher import (
     wait_for_health,
     wait_until_healthy,
 )
-from tests.integration.conftest import _start_gateway
+from tests.integration.conftest import MODEL, _start_gateway
 
 
 @contextmanager
@@ -55,6 +57,30 @@ def gateway_over_attention_worker(run_dir: Path, env: dict[str, str],
     )
     with gateway_over_worker(run_dir, env, settings) as (url, _):
         yield url
+
+
+@contextmanager
+def attention_gateway(run_dir: Path, env: dict[str, str],
+                      chunk_tokens: int) -> Iterator[tuple[str, Path]]:
+    """(the gateway's URL, the worker's usage-counter directory) for one worker started with
+    ``env`` plus a stats directory under ``run_dir``, prefill in ``chunk_tokens`` chunks."""
+    stats_dir = run_dir / "stats"
+    with gateway_over_attention_worker(
+            run_dir, {**env, "TESSERA_ATTENTION_STATS_DIR": str(stats_dir)}, chunk_tokens) as url:
+        yield url, stats_dir
+
+
+def complete(url: str, prompt: str, max_tokens: int) -> str:
+    """The greedy completion of ``prompt`` through the gateway's completions API."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
+
+
+def assert_answers_a_short_prompt(url: str) -> None:
+    """The served model still knows the capital of France: the path did not break it."""
+    assert "Paris" in complete(url, "The capital of France is", 4)
 
 
 def usage_after(stats_dir: Path, min_steps: int) -> dict[int, dict[str, int]]:

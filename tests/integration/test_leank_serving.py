@@ -23,8 +23,7 @@ from kv_manager.leank.layout import LayerLayout
 from kv_manager.leank.mask import load_mask
 from server.config import ServerSettings
 from server.launcher import resolve_model_path
-from tests.integration.attention_worker import gateway_over_worker
-from tests.integration.conftest import MODEL
+from tests.integration.attention_worker import assert_answers_a_short_prompt, gateway_over_worker
 
 MASK = Path("kv_manager/leank/masks/smollm2-135m-instruct_s0.7_a16_layeruniform.safetensors")
 CAPACITY_LINE = re.compile(r"KV cache size: ([\d,]+) tokens")
@@ -72,13 +71,6 @@ def worker_kv_metrics(worker_url: str) -> dict[str, float]:
     return shown
 
 
-def complete(url: str, prompt: str, max_tokens: int) -> str:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-    response = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
-    assert response.status_code == 200, response.text
-    return response.json()["choices"][0]["text"]
-
-
 @pytest.fixture(scope="module")
 def dense_capacity(tmp_path_factory: pytest.TempPathFactory) -> int:
     """The negative control: the same worker settings, mask off."""
@@ -86,7 +78,7 @@ def dense_capacity(tmp_path_factory: pytest.TempPathFactory) -> int:
     env = {"TESSERA_ATTENTION_METHOD": "dense",
            "TESSERA_ATTENTION_STATS_DIR": str(run_dir / "stats")}
     with gateway_over_worker_with_own_log(run_dir, env) as (url, log, worker_url):
-        assert "Paris" in complete(url, "The capital of France is", 4)
+        assert_answers_a_short_prompt(url)
         # The dense worker's own /metrics: stored == dense, and vLLM's logged capacity.
         shown = worker_kv_metrics(worker_url)
         assert shown["k_stored"] == shown["k_dense"] > 0, shown
@@ -116,7 +108,7 @@ def test_capacity_grows_by_the_saved_bytes(dense_capacity: int, leank_worker) ->
 
 def test_generation_answers_through_the_gateway(leank_worker) -> None:
     url, _, stats_dir, _ = leank_worker
-    assert "Paris" in complete(url, "The capital of France is", 4)
+    assert_answers_a_short_prompt(url)
     usage = total_usage(stats_dir)
     assert all(paths.get("leank_decode", 0) > 0 for paths in usage.values())
     assert all(paths.get("dense", 0) == 0 for paths in usage.values())

@@ -16,7 +16,11 @@ import pytest
 
 from attention_backends.patterns.minference.policy import HeadPatternPolicy, committed_config
 from attention_backends.policy import SMOLLM2_135M
-from tests.integration.attention_worker import gateway_over_attention_worker, usage_after
+from tests.integration.attention_worker import (
+    assert_answers_a_short_prompt,
+    attention_gateway,
+    usage_after,
+)
 from tests.integration.conftest import MODEL
 
 NUM_LAYERS = 30
@@ -28,12 +32,9 @@ SPARSE_LAYERS = POLICY.sparse_layers(NUM_LAYERS)
 
 @pytest.fixture(scope="module")
 def minference_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    run_dir = tmp_path_factory.mktemp("minference")
-    stats_dir = run_dir / "stats"
-    env = {"TESSERA_ATTENTION_METHOD": "minference",
-           "TESSERA_ATTENTION_STATS_DIR": str(stats_dir)}
-    with gateway_over_attention_worker(run_dir, env, CHUNK_TOKENS) as url:
-        yield url, stats_dir
+    env = {"TESSERA_ATTENTION_METHOD": "minference"}
+    with attention_gateway(tmp_path_factory.mktemp("minference"), env, CHUNK_TOKENS) as served:
+        yield served
 
 
 def test_the_committed_config_has_sparse_and_dense_layers() -> None:
@@ -42,12 +43,7 @@ def test_the_committed_config_has_sparse_and_dense_layers() -> None:
 
 
 def test_short_prompt_is_answered_correctly(minference_gateway: tuple[str, Path]) -> None:
-    url, _ = minference_gateway
-    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4,
-            "temperature": 0}
-    response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
-    assert response.status_code == 200
-    assert "Paris" in response.json()["choices"][0]["text"]
+    assert_answers_a_short_prompt(minference_gateway[0])
 
 
 def test_long_chunked_prompt_runs_the_per_head_path_and_recalls_the_key(

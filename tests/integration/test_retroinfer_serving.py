@@ -20,7 +20,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.attention_worker import gateway_over_attention_worker, usage_after
+from tests.integration.attention_worker import (
+    assert_answers_a_short_prompt,
+    attention_gateway,
+    usage_after,
+)
 from tests.integration.conftest import MODEL
 
 NUM_LAYERS = 30
@@ -30,23 +34,14 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. " 
 
 @pytest.fixture(scope="module")
 def retroinfer_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    run_dir = tmp_path_factory.mktemp("retroinfer")
-    stats_dir = run_dir / "stats"
-    env = {
-        "TESSERA_ATTENTION_RETROINFER_MIN_TOKENS": str(MIN_TOKENS),
-        "TESSERA_ATTENTION_RETROINFER_MIN_EXACT_TOKENS": "0",
-        "TESSERA_ATTENTION_STATS_DIR": str(stats_dir),
-    }
-    with gateway_over_attention_worker(run_dir, env, 2048) as url:
-        yield url, stats_dir
+    env = {"TESSERA_ATTENTION_RETROINFER_MIN_TOKENS": str(MIN_TOKENS),
+           "TESSERA_ATTENTION_RETROINFER_MIN_EXACT_TOKENS": "0"}
+    with attention_gateway(tmp_path_factory.mktemp("retroinfer"), env, 2048) as served:
+        yield served
 
 
 def test_short_prompt_stays_dense_and_is_answered(retroinfer_gateway: tuple[str, Path]) -> None:
-    url, _ = retroinfer_gateway
-    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
-    response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
-    assert response.status_code == 200
-    assert "Paris" in response.json()["choices"][0]["text"]
+    assert_answers_a_short_prompt(retroinfer_gateway[0])
 
 
 def test_long_prompt_decodes_through_retroinfer_and_finds_the_pass_key(

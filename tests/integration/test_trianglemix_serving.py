@@ -17,7 +17,11 @@ import httpx
 import pytest
 
 from attention_backends.policy import MEASURED_DENSE_FIRST_LAYERS, SMOLLM2_135M
-from tests.integration.attention_worker import gateway_over_attention_worker, usage_after
+from tests.integration.attention_worker import (
+    assert_answers_a_short_prompt,
+    attention_gateway,
+    usage_after,
+)
 from tests.integration.conftest import MODEL
 
 DENSE_FIRST_LAYERS = MEASURED_DENSE_FIRST_LAYERS[SMOLLM2_135M]  # 24
@@ -29,26 +33,18 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. " 
 
 @pytest.fixture(scope="module")
 def trianglemix_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    run_dir = tmp_path_factory.mktemp("trianglemix")
-    stats_dir = run_dir / "stats"
     env = {
         "TESSERA_ATTENTION_METHOD": "trianglemix",
         "TESSERA_ATTENTION_SINK_TOKENS": "4",
         "TESSERA_ATTENTION_WINDOW_TOKENS": "64",
         "TESSERA_ATTENTION_LAST_Q_TOKENS": str(LAST_Q_TOKENS),
-        "TESSERA_ATTENTION_STATS_DIR": str(stats_dir),
     }
-    with gateway_over_attention_worker(run_dir, env, CHUNK_TOKENS) as url:
-        yield url, stats_dir
+    with attention_gateway(tmp_path_factory.mktemp("trianglemix"), env, CHUNK_TOKENS) as served:
+        yield served
 
 
 def test_short_prompt_is_answered_correctly(trianglemix_gateway: tuple[str, Path]) -> None:
-    url, _ = trianglemix_gateway
-    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4,
-            "temperature": 0}
-    response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
-    assert response.status_code == 200
-    assert "Paris" in response.json()["choices"][0]["text"]
+    assert_answers_a_short_prompt(trianglemix_gateway[0])
 
 
 def test_long_prompt_runs_the_triangle_path_in_deep_layers(
