@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from server.config import ServerSettings  # noqa: E402
 from server.launcher import (  # noqa: E402
     free_port,
+    place_workers,
     resolve_model_path,
     start_worker,
     stop_workers,
@@ -205,16 +206,33 @@ def main() -> None:
                         help="prefix_affinity's load bound (the gateway's "
                              "prefix_affinity_load_factor)")
     parser.add_argument("--output", default="prefix_affinity")
+    parser.add_argument("--gpu-model", default=None,
+                        help="GPU host (issue 26): serve this model directory in bf16 with "
+                             "CUDA graphs; the launcher places the two workers on the visible "
+                             "GPUs (one each, or sharing one GPU at half the memory)")
+    parser.add_argument("--worker-arg", action="append", default=[],
+                        help="extra vLLM argument for every worker (repeat), e.g. "
+                             "--worker-arg=--load-format --worker-arg=dummy")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     load_before = os.getloadavg()
     extra = [] if args.kv_blocks is None else ["--num-gpu-blocks-override", str(args.kv_blocks)]
-    settings = ServerSettings(workers=2, kv_cache_space_gib=args.kv_cache_gib, max_model_len=4096,
-                              worker_extra_args=extra)
+    extra += args.worker_arg
+    if args.gpu_model:
+        settings = ServerSettings(workers=2, dtype="bfloat16", enforce_eager=False,
+                                  model_path=Path(args.gpu_model), max_model_len=4096,
+                                  worker_extra_args=extra)
+    else:
+        settings = ServerSettings(workers=2, kv_cache_space_gib=args.kv_cache_gib,
+                                  max_model_len=4096, worker_extra_args=extra)
+    # On a CUDA host each worker gets its GPUs from the launcher's own placement.
+    settings, gpu_slots = place_workers(settings)
     model_path = resolve_model_path(settings)
     # Dev mode exposes POST /reset_prefix_cache, so each policy starts from empty caches.
     dev = {"VLLM_SERVER_DEV_MODE": "1"}
-    workers = [start_worker(settings, model_path, index, port=free_port(), extra_env=dev)
+    workers = [start_worker(settings, model_path, index, port=free_port(), extra_env=dev,
+                            gpu=gpu_slots[index] if gpu_slots else None)
                for index in range(2)]
     gateways: dict[str, subprocess.Popen] = {}
     urls: dict[str, str] = {}
@@ -256,7 +274,9 @@ def main() -> None:
         "workload": {"conversations": args.conversations, "turns": args.turns,
                      "system_tokens": system_tokens, "reply_tokens": args.reply_tokens,
                      "doc_tokens_approx": args.doc_tokens,
-                     "workers": 2, "worker_cores": 1, "max_model_len": 4096,
+                     "workers": 2, "worker_cores": None if gpu_slots else 1,
+                     "worker_gpus": [list(slot.devices) for slot in gpu_slots]
+                     if gpu_slots else None, "max_model_len": 4096,
                      "kv_cache_space_gib_per_worker": args.kv_cache_gib,
                      "kv_blocks_per_worker": args.kv_blocks, "think_s_mean": args.think_s,
                      "prefix_affinity_load_factor": args.load_factor},
@@ -264,9 +284,9 @@ def main() -> None:
         "ttft_mean_ratio": results["prefix_affinity"]["ttft_s"]["mean"]
         / results["least_outstanding"]["ttft_s"]["mean"],
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.output}.json").write_text(json.dumps(result, indent=2))
-    plot(result, RESULTS / f"{args.output}.png")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{args.output}.json").write_text(json.dumps(result, indent=2))
+    plot(result, args.out_dir / f"{args.output}.png")
     for policy in POLICIES:
         row = results[policy]
         print(f"{policy}: hit rate {row['prefix_cache_hit_rate']:.1%}, TTFT mean "
