@@ -167,12 +167,14 @@ def test_kept_alignment_is_the_largest_dividing_power_of_two():
 def test_default_split_fills_the_device_but_keeps_tiles_per_program():
     from kv_manager.leank.kernels.decode_triton import default_tokens_per_split
 
-    cpu = torch.device("cpu")  # counted as 4 SMs: 64 programs wanted
-    # 1 x 8 x 32K tokens over 64 programs: 4,096 tokens each, a multiple of the tile.
+    cpu = torch.device("cpu")  # counted as 4 SMs: 32 programs wanted
+    # 1 x 8 x 32K tokens: 4 splits would be 128 tiles each; the cap of 64 tiles gives 8.
     assert default_tokens_per_split(1, 8, 32768, 64, cpu) == 4096
-    # A short batch would get a fraction of a tile; it gets min_tiles tiles instead.
-    assert default_tokens_per_split(1, 8, 100, 64, cpu) == 256
-    assert default_tokens_per_split(3, 8, 5000, 64, cpu) % 64 == 0
+    # A sequence shorter than 4 tiles gets one split.
+    assert default_tokens_per_split(1, 8, 100, 64, cpu) == 128
+    # 1 x 2 x 5,000 tokens: 16 splits wanted, each >= 4 tiles: 16 splits of 320 tokens.
+    tokens = default_tokens_per_split(1, 2, 5000, 64, cpu)
+    assert tokens == 320 and -(-5000 // tokens) == 16
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="covered natively by the gpu test")

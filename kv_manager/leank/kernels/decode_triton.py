@@ -265,15 +265,19 @@ def default_tokens_per_split(
     longest: int,
     block_n: int,
     device: torch.device,
-    programs_per_sm: int = 16,
+    programs_per_sm: int = 8,
     min_tiles: int = 4,
+    max_tiles: int = 64,
 ) -> int:
-    """Tokens per split so the grid has about ``programs_per_sm`` programs per SM (many
-    short programs make the last wave's idle tail small; 2-3 are resident at a time), but
-    no fewer than ``min_tiles`` tiles each (a pipelined loop needs a few iterations)."""
+    """Tokens per split: about ``programs_per_sm`` programs per SM for a small batch (2-4
+    are resident at a time, so later programs fill the SMs whose first ones finish early),
+    each at least ``min_tiles`` tiles (a pipelined loop needs a few iterations) and at most
+    ``max_tiles`` (long programs leave a long tail when the last ones run alone). The splits
+    of a sequence are equal to within a tile (no short last split)."""
     wanted = programs_per_sm * _multiprocessors(device)
-    tokens = -(-num_seqs * kv_heads * longest // wanted)
-    return max(min_tiles * block_n, -(-tokens // block_n) * block_n)
+    splits = max(-(-wanted // (num_seqs * kv_heads)), -(-longest // (max_tiles * block_n)))
+    splits = max(1, min(splits, longest // (min_tiles * block_n)))
+    return -(-longest // (splits * block_n)) * block_n
 
 
 def num_splits_for(
