@@ -232,15 +232,24 @@ def main() -> None:
 
 
 def sweep(paged, layout, check, dense_graph, ours_bytes: int, repeats: int) -> list[dict]:
-    """SWEEP's configs, graphed, timed in one alternating set with the graphed dense."""
-    fns, results = [dense_graph], []
+    """SWEEP's configs, graphed, timed in one alternating set with the graphed dense. A
+    config whose output differs from the default's is reported and not timed."""
+    fns, timed, results = [dense_graph], [], []
     for config in SWEEP:
-        got = paged_pruned_decode(*paged, layout, **config)
-        results.append({"config": config, "rel_error_vs_default": worst_row_error(got, check)})
-        assert results[-1]["rel_error_vs_default"] < 2e-2, results[-1]
-        fns.append(graphed(partial(paged_pruned_decode, *paged, layout, **config)))
+        result = {"config": config}
+        results.append(result)
+        try:
+            got = paged_pruned_decode(*paged, layout, **config)
+            result["rel_error_vs_default"] = worst_row_error(got, check)
+            if result["rel_error_vs_default"] >= 2e-2:
+                continue
+            fns.append(graphed(partial(paged_pruned_decode, *paged, layout, **config)))
+        except Exception as error:  # e.g. Triton's OutOfResources: report, keep going
+            result["error"] = str(error)[:300]
+            continue
+        timed.append(result)
     dense_s, *times = timed_many(fns, repeats)
-    for result, seconds in zip(results, times, strict=True):
+    for result, seconds in zip(timed, times, strict=True):
         result |= {
             "leank_ms": seconds * 1e3,
             "speedup": dense_s / seconds,
