@@ -148,11 +148,14 @@ def main() -> None:
         help="alternating rounds (10 calls each); the median is reported",
     )
     parser.add_argument("--sweep", action="store_true", help="also time SWEEP's configs")
+    parser.add_argument("--shapes", help="only these batch x context shapes, e.g. 1x32768,8x131072")
     args = parser.parse_args()
     smoke = args.smoke
     device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.float16)
     q_heads, kv_heads, head_dim, block_size = (8, 2, 64, 16) if smoke else (32, 8, 128, 16)
     grid = [(1, 256), (2, 512)] if smoke else [(b, c) for c in (32768, 131072) for b in (1, 8, 32)]
+    if args.shapes:
+        grid = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
     layout = LayerLayout(random_keep(kv_heads, head_dim, args.sparsity, seed=0))
     dtype_bytes = torch.finfo(dtype).bits // 8
     rows = []
@@ -225,6 +228,8 @@ def main() -> None:
         "rows": rows,
     }
     name = "leank_decode_kernel_smoke" if smoke else "leank_decode_kernel"
+    if args.shapes:
+        name += "_shapes"  # a partial rerun does not replace the full grid's file
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
     if not smoke:
