@@ -16,8 +16,9 @@ runtime values, so the compiler could not prove 16-byte alignment), and a load t
 at least 4 bytes wide cannot become an async copy, so the software pipeline waited on K in
 every iteration. v3 tells the compiler what the layout guarantees: each head's K offset is a
 multiple of ``KEPT_ALIGN`` (the mask's alignment, checked on the host) and the column mask
-is constant over ``KEPT_ALIGN`` columns. K then loads as 16-byte async copies like V and
-both are pipelined ``num_stages`` deep. Also: 64-token tiles (4 pages), the page size a
+is constant over ``KEPT_ALIGN`` columns. K then loads as 16-byte async copies like V, and
+with the next tile's page ids loaded a tile ahead both get ``num_stages - 1`` buffers (v2:
+one V buffer). Also: 64-token tiles (4 pages), the page size a
 compile-time constant (shifts, not divisions), exp2, the split count sized to the device
 (``default_tokens_per_split``), and a merge that is parallel over head_dim chunks and loops
 over splits in bounded chunks (v2 held every split of a row in registers at once).
