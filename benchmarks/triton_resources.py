@@ -132,7 +132,8 @@ HEAD_SPARSE_DEFAULTS = {  # issue 24's per-head kernel at Llama-3.1-8B shapes
     "num_stages": 2, "dtype": "bf16",
 }  # fmt: skip
 HEAD_SPARSE_DATA = {"q_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr"}  # of the variant's dtype
-HEAD_SPARSE_FLAGS = {"columns_ptr", "diagonals_ptr", "full_rows_ptr", "blocks_ptr"}  # int8
+HEAD_SPARSE_FLAGS = {"full_rows_ptr", "blocks_ptr"}  # int8
+HEAD_SPARSE_WORDS = {"col_words_ptr", "diag_words_ptr"}  # packed flags, int64 words
 
 
 def compile_head_sparse_kernel(variant: dict):
@@ -155,6 +156,8 @@ def compile_head_sparse_kernel(variant: dict):
             signature[name] = f"*{variant['dtype']}"
         elif name in HEAD_SPARSE_FLAGS:
             signature[name] = "*i8"
+        elif name in HEAD_SPARSE_WORDS:
+            signature[name] = "*i64"
         elif name.endswith("_ptr"):
             signature[name] = "*i32"
         else:

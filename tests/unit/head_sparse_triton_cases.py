@@ -7,6 +7,7 @@ larger than the tile; every pattern in one layer; per-row error bound.
 """
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,13 +26,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_case(seq_lens, query_lens=None, prompt_lens=None, q_heads=6, kv_heads=2, block_size=16,
-             head_dim=16, dtype=torch.float32, launch=None):
+             head_dim=16, dtype=torch.float32, launch=None, tile=16):
     seed = torch.seed() % 2**31
     generator = torch.Generator().manual_seed(seed)
     batch = make_paged_prefill_batch(seq_lens, query_lens, prompt_lens, q_heads, kv_heads,
                                      head_dim, block_size, dtype=dtype, device=DEVICE,
                                      generator=generator)
-    layer = mixed_heads(q_heads)
+    layer = replace(mixed_heads(q_heads), block_size=tile)
     scale = 1 / math.sqrt(head_dim)
     args = (batch.query, batch.key_cache, batch.value_cache, batch.block_table,
             batch.query_start_loc, batch.seq_lens, batch.prompt_lens, layer, scale)
@@ -75,3 +76,12 @@ def test_rows_pass_ragged_lengths(seq_lens):
 def test_rows_pass_gqa_and_chunk_not_on_a_tile_boundary():
     assert run_case([70, 90], query_lens=[30, 17], prompt_lens=[75, 90], q_heads=9, kv_heads=3,
                     launch=ROWS_PASS) < 1e-4
+
+
+# 64-token tiles (the GPU's): the per-row 64-bit windows of the packed diagonal and column
+# bits use all 64 bits and their third word; a 16-token tile reads 16 of them. Ragged ends
+# cut the last key tile; cache blocks of 16 take the per-key path, 128 the per-tile one.
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_64_token_tiles(block_size):
+    assert run_case([200, 131], query_lens=[200, 67], prompt_lens=[200, 131],
+                    block_size=block_size, tile=64) < 1e-4
