@@ -90,9 +90,11 @@ DATASHEET_PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16, vendor datasheet (a l
 HEADLINE = "vs_512_2048"
 TRIANGLE = "triangle"
 DENSE_LAYERS, NUM_LAYERS = 16, 32  # TriangleMix's starting_layer for Llama-3.1-8B
-# w4 s3 compiles to the same resources as w4 s2 with Triton 3.6 (triton_resources.py):
-# the pipeliner does not deepen this loop, so it is not swept
-LAUNCH_SWEEP = {"w4 s2": HeadSparseLaunch(4, 2), "w8 s2": HeadSparseLaunch(8, 2)}
+# with the bit-window mask (session 3) w4 s3 no longer compiles to w4 s2's kernel (Triton
+# 3.6, triton_resources.py: s2 has 40 bytes of stack outside the loop, s3 none and deeper
+# async copies), so both are swept
+LAUNCH_SWEEP = {"w4 s2": HeadSparseLaunch(4, 2), "w4 s3": HeadSparseLaunch(4, 3),
+                "w8 s2": HeadSparseLaunch(8, 2)}
 LONG_CONFIGS = (HEADLINE, "block_sparse_100", TRIANGLE)  # lengths after the first
 LONG_SETUP_S = 20.0  # a longer length's untimed part: inputs, index, fractions, warm-up
 REPS_GRACE_S = 12.0  # repetitions may run this far past the budget (5 at 128K take ~8 s)

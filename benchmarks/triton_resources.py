@@ -6,7 +6,8 @@ wgmma instructions (warning C7515), and counts of telling SASS instructions (HGM
 tensor-core ops, UTMALDG TMA loads, LDGSTS async copies, LDL/STL local-memory spills). It
 costs no device time. ``"kernel": "gluon"`` compiles the Gluon kernel instead of the Triton
 one; ``"kernel": "head_sparse"`` the per-head (MInference) kernel (``"head_sparse_rows"``:
-its full-rows pass), with ``HEAD_SPARSE_DEFAULTS`` overridden by the object's other keys.
+its full-rows pass; ``"head_sparse_plan"``: its plan kernel), with ``HEAD_SPARSE_DEFAULTS``
+overridden by the object's other keys.
 Compile with the device's Triton for numbers that hold there (3.6 in 2026-11):
 
     .venv/bin/pip download --no-deps triton==3.6.0 -d /tmp/w
@@ -169,6 +170,24 @@ def compile_head_sparse_kernel(variant: dict):
     )
 
 
+def compile_head_sparse_plan_kernel(variant: dict):
+    """``head_sparse_plan_triton._plan_kernel`` (the write pass), 64-token tiles."""
+    from attention_backends.kernels import head_sparse_plan_triton
+
+    fn = head_sparse_plan_triton._plan_kernel
+    constexprs = {"TILE": 64, "WRITE": True, "BLOCK": head_sparse_plan_triton.BLOCK_K}
+    flags = {"by_distance_ptr", "row_any_ptr", "blocks_ptr", "column_tiles_ptr"}  # int8
+    signature = {
+        name: "constexpr" if name in constexprs
+        else ("*i8" if name in flags else "*i32") if name.endswith("_ptr") else "i32"
+        for name in fn.arg_names
+    }
+    return triton.compile(
+        ASTSource(fn, signature, constexprs, _alignment_hints(fn, signature)),
+        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2},
+    )
+
+
 def resource_report(compiled) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as ptx:
         ptx.write(compiled.asm["ptx"])
@@ -202,11 +221,15 @@ def resource_report(compiled) -> dict:
 def main() -> None:
     variants = json.loads(sys.argv[1]) if len(sys.argv) > 1 else [{}]
     for overrides in variants:
-        variant = {**STREAMING_DEFAULTS, **overrides}
+        # the per-head kernels take HEAD_SPARSE_DEFAULTS (their compile functions merge
+        # them); STREAMING_DEFAULTS' 3 stages must not leak into them
+        per_head = str(overrides.get("kernel", "")).startswith("head_sparse")
+        variant = dict(overrides) if per_head else {**STREAMING_DEFAULTS, **overrides}
         compile_kernel = {
             "gluon": compile_gluon_streaming_kernel,
             "head_sparse": compile_head_sparse_kernel,
             "head_sparse_rows": compile_head_sparse_kernel,
+            "head_sparse_plan": compile_head_sparse_plan_kernel,
         }.get(variant.get("kernel"), compile_streaming_kernel)
         print(json.dumps({"variant": overrides, **resource_report(compile_kernel(variant))}))
 

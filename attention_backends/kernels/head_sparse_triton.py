@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from attention_backends.kernels.head_sparse_plan import compact, make_plan, pack_bits
+from attention_backends.kernels.head_sparse_plan_triton import make_plan_device
 from attention_backends.kernels.sparse_prefill_ref import gather_sequence_kv
 from attention_backends.patterns.minference.index import HeadsIndex, SequenceChunk
 
@@ -51,6 +52,9 @@ class HeadSparseLaunch:
     num_warps: int = 4
     num_stages: int = 2
     separate_full_rows: bool = False
+    # the plan from the Triton plan kernels (head_sparse_plan_triton) or from torch
+    # (make_plan); None: Triton on CUDA, torch elsewhere
+    device_plan: bool | None = None
 
 
 DEFAULT_LAUNCH = HeadSparseLaunch()
@@ -283,10 +287,12 @@ def estimate_index(query_rows: torch.Tensor, key_cache: torch.Tensor,
 
 
 def prepare_plan(index: HeadsIndex, first_pos: int, seq_len: int, device: torch.device,
-                 separate_full_rows: bool = False) -> DevicePlan:
+                 separate_full_rows: bool = False, device_plan: bool | None = None
+                 ) -> DevicePlan:
     """Plan of the query tiles covering positions ``first_pos .. seq_len - 1``. With
     ``separate_full_rows`` the tile plan leaves the full rows out (the rows pass computes
-    them whole and overwrites what the tile pass wrote there)."""
+    them whole and overwrites what the tile pass wrote there). ``device_plan``: build the
+    lists with the Triton plan kernels (default: when the index is on CUDA)."""
     tile = index.block_size
     row_count = row_positions = None
     if separate_full_rows:
@@ -295,7 +301,10 @@ def prepare_plan(index: HeadsIndex, first_pos: int, seq_len: int, device: torch.
             row_count, row_positions = row_count.int(), (row_offsets + first_pos).int()
         index = replace(index, full_rows=torch.zeros_like(index.full_rows))
     query_tiles = torch.arange(first_pos // tile, (seq_len - 1) // tile + 1, device=device)
-    plan = make_plan(index, query_tiles)
+    if index.columns.is_cuda if device_plan is None else device_plan:
+        plan = make_plan_device(index, first_pos // tile, query_tiles.numel())
+    else:
+        plan = make_plan(index, query_tiles)
     to_device = lambda t: t.to(device).contiguous()  # noqa: E731
     column_words = pack_bits(index.columns, reverse=True)
     flags = (column_words, pack_bits(index.diagonals), index.full_rows.to(torch.int8),
@@ -384,7 +393,7 @@ def head_sparse_prefill_triton(
         index = estimate_index(rows_q, key_cache, block_table[seq], seq_len, prompt_len,
                                layer_heads, scale)
         plan = prepare_plan(index, seq_len - (end - begin), seq_len, query.device,
-                            launch.separate_full_rows)
+                            launch.separate_full_rows, launch.device_plan)
         launch_plan(plan, rows_q, rows_out, key_cache, value_cache, block_table[seq], seq_len,
                     scale, launch)
     return out

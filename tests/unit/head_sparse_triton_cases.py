@@ -14,12 +14,15 @@ import torch
 
 pytest.importorskip("triton")
 
+from attention_backends.kernels.head_sparse_plan import make_plan  # noqa: E402
+from attention_backends.kernels.head_sparse_plan_triton import make_plan_device  # noqa: E402
 from attention_backends.kernels.head_sparse_ref import head_sparse_prefill_ref  # noqa: E402
 from attention_backends.kernels.head_sparse_triton import (  # noqa: E402
     HeadSparseLaunch,
     head_sparse_prefill_triton,
 )
 from attention_backends.kernels.paged_inputs import make_paged_prefill_batch  # noqa: E402
+from attention_backends.patterns.minference import SequenceChunk  # noqa: E402
 from tests.unit.test_head_sparse_ref import mixed_heads, worst_row_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,3 +88,27 @@ def test_rows_pass_gqa_and_chunk_not_on_a_tile_boundary():
 def test_64_token_tiles(block_size):
     assert run_case([200, 131], query_lens=[200, 67], prompt_lens=[200, 131],
                     block_size=block_size, tile=64) < 1e-4
+
+
+# The plan kernels (head_sparse_plan_triton) against make_plan, list for list: whole
+# sequences and a chunk's query tiles; steps of 4 tiles/columns cross step boundaries.
+@pytest.mark.parametrize("num_tokens,first_tile,block", [(61, 0, 256), (300, 0, 4),
+                                                          (300, 7, 4), (300, 18, 8)])
+def test_device_plan_matches_make_plan(num_tokens, first_tile, block):
+    generator = torch.Generator().manual_seed(num_tokens + first_tile)
+    chunk = SequenceChunk(torch.randn(num_tokens, 6, 8, generator=generator),
+                          torch.arange(num_tokens),
+                          torch.randn(num_tokens, 2, 8, generator=generator), num_tokens,
+                          1 / math.sqrt(8))
+    index = mixed_heads(6).build_index(chunk)
+    num_tiles = -(-num_tokens // index.block_size)
+    expected = make_plan(index, torch.arange(first_tile, num_tiles))
+    actual = make_plan_device(index, first_tile, num_tiles - first_tile, block=block)
+    assert int(expected.column_count.sum()) > 0  # the case has gathered columns to compare
+    for name in ("tile_count", "tile_index", "column_count", "column_index"):
+        assert torch.equal(getattr(actual, name), getattr(expected, name)), name
+
+
+def test_device_plan_end_to_end():
+    assert run_case([70, 90], query_lens=[30, 90], prompt_lens=[75, 90],
+                    launch=HeadSparseLaunch(device_plan=True)) < 1e-4
