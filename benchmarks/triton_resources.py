@@ -6,8 +6,9 @@ wgmma instructions (warning C7515), and counts of telling SASS instructions (HGM
 tensor-core ops, UTMALDG TMA loads, LDGSTS async copies, LDL/STL local-memory spills). It
 costs no device time. ``"kernel": "gluon"`` compiles the Gluon kernel instead of the Triton
 one; ``"kernel": "head_sparse"`` the per-head (MInference) kernel (``"head_sparse_rows"``:
-its full-rows pass; ``"head_sparse_plan"``: its plan kernel), with ``HEAD_SPARSE_DEFAULTS``
-overridden by the object's other keys.
+its full-rows pass; ``"head_sparse_plan"``: its plan kernel; ``"vs_estimate"``: the
+vertical-slash estimate), with ``HEAD_SPARSE_DEFAULTS`` overridden by the object's other
+keys.
 Compile with the device's Triton for numbers that hold there (3.6 in 2026-11):
 
     .venv/bin/pip download --no-deps triton==3.6.0 -d /tmp/w
@@ -188,6 +189,27 @@ def compile_head_sparse_plan_kernel(variant: dict):
     )
 
 
+def compile_vertical_slash_estimate_kernel(variant: dict):
+    """``vertical_slash_estimate_triton._estimate_kernel``: 64 rows, d=128, GQA 4, bf16;
+    ``"accumulate"``: the second pass (default) or the statistics pass."""
+    from attention_backends.kernels import vertical_slash_estimate_triton as estimate
+
+    fn = estimate._estimate_kernel
+    constexprs = {"GROUP": 4, "ROWS": 64, "BLOCK": estimate.BLOCK_N, "HEAD_DIM": 128,
+                  "PRECISION": "tf32", "ACCUMULATE": variant.get("accumulate", True)}
+    floats = {"row_max_ptr", "row_sum_ptr", "vertical_ptr", "slash_ptr"}
+    signature = {
+        name: "constexpr" if name in constexprs
+        else "*bf16" if name in ("q_ptr", "k_ptr") else "*fp32" if name in floats
+        else "*i32" if name.endswith("_ptr") else "fp32" if name == "scale" else "i32"
+        for name in fn.arg_names
+    }
+    return triton.compile(
+        ASTSource(fn, signature, constexprs, _alignment_hints(fn, signature)),
+        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2},
+    )
+
+
 def resource_report(compiled) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as ptx:
         ptx.write(compiled.asm["ptx"])
@@ -223,13 +245,14 @@ def main() -> None:
     for overrides in variants:
         # the per-head kernels take HEAD_SPARSE_DEFAULTS (their compile functions merge
         # them); STREAMING_DEFAULTS' 3 stages must not leak into them
-        per_head = str(overrides.get("kernel", "")).startswith("head_sparse")
+        per_head = str(overrides.get("kernel", "")).startswith(("head_sparse", "vs_"))
         variant = dict(overrides) if per_head else {**STREAMING_DEFAULTS, **overrides}
         compile_kernel = {
             "gluon": compile_gluon_streaming_kernel,
             "head_sparse": compile_head_sparse_kernel,
             "head_sparse_rows": compile_head_sparse_kernel,
             "head_sparse_plan": compile_head_sparse_plan_kernel,
+            "vs_estimate": compile_vertical_slash_estimate_kernel,
         }.get(variant.get("kernel"), compile_streaming_kernel)
         print(json.dumps({"variant": overrides, **resource_report(compile_kernel(variant))}))
 

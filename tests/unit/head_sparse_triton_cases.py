@@ -22,7 +22,14 @@ from attention_backends.kernels.head_sparse_triton import (  # noqa: E402
     head_sparse_prefill_triton,
 )
 from attention_backends.kernels.paged_inputs import make_paged_prefill_batch  # noqa: E402
+from attention_backends.kernels.vertical_slash_estimate_triton import (  # noqa: E402
+    last_rows_scores_triton,
+)
 from attention_backends.patterns.minference import SequenceChunk  # noqa: E402
+from attention_backends.patterns.minference.vertical_slash import (  # noqa: E402
+    last_rows_attention,
+    slash_scores,
+)
 from tests.unit.test_head_sparse_ref import mixed_heads, worst_row_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,3 +119,23 @@ def test_device_plan_matches_make_plan(num_tokens, first_tile, block):
 def test_device_plan_end_to_end():
     assert run_case([70, 90], query_lens=[30, 90], prompt_lens=[75, 90],
                     launch=HeadSparseLaunch(device_plan=True)) < 1e-4
+
+
+# The vertical-slash estimate in Triton against the torch estimator: the column and diagonal
+# sums of the last rows' softmax, all heads (GQA in place) and a subset of heads (gathered
+# KV heads); a chunk that ends mid-prompt, rows not a power of two, keys past one block.
+@pytest.mark.parametrize("num_tokens,rows,heads", [(150, 64, None), (97, 21, [1, 4]),
+                                                    (40, 40, [5])])
+def test_vertical_slash_estimate_matches_torch(num_tokens, rows, heads):
+    generator = torch.Generator().manual_seed(num_tokens)
+    query = torch.randn(rows, 6, 16, generator=generator, dtype=torch.float64).to(DEVICE)
+    keys = torch.randn(num_tokens, 2, 16, generator=generator, dtype=torch.float64).to(DEVICE)
+    query, keys = query.float(), keys.float()
+    positions = torch.arange(num_tokens - rows, num_tokens, device=DEVICE)
+    heads = heads or list(range(6))
+    chunk = SequenceChunk(query, positions, keys, num_tokens + 5, 0.25)
+    probs, _ = last_rows_attention(chunk, heads, 64)
+    vertical, slash = last_rows_scores_triton(query[-64:], positions[-64:], keys, heads, 0.25)
+    torch.testing.assert_close(vertical, probs.sum(dim=1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(slash, slash_scores(probs, positions[-64:]), rtol=1e-5,
+                               atol=1e-6)
