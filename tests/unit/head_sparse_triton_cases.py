@@ -103,13 +103,13 @@ def test_64_token_tiles(block_size):
                                                           (300, 7, 4), (300, 18, 8)])
 def test_device_plan_matches_make_plan(num_tokens, first_tile, block):
     generator = torch.Generator().manual_seed(num_tokens + first_tile)
-    chunk = SequenceChunk(torch.randn(num_tokens, 6, 8, generator=generator),
-                          torch.arange(num_tokens),
-                          torch.randn(num_tokens, 2, 8, generator=generator), num_tokens,
-                          1 / math.sqrt(8))
+    chunk = SequenceChunk(torch.randn(num_tokens, 6, 8, generator=generator).to(DEVICE),
+                          torch.arange(num_tokens, device=DEVICE),
+                          torch.randn(num_tokens, 2, 8, generator=generator).to(DEVICE),
+                          num_tokens, 1 / math.sqrt(8))
     index = mixed_heads(6).build_index(chunk)
     num_tiles = -(-num_tokens // index.block_size)
-    expected = make_plan(index, torch.arange(first_tile, num_tiles))
+    expected = make_plan(index, torch.arange(first_tile, num_tiles, device=DEVICE))
     actual = make_plan_device(index, first_tile, num_tiles - first_tile, block=block)
     assert int(expected.column_count.sum()) > 0  # the case has gathered columns to compare
     for name in ("tile_count", "tile_index", "column_count", "column_index"):
