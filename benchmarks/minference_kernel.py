@@ -483,6 +483,18 @@ def bench_length(row: dict, shape: Shape, configs: dict[str, LayerHeadPatterns],
                                                              scale=scale)
         except Exception as error:  # noqa: BLE001 - report, keep the other numbers
             entry["flex_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        if name == HEADLINE:
+            # same-run A/B of session 3's changes (minference_NOTES.md): session 2's
+            # byte-gather mask on the same plan, and the torch plan builder
+            byte_mask = replace(launch, byte_mask=True)
+            calls["kernel_byte_mask"] = lambda p=plan, b=byte_mask: launch_plan(
+                p, query, out, key_cache, value_cache, block_table[0], num_tokens, scale, b)
+            calls["plan_torch"] = lambda i=index: prepare_plan(i, 0, num_tokens, query.device,
+                                                               device_plan=False)
+            out.fill_(float("nan"))
+            calls["kernel_byte_mask"]()
+            entry["byte_mask_all_rows_written"] = not bool(torch.isnan(out).any())
+            entry["byte_mask_rel_err_vs_ours"] = relative_error(out, ours)
         if name == GRID:  # the grid's horizontal lines packed in a rows pass (permuted)
             rows_pass = replace(launch, separate_full_rows=True)
             calls["e2e_rows_pass"] = lambda p=patterns, r=rows_pass: e2e(p, r)
@@ -637,6 +649,9 @@ def summary_table(results: dict) -> str:
             if "dedicated_trianglemix_kernel_ms" in entry:
                 lines.append(f"{'':>6}{'(dedicated TriangleMix kernel)':<35}"
                              f"{entry['dedicated_trianglemix_kernel_ms']:8.2f}")
+            if "kernel_byte_mask_ms" in entry:
+                lines.append(f"{'':>6}{'(A/B: byte-mask kernel / torch plan)':<35}"
+                             f"{entry['kernel_byte_mask_ms']:8.2f} {entry['plan_torch_ms']:8.2f}")
         combo = row.get("combination", {})
         for label in ("per_head_triangle", "dedicated_triangle_kernel"):
             if f"speedup_pct_{label}" in combo:

@@ -134,7 +134,7 @@ HEAD_SPARSE_DEFAULTS = {  # issue 24's per-head kernel at Llama-3.1-8B shapes
     "num_stages": 2, "dtype": "bf16",
 }  # fmt: skip
 HEAD_SPARSE_DATA = {"q_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr"}  # of the variant's dtype
-HEAD_SPARSE_FLAGS = {"full_rows_ptr", "blocks_ptr"}  # int8
+HEAD_SPARSE_FLAGS = {"full_rows_ptr", "blocks_ptr", "columns_ptr", "diagonals_ptr"}  # int8
 HEAD_SPARSE_WORDS = {"col_words_ptr", "diag_words_ptr"}  # packed flags, int64 words
 
 
@@ -150,6 +150,8 @@ def compile_head_sparse_kernel(variant: dict):
         "TILE": variant["tile"], "HEAD_DIM": variant["head_dim"],
         "PRECISION": "ieee" if variant["dtype"] == "fp32" else "tf32",
     }  # fmt: skip
+    if fn is head_sparse_triton._head_sparse_kernel:
+        constexprs["BYTE_MASK"] = variant.get("byte_mask", False)
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:

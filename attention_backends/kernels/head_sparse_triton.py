@@ -52,6 +52,9 @@ class HeadSparseLaunch:
     num_warps: int = 4
     num_stages: int = 2
     separate_full_rows: bool = False
+    # session 2's per-pair byte-gather mask instead of the bit windows: kept only so that
+    # the benchmark can time both in one run (minference_NOTES.md, session 3)
+    byte_mask: bool = False
     # the plan from the Triton plan kernels (head_sparse_plan_triton) or from torch
     # (make_plan); None: Triton on CUDA, torch elsewhere
     device_plan: bool | None = None
@@ -147,13 +150,13 @@ def _load_kv_tile(k_head, v_head, block_table_ptr, key_start, seq_len,
 def _head_sparse_kernel(
     q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr,
     tile_count_ptr, tile_index_ptr, column_count_ptr, column_index_ptr,
-    col_words_ptr, diag_words_ptr, full_rows_ptr, blocks_ptr,
+    col_words_ptr, diag_words_ptr, full_rows_ptr, blocks_ptr, columns_ptr, diagonals_ptr,
     first_pos, seq_len, first_query_tile, num_query_tiles, num_tiles, scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     max_tiles, max_columns, num_tokens_index, num_words,
     GROUP: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BYTE_MASK: tl.constexpr,
 ):
     head = tl.program_id(0)
     slot = num_query_tiles - 1 - tl.program_id(1)  # query tile, last first
@@ -187,8 +190,16 @@ def _head_sparse_kernel(
                              stride_kb, stride_kt, stride_vb, stride_vt,
                              KV_BLOCK_SIZE, TILE, HEAD_DIM)
         row_all = (full_row != 0) | (tl.load(blocks_ptr + block_row + key_tile) != 0)
-        keep = _tile_keep(diag_words, col_words, offs_m, row_all, row_ok, key_start, seq_len,
-                          num_words, TILE)
+        if BYTE_MASK:  # session 2's mask, one byte gather per pair: for same-run A/B only
+            offs_n = key_start + tl.arange(0, TILE)
+            distance = offs_m[:, None] - offs_n[None, :]
+            causal = (distance >= 0) & row_ok[:, None] & (offs_n < seq_len)[None, :]
+            on_diagonal = tl.load(diagonals_ptr + flags_base + distance, mask=causal, other=0)
+            column = tl.load(columns_ptr + flags_base + offs_n, mask=offs_n < seq_len, other=0)
+            keep = causal & ((on_diagonal != 0) | (column[None, :] != 0) | row_all[:, None])
+        else:
+            keep = _tile_keep(diag_words, col_words, offs_m, row_all, row_ok, key_start,
+                              seq_len, num_words, TILE)
         m_i, l_i, acc = _online_update(q, k, v, keep, m_i, l_i, acc, scale_log2, PRECISION)
 
     columns = tl.load(column_count_ptr + plan_row)
@@ -268,6 +279,8 @@ class DevicePlan:
     num_tokens_index: int
     tile: int
     num_words: int  # words per head of the packed flags
+    # columns and diagonals as int8 [H, N]: only HeadSparseLaunch.byte_mask reads them
+    byte_flags: tuple[torch.Tensor, ...] = ()
     # separate_full_rows only: per head, the full rows of this step (absolute positions,
     # ascending, int32 [H, max_rows], padded) and their count (int32 [H])
     full_row_count: torch.Tensor | None = None
@@ -316,7 +329,9 @@ def prepare_plan(index: HeadsIndex, first_pos: int, seq_len: int, device: torch.
                                      plan.column_index)),
         tuple(to_device(t) for t in flags),
         first_pos // tile, query_tiles.numel(), int(index.blocks.shape[1]), index.num_tokens,
-        tile, int(column_words.shape[1]), row_count, row_positions)
+        tile, int(column_words.shape[1]),
+        tuple(to_device(t.to(torch.int8)) for t in (index.columns, index.diagonals)),
+        row_count, row_positions)
 
 
 def launch_plan(plan: DevicePlan, query_rows: torch.Tensor, out_rows: torch.Tensor,
@@ -333,7 +348,7 @@ def launch_plan(plan: DevicePlan, query_rows: torch.Tensor, out_rows: torch.Tens
     first_pos = seq_len - int(query_rows.shape[0])
     _head_sparse_kernel[grid](
         query_rows, out_rows, key_cache, value_cache, block_table_row,
-        tile_count, tile_index, column_count, column_index, *plan.flags,
+        tile_count, tile_index, column_count, column_index, *plan.flags, *plan.byte_flags,
         first_pos, seq_len, plan.first_query_tile,
         plan.num_query_tiles, plan.num_tiles, scale * math.log2(math.e),
         query_rows.stride(0), query_rows.stride(1), out_rows.stride(0), out_rows.stride(1),
@@ -341,7 +356,7 @@ def launch_plan(plan: DevicePlan, query_rows: torch.Tensor, out_rows: torch.Tens
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         tile_index.shape[2], column_index.shape[2], plan.num_tokens_index, plan.num_words,
         GROUP=num_q_heads // key_cache.shape[1], KV_BLOCK_SIZE=key_cache.shape[2],
-        TILE=plan.tile, HEAD_DIM=head_dim, PRECISION=precision,
+        TILE=plan.tile, HEAD_DIM=head_dim, PRECISION=precision, BYTE_MASK=launch.byte_mask,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if plan.full_row_positions is None:

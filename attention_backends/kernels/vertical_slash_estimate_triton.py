@@ -88,6 +88,7 @@ def last_rows_scores_triton(query: torch.Tensor, positions: torch.Tensor, keys: 
     num_tokens = keys.shape[0]
     rows = max(16, triton.next_power_of_2(num_rows))
     queries = query[:, heads].contiguous()  # [L, h, D]
+    keys = keys.contiguous()  # the kernel assumes unit stride along D (a no-op here)
     # the KV head of each selected query head, as its own [N, h, D] view when heads are a
     # subset; the whole layer (the common case) reads keys in place with GROUP
     group = num_q_heads // keys.shape[1]

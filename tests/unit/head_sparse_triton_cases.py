@@ -139,3 +139,9 @@ def test_vertical_slash_estimate_matches_torch(num_tokens, rows, heads):
     torch.testing.assert_close(vertical, probs.sum(dim=1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(slash, slash_scores(probs, positions[-64:]), rtol=1e-5,
                                atol=1e-6)
+
+
+# session 2's byte-gather mask, kept for the benchmark's same-run A/B: it must still be right
+def test_byte_mask_variant():
+    assert run_case([70, 90], query_lens=[30, 90], prompt_lens=[75, 90], q_heads=9,
+                    kv_heads=3, launch=HeadSparseLaunch(byte_mask=True)) < 1e-4
