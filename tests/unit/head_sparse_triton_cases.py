@@ -90,10 +90,11 @@ def test_rows_pass_gqa_and_chunk_not_on_a_tile_boundary():
 
 # 64-token tiles (the GPU's): the per-row 64-bit windows of the packed diagonal and column
 # bits use all 64 bits and their third word; a 16-token tile reads 16 of them. Ragged ends
-# cut the last key tile; cache blocks of 16 take the per-key path, 128 the per-tile one.
+# cut the last key tile, the second chunk starts mid-tile (row 81); cache blocks of 16 take
+# the per-key path, 128 the per-tile one.
 @pytest.mark.parametrize("block_size", [16, 128])
 def test_64_token_tiles(block_size):
-    assert run_case([200, 131], query_lens=[200, 67], prompt_lens=[200, 131],
+    assert run_case([200, 131], query_lens=[200, 50], prompt_lens=[200, 131],
                     block_size=block_size, tile=64) < 1e-4
 
 
