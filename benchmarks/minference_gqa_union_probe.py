@@ -1,11 +1,12 @@
 """Would GQA-packed programs do less work than per-head ones? Tile counts, no timing.
 
-A GQA-packed program serves the ``G`` query heads of one KV head: its 64 rows are ``G``
-heads x ``64 / G`` positions (a strip), and it visits the union of the key tiles those heads
-need for the strip, so every K/V tile it loads serves all ``G`` heads. Its tensor-core work is
-(KV heads x strips x union tiles); the per-head kernel's is (query heads x 64-row query tiles
-x tiles). This probe counts both on ``minference_kernel.py``'s inputs (``structured_qkv``,
-where the heads of a group share one direction, so their patterns overlap by construction)
+A GQA-packed program serves the ``G`` query heads of one KV head: its rows are ``G``
+heads x ``strip`` positions (default ``64 / G``: 64 rows), and it visits the union of the
+key tiles those heads need for the strip, so every K/V tile it loads serves all ``G`` heads.
+Its tensor-core work is (KV heads x strips x union tiles x rows / 64); the per-head
+kernel's is (query heads x 64-row query tiles x tiles). This probe counts both on
+``minference_kernel.py``'s inputs (``structured_qkv``, where the heads of a group share one
+direction, so their patterns overlap by construction)
 and, as a control, on groups made of heads from different KV groups (patterns as
 independent as these inputs allow). Listed tiles only (gathered columns are < 1% of the
 work, minference_kernel.json).
@@ -68,11 +69,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--strip", type=int, default=0,
+                        help="positions per packed program (default tile / group: 64 rows; "
+                             "32 with group 4 is a 128-row program)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     shape = LLAMA_8B
     group = shape.q_heads // shape.kv_heads
-    strip = shape.tile // group
+    strip = args.strip or shape.tile // group
     started = time.time()
     query, keys, values = structured_qkv(args.tokens, shape, seed=args.tokens, device="cpu")
     key_cache, _, block_table = make_paged_kv(keys, values, shape.cache_block, seed=args.tokens)
@@ -92,7 +96,9 @@ def main() -> None:
         entry = {"per_head_tile_visits": per_head_tiles}
         for label, groups in (("same_group", same), ("mixed_groups", mixed)):
             union = sum(float(touched[members].any(dim=0).sum()) for members in groups)
-            # both count 64x64 tensor-core tiles: a packed tile is 64 rows (G heads x strip)
+            # in 64x64 tensor-core tiles: a packed visit is G x strip rows, so it counts
+            # G x strip / 64 tiles (1 for 64-row programs, 2 for 128-row ones)
+            union *= group * strip / shape.tile
             entry[f"packed_tile_visits_{label}"] = union
             entry[f"packed_over_per_head_{label}"] = union / per_head_tiles
         result["configs"][name] = entry
