@@ -90,9 +90,11 @@ DATASHEET_PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16, vendor datasheet (a l
 HEADLINE = "vs_512_2048"
 TRIANGLE = "triangle"
 DENSE_LAYERS, NUM_LAYERS = 16, 32  # TriangleMix's starting_layer for Llama-3.1-8B
-# w4 s3 compiles to the same resources as w4 s2 with Triton 3.6 (triton_resources.py):
-# the pipeliner does not deepen this loop, so it is not swept
-LAUNCH_SWEEP = {"w4 s2": HeadSparseLaunch(4, 2), "w8 s2": HeadSparseLaunch(8, 2)}
+# with the bit-window mask (session 3) w4 s3 no longer compiles to w4 s2's kernel (Triton
+# 3.6, triton_resources.py: s2 has 40 bytes of stack outside the loop, s3 none and deeper
+# async copies), so both are swept
+LAUNCH_SWEEP = {"w4 s2": HeadSparseLaunch(4, 2), "w4 s3": HeadSparseLaunch(4, 3),
+                "w8 s2": HeadSparseLaunch(8, 2)}
 LONG_CONFIGS = (HEADLINE, "block_sparse_100", TRIANGLE)  # lengths after the first
 LONG_SETUP_S = 20.0  # a longer length's untimed part: inputs, index, fractions, warm-up
 REPS_GRACE_S = 12.0  # repetitions may run this far past the budget (5 at 128K take ~8 s)
@@ -481,6 +483,18 @@ def bench_length(row: dict, shape: Shape, configs: dict[str, LayerHeadPatterns],
                                                              scale=scale)
         except Exception as error:  # noqa: BLE001 - report, keep the other numbers
             entry["flex_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        if name == HEADLINE:
+            # same-run A/B of session 3's changes (minference_NOTES.md): session 2's
+            # byte-gather mask on the same plan, and the torch plan builder
+            byte_mask = replace(launch, byte_mask=True)
+            calls["kernel_byte_mask"] = lambda p=plan, b=byte_mask: launch_plan(
+                p, query, out, key_cache, value_cache, block_table[0], num_tokens, scale, b)
+            calls["plan_torch"] = lambda i=index: prepare_plan(i, 0, num_tokens, query.device,
+                                                               device_plan=False)
+            out.fill_(float("nan"))
+            calls["kernel_byte_mask"]()
+            entry["byte_mask_all_rows_written"] = not bool(torch.isnan(out).any())
+            entry["byte_mask_rel_err_vs_ours"] = relative_error(out, ours)
         if name == GRID:  # the grid's horizontal lines packed in a rows pass (permuted)
             rows_pass = replace(launch, separate_full_rows=True)
             calls["e2e_rows_pass"] = lambda p=patterns, r=rows_pass: e2e(p, r)
@@ -635,6 +649,9 @@ def summary_table(results: dict) -> str:
             if "dedicated_trianglemix_kernel_ms" in entry:
                 lines.append(f"{'':>6}{'(dedicated TriangleMix kernel)':<35}"
                              f"{entry['dedicated_trianglemix_kernel_ms']:8.2f}")
+            if "kernel_byte_mask_ms" in entry:
+                lines.append(f"{'':>6}{'(A/B: byte-mask kernel / torch plan)':<35}"
+                             f"{entry['kernel_byte_mask_ms']:8.2f} {entry['plan_torch_ms']:8.2f}")
         combo = row.get("combination", {})
         for label in ("per_head_triangle", "dedicated_triangle_kernel"):
             if f"speedup_pct_{label}" in combo:

@@ -6,7 +6,9 @@ wgmma instructions (warning C7515), and counts of telling SASS instructions (HGM
 tensor-core ops, UTMALDG TMA loads, LDGSTS async copies, LDL/STL local-memory spills). It
 costs no device time. ``"kernel": "gluon"`` compiles the Gluon kernel instead of the Triton
 one; ``"kernel": "head_sparse"`` the per-head (MInference) kernel (``"head_sparse_rows"``:
-its full-rows pass), with ``HEAD_SPARSE_DEFAULTS`` overridden by the object's other keys.
+its full-rows pass; ``"head_sparse_plan"``: its plan kernel; ``"vs_estimate"``: the
+vertical-slash estimate), with ``HEAD_SPARSE_DEFAULTS`` overridden by the object's other
+keys.
 Compile with the device's Triton for numbers that hold there (3.6 in 2026-11):
 
     .venv/bin/pip download --no-deps triton==3.6.0 -d /tmp/w
@@ -132,7 +134,8 @@ HEAD_SPARSE_DEFAULTS = {  # issue 24's per-head kernel at Llama-3.1-8B shapes
     "num_stages": 2, "dtype": "bf16",
 }  # fmt: skip
 HEAD_SPARSE_DATA = {"q_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr"}  # of the variant's dtype
-HEAD_SPARSE_FLAGS = {"columns_ptr", "diagonals_ptr", "full_rows_ptr", "blocks_ptr"}  # int8
+HEAD_SPARSE_FLAGS = {"full_rows_ptr", "blocks_ptr", "columns_ptr", "diagonals_ptr"}  # int8
+HEAD_SPARSE_WORDS = {"col_words_ptr", "diag_words_ptr"}  # packed flags, int64 words
 
 
 def compile_head_sparse_kernel(variant: dict):
@@ -147,6 +150,8 @@ def compile_head_sparse_kernel(variant: dict):
         "TILE": variant["tile"], "HEAD_DIM": variant["head_dim"],
         "PRECISION": "ieee" if variant["dtype"] == "fp32" else "tf32",
     }  # fmt: skip
+    if fn is head_sparse_triton._head_sparse_kernel:
+        constexprs["BYTE_MASK"] = variant.get("byte_mask", False)
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -155,6 +160,8 @@ def compile_head_sparse_kernel(variant: dict):
             signature[name] = f"*{variant['dtype']}"
         elif name in HEAD_SPARSE_FLAGS:
             signature[name] = "*i8"
+        elif name in HEAD_SPARSE_WORDS:
+            signature[name] = "*i64"
         elif name.endswith("_ptr"):
             signature[name] = "*i32"
         else:
@@ -163,6 +170,45 @@ def compile_head_sparse_kernel(variant: dict):
         ASTSource(fn, signature, constexprs, _alignment_hints(fn, signature)),
         target=GPUTarget("cuda", 90, 32),
         options={"num_warps": variant["num_warps"], "num_stages": variant["num_stages"]},
+    )
+
+
+def compile_head_sparse_plan_kernel(variant: dict):
+    """``head_sparse_plan_triton._plan_kernel`` (the write pass), 64-token tiles."""
+    from attention_backends.kernels import head_sparse_plan_triton
+
+    fn = head_sparse_plan_triton._plan_kernel
+    constexprs = {"TILE": 64, "WRITE": True, "BLOCK": head_sparse_plan_triton.BLOCK_K}
+    flags = {"by_distance_ptr", "row_any_ptr", "blocks_ptr", "column_tiles_ptr"}  # int8
+    signature = {
+        name: "constexpr" if name in constexprs
+        else ("*i8" if name in flags else "*i32") if name.endswith("_ptr") else "i32"
+        for name in fn.arg_names
+    }
+    return triton.compile(
+        ASTSource(fn, signature, constexprs, _alignment_hints(fn, signature)),
+        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2},
+    )
+
+
+def compile_vertical_slash_estimate_kernel(variant: dict):
+    """``vertical_slash_estimate_triton._estimate_kernel``: 64 rows, d=128, GQA 4, bf16;
+    ``"accumulate"``: the second pass (default) or the statistics pass."""
+    from attention_backends.kernels import vertical_slash_estimate_triton as estimate
+
+    fn = estimate._estimate_kernel
+    constexprs = {"GROUP": 4, "ROWS": 64, "BLOCK": estimate.BLOCK_N, "HEAD_DIM": 128,
+                  "PRECISION": "tf32", "ACCUMULATE": variant.get("accumulate", True)}
+    floats = {"row_max_ptr", "row_sum_ptr", "vertical_ptr", "slash_ptr"}
+    signature = {
+        name: "constexpr" if name in constexprs
+        else "*bf16" if name in ("q_ptr", "k_ptr") else "*fp32" if name in floats
+        else "*i32" if name.endswith("_ptr") else "fp32" if name == "scale" else "i32"
+        for name in fn.arg_names
+    }
+    return triton.compile(
+        ASTSource(fn, signature, constexprs, _alignment_hints(fn, signature)),
+        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2},
     )
 
 
@@ -199,11 +245,16 @@ def resource_report(compiled) -> dict:
 def main() -> None:
     variants = json.loads(sys.argv[1]) if len(sys.argv) > 1 else [{}]
     for overrides in variants:
-        variant = {**STREAMING_DEFAULTS, **overrides}
+        # the per-head kernels take HEAD_SPARSE_DEFAULTS (their compile functions merge
+        # them); STREAMING_DEFAULTS' 3 stages must not leak into them
+        per_head = str(overrides.get("kernel", "")).startswith(("head_sparse", "vs_"))
+        variant = dict(overrides) if per_head else {**STREAMING_DEFAULTS, **overrides}
         compile_kernel = {
             "gluon": compile_gluon_streaming_kernel,
             "head_sparse": compile_head_sparse_kernel,
             "head_sparse_rows": compile_head_sparse_kernel,
+            "head_sparse_plan": compile_head_sparse_plan_kernel,
+            "vs_estimate": compile_vertical_slash_estimate_kernel,
         }.get(variant.get("kernel"), compile_streaming_kernel)
         print(json.dumps({"variant": overrides, **resource_report(compile_kernel(variant))}))
 

@@ -118,3 +118,20 @@ def make_plan(index: HeadsIndex, query_tiles: torch.Tensor) -> KernelPlan:
         column_index, 0)
     return KernelPlan(tile_count.int(), tile_index.int(), column_count.int(),
                       column_index.int(), tile)
+
+
+def pack_bits(flags: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """int64 ``[H, W]`` words of 32 flags each (bit ``b`` of word ``w`` = flag ``32 w + b``,
+    values in ``[0, 2^32)``), ``W = ceil(N / 32)``; padding flags are 0. ``reverse`` packs
+    the flags in reversed order (packed index ``32 W - 1 - k`` holds flag ``k``).
+
+    The kernel reads 64-bit windows of these words: one window per row gives that row's
+    kept diagonals over a whole key tile, one window per tile its kept columns, so the
+    per-token mask costs a shift per pair instead of a byte gather per pair."""
+    num_heads, num_flags = flags.shape
+    num_words = max(-(-num_flags // 32), 1)
+    padded = torch.nn.functional.pad(flags, (0, num_words * 32 - num_flags))
+    if reverse:
+        padded = padded.flip(-1)
+    weights = torch.pow(2, torch.arange(32, device=flags.device, dtype=torch.int64))
+    return (padded.view(num_heads, num_words, 32).long() * weights).sum(dim=-1)

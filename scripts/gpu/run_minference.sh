@@ -9,10 +9,11 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,memory.used --format=csv \
   > "$OUT/minference_nvidia_smi.txt" 2>&1
-# the tests get 65 s (a hang must not eat the benchmark's time); ~15 kernel variants compile,
-# so 4 xdist workers when the image has pytest-xdist (it lists it; checked, not assumed)
+# the tests get 90 s (a hang must not eat the benchmark's time); ~25 kernel variants compile
+# (session 3 added the plan and estimate kernels and 64-token-tile cases), so 4 xdist
+# workers when the image has pytest-xdist (it lists it; checked, not assumed)
 XDIST=(); python3 -c "import xdist" 2>/dev/null && XDIST=(-n 4)
-timeout -k 5 65 python3 -m pytest tests/gpu/test_head_sparse_triton.py tests/unit/head_sparse_triton_cases.py \
+timeout -k 5 90 python3 -m pytest tests/gpu/test_head_sparse_triton.py tests/unit/head_sparse_triton_cases.py \
   -q -p no:cacheprovider --tb=short "${XDIST[@]}" > "$OUT/minference_gpu_tests.txt" 2>&1
 echo "gpu tests rc=$? : $(tail -1 "$OUT/minference_gpu_tests.txt")"
 # the benchmark stops starting new work at --budget-s and writes its JSON; SIGTERM at the

@@ -188,3 +188,36 @@ def test_kept_and_tile_fractions_agree_with_the_mask():
 def test_invalid_parameters_are_refused(bad):
     with pytest.raises(ValueError):
         bad()
+
+
+@pytest.mark.parametrize("first_pos,rows", [(0, 128), (0, 100), (37, 50), (70, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pooled_contiguous_matches_pooled(first_pos, rows, dtype):
+    """The CUDA pooling (padding + one sum per block) equals the reference's index_add_
+    pooling of the float32 copies, for chunks that start and end inside blocks."""
+    from attention_backends.patterns.minference.block_sparse import pooled, pooled_contiguous
+
+    values = torch.randn(rows, 3, 8, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    num_blocks = -(-(first_pos + rows) // 16) + 1  # one block past the rows stays zero
+    expected = pooled(values.float().permute(1, 0, 2), torch.arange(first_pos, first_pos + rows),
+                      16, num_blocks)
+    actual = pooled_contiguous(values, first_pos, 16, num_blocks)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("heads", [[0, 1, 2, 3, 4, 5], [1, 4, 5]])
+def test_pooled_heads_cuda_path_matches_reference(heads):
+    """The CUDA path of block-sparse pooling (keys pooled per KV head, then picked per query
+    head) equals the reference path, on a chunk that starts inside a block."""
+    from attention_backends.patterns.minference.block_sparse import (
+        pooled_heads,
+        pooled_heads_contiguous,
+    )
+
+    generator = torch.Generator().manual_seed(len(heads))
+    chunk = SequenceChunk(torch.randn(45, 6, 8, generator=generator), torch.arange(75, 120),
+                          torch.randn(120, 2, 8, generator=generator), 130, 0.3)
+    expected = pooled_heads(chunk, heads, 16, 8)  # CPU: the reference path
+    actual = pooled_heads_contiguous(chunk, heads, 16, 8)
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

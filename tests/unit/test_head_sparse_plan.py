@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from attention_backends.kernels.head_sparse_plan import make_plan
+from attention_backends.kernels.head_sparse_plan import make_plan, pack_bits
 from attention_backends.patterns.minference import HeadsIndex, SequenceChunk
 from tests.unit.test_head_sparse_ref import mixed_heads
 
@@ -52,3 +52,16 @@ def test_scattered_columns_are_gathered_not_tiled():
     plan = make_plan(index, torch.tensor([7]))  # rows 112..127
     assert plan.tile_count[0, 0] == 1 and plan.tile_index[0, 0, 0] == 7
     assert plan.column_index[0, 0, : plan.column_count[0, 0]].tolist() == [3, 40, 77]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_pack_bits_round_trip(reverse):
+    flags = torch.rand(3, 77, generator=torch.Generator().manual_seed(1)) < 0.3
+    words = pack_bits(flags, reverse=reverse)
+    assert words.shape == (3, 3) and int(words.min()) >= 0 and int(words.max()) < 2**32
+    bits = (words[..., None] >> torch.arange(32)) & 1  # [H, W, 32]
+    unpacked = bits.flatten(1).bool()  # [H, 96]
+    if reverse:  # packed index 32 W - 1 - k holds flag k
+        unpacked = unpacked.flip(-1)
+    assert torch.equal(unpacked[:, :77], flags)
+    assert not unpacked[:, 77:].any()

@@ -35,6 +35,54 @@ def pooled(values: torch.Tensor, positions: torch.Tensor, block_size: int,
     return sums / counts.clamp(min=1)[None, :, None]
 
 
+def pooled_contiguous(values: torch.Tensor, first_pos: int, block_size: int,
+                      num_blocks: int) -> torch.Tensor:
+    """``pooled`` for rows at consecutive positions ``first_pos ..``: ``values [T, h, D]``
+    (any float dtype) to float32 ``[h, num_blocks, D]`` by padding to whole blocks and one
+    float32-accumulating sum per block, with no float32 copy of the rows and no atomics
+    (``index_add_`` on CUDA is one atomic add per element: ~1G at 128K with 32 heads). The
+    same means as ``pooled`` up to the order of float additions."""
+    rows, num_heads, dims = values.shape
+    lead = first_pos % block_size
+    first_block = first_pos // block_size
+    span = -(-(lead + rows) // block_size)
+    tail = span * block_size - lead - rows
+    # whole blocks (a fresh 128K prefill) need no padded copy
+    padded = values if lead == tail == 0 else torch.nn.functional.pad(
+        values, (0, 0, 0, 0, lead, tail))
+    sums = padded.reshape(span, block_size, num_heads, dims).sum(dim=1, dtype=torch.float32)
+    positions = torch.arange(first_pos, first_pos + rows, device=values.device)
+    counts = torch.bincount(positions // block_size - first_block, minlength=span)
+    means = (sums / counts.clamp(min=1)[:, None, None]).permute(1, 0, 2)  # [h, span, D]
+    out = torch.zeros(num_heads, num_blocks, dims, device=values.device)
+    out[:, first_block:first_block + span] = means
+    return out
+
+
+def pooled_heads(chunk: SequenceChunk, heads: list[int], block_size: int, num_blocks: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled queries, pooled keys) ``[h, num_blocks, D]`` float32 of the given heads. On
+    CUDA ``pooled_contiguous``, keys pooled once per KV head; elsewhere ``pooled`` on the
+    float32 copies (the CPU reference, unchanged)."""
+    if chunk.device.type != "cuda":
+        return (pooled(chunk.head_queries(heads), chunk.query_positions, block_size, num_blocks),
+                pooled(chunk.head_keys(heads), torch.arange(chunk.num_tokens), block_size,
+                       num_blocks))
+    return pooled_heads_contiguous(chunk, heads, block_size, num_blocks)
+
+
+def pooled_heads_contiguous(chunk: SequenceChunk, heads: list[int], block_size: int,
+                            num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pooled_heads``' CUDA path (any device)."""
+    kv_heads = torch.tensor([head // chunk.group for head in heads], device=chunk.device)
+    keys = pooled_contiguous(chunk.keys, 0, block_size, num_blocks)[kv_heads]
+    first_pos = int(chunk.query_positions[0])
+    every_head = list(heads) == list(range(int(chunk.query.shape[1])))
+    rows = chunk.query if every_head else chunk.query[:, heads]  # no copy for a whole layer
+    queries = pooled_contiguous(rows, first_pos, block_size, num_blocks)
+    return queries, keys
+
+
 @dataclass(frozen=True)
 class BlockSparseHead:
     top_k_blocks: int = 100
@@ -50,10 +98,7 @@ class BlockSparseHead:
     def build(self, chunk: SequenceChunk, heads: list[int], block_size: int) -> HeadsIndex:
         num_tokens = chunk.num_tokens
         num_blocks = -(-num_tokens // block_size)
-        pooled_keys = pooled(chunk.head_keys(heads), torch.arange(num_tokens), block_size,
-                             num_blocks)
-        pooled_queries = pooled(chunk.head_queries(heads), chunk.query_positions, block_size,
-                                num_blocks)
+        pooled_queries, pooled_keys = pooled_heads(chunk, heads, block_size, num_blocks)
         query_blocks = torch.unique(chunk.query_positions.long() // block_size).to(chunk.device)
         scores = torch.matmul(pooled_queries[:, query_blocks], pooled_keys.transpose(1, 2))
         key_blocks = torch.arange(num_blocks, device=chunk.device)

@@ -58,6 +58,27 @@ def slash_scores(probs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
                                                                                 mass)
 
 
+def last_rows_scores(chunk: SequenceChunk, heads: list[int], last_q_tokens: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vertical, slash) float ``[h, N]``: column and diagonal sums of the last rows'
+    attention. On CUDA (head dim a power of two >= 16, <= 128 rows) two Triton passes
+    (``kernels.vertical_slash_estimate_triton``: no float copy of every key per head, no
+    1 GiB score matrix at 128K); elsewhere the torch reference below. They agree to float
+    rounding (the order of additions differs), not bit for bit."""
+    rows = min(last_q_tokens, int(chunk.query.shape[0]))
+    head_dim = int(chunk.query.shape[-1])
+    if (chunk.device.type == "cuda" and rows <= 128 and head_dim >= 16
+            and head_dim & (head_dim - 1) == 0):
+        from attention_backends.kernels.vertical_slash_estimate_triton import (
+            last_rows_scores_triton,
+        )
+
+        return last_rows_scores_triton(chunk.query[-rows:], chunk.query_positions[-rows:],
+                                       chunk.keys, heads, chunk.scale)
+    probs, positions = last_rows_attention(chunk, heads, last_q_tokens)
+    return probs.sum(dim=1), slash_scores(probs, positions)
+
+
 @dataclass(frozen=True)
 class VerticalSlashHead:
     vertical_size: int = 1000
@@ -80,11 +101,9 @@ class VerticalSlashHead:
                 "local_tokens": self.local_tokens}
 
     def build(self, chunk: SequenceChunk, heads: list[int], block_size: int) -> HeadsIndex:
-        probs, positions = last_rows_attention(chunk, heads, self.last_q_tokens)
+        vertical, slash = last_rows_scores(chunk, heads, self.last_q_tokens)
         num_tokens = chunk.num_tokens
-        vertical = probs.sum(dim=1)
         vertical[:, : self.sink_tokens] = float("inf")
-        slash = slash_scores(probs, positions)
         slash[:, : self.local_tokens] = float("inf")
         index = HeadsIndex.empty(len(heads), num_tokens, block_size, chunk.device)
         top_columns = vertical.topk(min(self.vertical_size, num_tokens), dim=1).indices
