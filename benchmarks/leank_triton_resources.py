@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from triton_resources import TOOLS, resource_report  # noqa: E402
+from triton_resources import resource_report, sass_of  # noqa: E402
 
 KERNEL = "kv_manager/leank/kernels/decode_triton.py"
 # The benchmark's launch configs (SWEEP in leank_decode_kernel.py) at its shapes.
@@ -125,13 +125,7 @@ def compile_merge(module):
 
 
 def pipeline_report(compiled) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        sass = subprocess.run(
-            [TOOLS / "cuobjdump", "--dump-sass", cubin.name],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+    sass = sass_of(compiled)
     # Multi-buffered tiles: ttg.local_alloc of <N x BLOCK_N x width x f16> (N buffers).
     buffers = re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x(\d+)x(\d+)xf16",
                          compiled.asm["ttgir"])  # fmt: skip

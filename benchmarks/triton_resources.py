@@ -212,6 +212,17 @@ def compile_vertical_slash_estimate_kernel(variant: dict):
     )
 
 
+def sass_of(compiled) -> str:
+    """The compiled kernel's SASS (cuobjdump of its cubin)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        return subprocess.run(
+            [TOOLS / "cuobjdump", "--dump-sass", cubin.name],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+
+
 def resource_report(compiled) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as ptx:
         ptx.write(compiled.asm["ptx"])
@@ -227,10 +238,7 @@ def resource_report(compiled) -> dict:
             [TOOLS / "cuobjdump", "--dump-resource-usage", cubin.name],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
-        sass = subprocess.run(
-            [TOOLS / "cuobjdump", "--dump-sass", cubin.name],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+    sass = sass_of(compiled)
     usage_line = next((line.strip() for line in usage.splitlines() if "REG:" in line), "")
     fields = dict(item.split(":") for item in usage_line.split() if ":" in item)
     return {
