@@ -31,6 +31,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from prefix_affinity import vllm_counters  # noqa: E402
 
 from server.config import ServerSettings  # noqa: E402
 from server.launcher import (  # noqa: E402
@@ -98,12 +101,6 @@ async def load(gateway: str, args: argparse.Namespace, phase_seed: int) -> tuple
     return rows, time.perf_counter() - started
 
 
-def requests_served(worker_url: str) -> float:
-    text = httpx.get(f"{worker_url}/metrics", timeout=30).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:request_success_total"))
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
@@ -130,9 +127,9 @@ def run_phase(args: argparse.Namespace, workers: int, out: Path) -> dict:
         wait_for_health(gateway_url, gateway, timeout_s=60)
         # Warm-up: one request per worker (graph capture, allocator), not timed.
         asyncio.run(warm_up(gateway_url, args, len(urls)))
-        before = [requests_served(url) for url in urls]
+        before = [vllm_counters(url)["requests"] for url in urls]
         rows, wall = asyncio.run(load(gateway_url, args, phase_seed=workers))
-        after = [requests_served(url) for url in urls]
+        after = [vllm_counters(url)["requests"] for url in urls]
     finally:
         if gateway is not None:
             gateway.terminate()

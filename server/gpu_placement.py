@@ -54,6 +54,16 @@ class GpuSlot:
         return args
 
 
+def flag_value(args: list[str], flag: str) -> str | None:
+    """The value given for ``flag`` in a vLLM argument list (``--f V`` or ``--f=V``)."""
+    for index, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+        if arg == flag and index + 1 < len(args):
+            return args[index + 1]
+    return None
+
+
 def visible_gpus(environ: Mapping[str, str] | None = None,
                  device_count: Callable[[], int] | None = None) -> list[str]:
     """The GPU ids this process may hand out: CUDA_VISIBLE_DEVICES's entries when it is set

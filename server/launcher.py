@@ -21,7 +21,13 @@ from pathlib import Path
 import httpx
 
 from server.config import ServerSettings
-from server.gpu_placement import TENSOR_PARALLEL_FLAG, GpuSlot, plan_workers, visible_gpus
+from server.gpu_placement import (
+    TENSOR_PARALLEL_FLAG,
+    GpuSlot,
+    flag_value,
+    plan_workers,
+    visible_gpus,
+)
 from server.model_prep import prepare_model
 
 
@@ -221,20 +227,11 @@ def place_workers(settings: ServerSettings,
     if not auto and settings.workers == 0:
         return settings, None
     slots = plan_workers(gpus, None if auto else int(settings.workers),
-                         max(settings.gpus_per_worker, _tensor_parallel_arg(settings)))
+                         # a --tensor-parallel-size in worker_extra_args needs that many GPUs
+                         max(settings.gpus_per_worker,
+                             int(flag_value(settings.worker_extra_args,
+                                            TENSOR_PARALLEL_FLAG) or 1)))
     return settings.model_copy(update={"workers": len(slots)}), slots
-
-
-def _tensor_parallel_arg(settings: ServerSettings) -> int:
-    """A --tensor-parallel-size the user put in worker_extra_args (1 when none): each worker
-    then needs that many GPUs."""
-    args = settings.worker_extra_args
-    for index, arg in enumerate(args):
-        if arg.startswith(TENSOR_PARALLEL_FLAG + "="):
-            return int(arg.split("=", 1)[1])
-        if arg == TENSOR_PARALLEL_FLAG and index + 1 < len(args):
-            return int(args[index + 1])
-    return 1
 
 
 def serve(settings: ServerSettings) -> int:

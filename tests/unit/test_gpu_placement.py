@@ -89,3 +89,12 @@ def test_workers_setting_takes_a_count_or_auto(value, expected, monkeypatch):
 def test_workers_setting_refuses_nonsense(value):
     with pytest.raises(ValidationError):
         ServerSettings(workers=value)
+
+
+def test_flag_value_reads_both_spellings():
+    from server.gpu_placement import flag_value
+
+    assert flag_value(["--tensor-parallel-size", "4"], "--tensor-parallel-size") == "4"
+    assert flag_value(["--x", "--tensor-parallel-size=2"], "--tensor-parallel-size") == "2"
+    assert flag_value(["--tensor-parallel-size"], "--tensor-parallel-size") is None
+    assert flag_value([], "--tensor-parallel-size") is None
