@@ -27,6 +27,12 @@ def _is_list(field: FieldInfo) -> bool:
     return any(get_origin(arg) is list for arg in get_args(annotation))
 
 
+def _help_text(field: FieldInfo) -> str:
+    """A setting's description and default, escaped for argparse (which %-formats help)."""
+    default = field.default_factory() if field.default_factory else field.default
+    return f"{field.description} (default: {default})".replace("%", "%%")
+
+
 def _add_settings_flags(parser: argparse.ArgumentParser, only: set[str] | None = None) -> None:
     group = parser.add_argument_group(
         "settings (also TESSERA_<NAME> env or tessera.yaml section 'server')")
@@ -34,8 +40,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, only: set[str] | None =
         if only is not None and name not in only:
             continue
         flag = "--" + name.replace("_", "-")
-        default = field.default_factory() if field.default_factory else field.default
-        help_text = f"{field.description} (default: {default})".replace("%", "%%")
+        help_text = _help_text(field)
         if field.annotation is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                default=None, help=help_text)
@@ -54,11 +59,8 @@ def _add_attention_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "worker attention (also TESSERA_ATTENTION_<NAME> env or tessera.yaml section 'attention')")
     for name, field in AttentionSettings.model_fields.items():
-        default = field.default_factory() if field.default_factory else field.default
         group.add_argument("--attention-" + name.replace("_", "-"), dest=f"attention_{name}",
-                           default=None, metavar="VALUE",
-                           # argparse %-formats help text: a literal % must be doubled
-                           help=f"{field.description} (default: {default})".replace("%", "%%"))
+                           default=None, metavar="VALUE", help=_help_text(field))
 
 
 def _export_attention_flags(args: argparse.Namespace) -> None:
