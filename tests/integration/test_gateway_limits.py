@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
@@ -34,29 +33,30 @@ def test_slow_worker_answer_is_504_not_a_hang(stack: Stack) -> None:
 
 
 def test_second_concurrent_request_of_a_key_is_429(stack: Stack) -> None:
-    body = LONG | {"stream": True, "max_tokens": 60}
-    first_chunk = threading.Event()
-    done = threading.Event()
-
-    def hold_slot() -> None:
-        with httpx.stream("POST", f"{stack.limits_gateway_url}/v1/completions", json=body,
-                          timeout=60) as response:
-            for _ in response.iter_lines():
-                first_chunk.set()
-        done.set()
-
-    holder = threading.Thread(target=hold_slot)
-    holder.start()
-    assert first_chunk.wait(30)
-    second = httpx.post(f"{stack.limits_gateway_url}/v1/completions",
-                        json=LONG | {"max_tokens": 1}, timeout=60)
-    assert assert_openai_error(second, 429)["code"] == "concurrency_limit_exceeded"
-    holder.join(timeout=60)
-    assert done.is_set()
-    # The slot is free again once the stream ended.
-    after = httpx.post(f"{stack.limits_gateway_url}/v1/completions",
-                       json=LONG | {"max_tokens": 1}, timeout=60)
-    assert after.status_code == 200
+    # The first request holds its key's one slot for as long as this test keeps its stream
+    # open (500 tokens would take far longer than the test), so the second cannot race a
+    # stream that already ended, however fast the machine decodes.
+    body = LONG | {"stream": True}
+    with httpx.stream("POST", f"{stack.limits_gateway_url}/v1/completions", json=body,
+                      timeout=60) as holder:
+        assert holder.status_code == 200
+        # Keep the line iterator referenced: a dropped one is closed, and closing it closes
+        # the connection, which the gateway rightly takes as the client leaving.
+        lines = holder.iter_lines()
+        assert next(lines).startswith("data: ")
+        second = httpx.post(f"{stack.limits_gateway_url}/v1/completions",
+                            json=LONG | {"max_tokens": 1}, timeout=60)
+        assert assert_openai_error(second, 429)["code"] == "concurrency_limit_exceeded"
+        assert next(lines) is not None  # the first stream is still going
+    # Closing the stream frees the slot (the gateway sees the disconnect and releases it).
+    deadline = time.monotonic() + 20
+    while True:
+        after = httpx.post(f"{stack.limits_gateway_url}/v1/completions",
+                           json=LONG | {"max_tokens": 1}, timeout=60)
+        if after.status_code != 429 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert after.status_code == 200, after.text
 
 
 def test_client_disconnect_aborts_the_generation(stack: Stack) -> None:
