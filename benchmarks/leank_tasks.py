@@ -108,6 +108,12 @@ def main() -> None:
     parser.add_argument("--control", type=float, default=0.9)
     parser.add_argument("--dense", type=Path, default=RESULTS / "minference_tasks.json",
                         help="stored dense rows (and the tasks/lengths/cases they were run with)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                        help="only these target lengths of the stored dense rows")
+    parser.add_argument("--whole-prefill", action="store_true",
+                        help="prefill each prompt in one chunk (--max-num-batched-tokens = "
+                             "max model length), as the paper does: no chunk reads an earlier "
+                             "chunk's keys through the pruned cache")
     parser.add_argument("--out", type=Path, default=RESULTS / "leank_tasks.json")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
@@ -115,17 +121,25 @@ def main() -> None:
         plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return
     reference = json.loads(args.dense.read_text())
-    dense_rows = reference["dense_rows"]
+    dense_rows = [row for row in reference["dense_rows"]
+                  if args.lengths is None or row["target_tokens"] in args.lengths]
     tasks = sorted({row["task"] for row in dense_rows}, key=[r["task"] for r in dense_rows].index)
     lengths = sorted({row["target_tokens"] for row in dense_rows})
     cases_per_cell = int(reference["args"]["cases"])
-    settings = ServerSettings(workers=1, kv_cache_space_gib=2, max_model_len=8192,
-                              worker_extra_args=["--no-enable-prefix-caching"])
+    max_model_len = 8192
+    worker_args = ["--no-enable-prefix-caching"]
+    if args.whole_prefill:
+        worker_args += ["--max-num-batched-tokens", str(max_model_len)]
+    settings = ServerSettings(workers=1, kv_cache_space_gib=2, max_model_len=max_model_len,
+                              worker_extra_args=worker_args)
     model_path = resolve_model_path(settings)
     result: dict = {"script": "benchmarks/leank_tasks.py", "date": time.strftime("%Y-%m-%d"),
                     "dense": f"rows stored in {args.dense.name} ({reference['date']}); prompts "
                              "checked by sha256", "tasks": tasks, "lengths": lengths,
                     "cases_per_cell": cases_per_cell,
+                    "prefill": "whole prompt, one chunk" if args.whole_prefill
+                               else "vLLM's default chunking",
+                    "worker_args": worker_args,
                     "accuracy": {"dense": tf.accuracy_table(dense_rows)}, "lost": {},
                     "settings": {}}
     with tempfile.TemporaryDirectory() as directory:
