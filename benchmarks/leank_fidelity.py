@@ -110,6 +110,11 @@ def main() -> None:
     parser.add_argument("--out", default="leank_fidelity", help="results file stem")
     parser.add_argument("--sweep", type=float, nargs="*", default=[0.25, 0.5],
                         help="also evaluate masks at these sparsities from the same importance")
+    parser.add_argument("--served-sweep", type=float, nargs="*", default=[],
+                        help="also evaluate these sparsities under layer-uniform budgets (the "
+                        "masks vLLM serves: one packed K width for all layers)")
+    parser.add_argument("--served-only", action="store_true",
+                        help="evaluate only --served-sweep and the negative control")
     parser.add_argument("--mode", choices=["decode", "all"], default="decode",
                         help="decode: each position decoded after a dense prefill (serving); "
                         "all: keys masked at every position (harsher)")
@@ -130,17 +135,23 @@ def main() -> None:
         **{f"leank derived s={sweep}": topk_keep(
             mask.importance, aligned_head_budgets(mask.importance, sweep, mask.align))
            for sweep in args.sweep},
+        **{f"leank layer-uniform s={sweep} (served)": topk_keep(
+            mask.importance, layer_uniform_head_budgets(mask.importance, sweep, mask.align))
+           for sweep in args.served_sweep},
         f"leank derived s={args.control_sparsity} (negative control)": topk_keep(
             mask.importance, aligned_head_budgets(mask.importance, args.control_sparsity,
                                                   mask.align)),
     }
+    if args.served_only:
+        variants = {name: keep for name, keep in variants.items()
+                    if "(served)" in name or "negative control" in name}
     if args.trained_only:
         variants = {name: keep for name, keep in variants.items() if "trained" in name}
     model = load_frozen_model(MODEL_DIR)
     mask.check_model(type(mask.fingerprint).from_hf_config(model.config), mask.head_dim)
     docs = documents(AutoTokenizer.from_pretrained(str(MODEL_DIR)), args.tokens)
     result = {"script": "benchmarks/leank_fidelity.py", "date": time.strftime("%Y-%m-%d"),
-              "mask": args.mask, "tokens": args.tokens, "mode": args.mode,
+              "mask": args.mask, "tokens": args.tokens, "mode": args.mode, "args": vars(args),
               "device": "cpu fp32 (HF transformers)",
               "memory_fp16_bytes_per_token": {name: memory(keep)
                                               for name, keep in variants.items()},
