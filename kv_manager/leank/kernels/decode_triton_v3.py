@@ -1,4 +1,6 @@
-"""Triton decode attention over the paged, pruned K cache (reference: decode_ref.py).
+"""LeanK decode kernel v3, kept beside v4 (``decode_triton.py``) so the benchmark can time
+both in the same rounds; v3 measured 1.62-1.67x dense on the H200 at batch 32 and 8/128K
+(benchmarks/leank_NOTES.md). Reference: decode_ref.py.
 
 Grid: (KV head, sequence, KV split); the KV head varies fastest, so the programs that read
 the same pages run side by side. A program serves all ``group`` query heads of its KV head,
@@ -34,14 +36,18 @@ Runs under ``TRITON_INTERPRET=1`` on CPU tensors (how the unit test checks it he
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from kv_manager.leank.kernels.decode_triton import (
+    _longest,
+    _multiprocessors,
+    device_layout,
+    num_splits_for,
+)
 from kv_manager.leank.layout import LayerLayout
 
 LOG2E = 1.4426950408889634
@@ -205,62 +211,7 @@ def _merge_splits_kernel(
     tl.store(out + row * HEAD_DIM + dims, acc / total)
 
 
-@dataclass(frozen=True)
-class _DeviceLayout:
-    """A layout's int32 tables, on the device once (not copied per call)."""
-
-    k_counts: torch.Tensor
-    k_offsets: torch.Tensor
-    kept_index: torch.Tensor
-    v_slot: torch.Tensor
-    sum_slot: torch.Tensor
-    max_kept: int
-    kept_align: int  # largest power of two <= 16 dividing every head's kept count
-
-
-# id(layout) -> (layout, device, tables); the layout is kept so its id cannot be reused.
-_DEVICE_LAYOUTS: dict[tuple[int, str], tuple[LayerLayout, _DeviceLayout]] = {}
-
-
-def kept_alignment(counts: list[int], cap: int = 16) -> int:
-    """The largest power of two <= ``cap`` dividing every count (hence every K offset, a
-    sum of counts). A trained mask with align 16 gives 16."""
-    align = cap
-    while align > 1 and any(c % align for c in counts):
-        align //= 2
-    return align
-
-
-def device_layout(layout: LayerLayout, device: torch.device) -> _DeviceLayout:
-    key = (id(layout), str(device))
-    cached = _DEVICE_LAYOUTS.get(key)
-    if cached is None or cached[0] is not layout:
-        tables = _DeviceLayout(
-            *(
-                t.to(device=device, dtype=torch.int32).contiguous()
-                for t in (
-                    layout.k_counts,
-                    layout.k_offsets,
-                    layout.kept_index,
-                    layout.v_slot,
-                    layout.sum_slot,
-                )
-            ),
-            max_kept=layout.max_kept,
-            kept_align=kept_alignment(layout.k_counts.tolist()),
-        )
-        cached = _DEVICE_LAYOUTS[key] = (layout, tables)
-    return cached[1]
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: any small number exercises the same code
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def default_tokens_per_split(
+def default_tokens_per_split_v3(
     num_seqs: int,
     kv_heads: int,
     longest: int,
@@ -281,22 +232,7 @@ def default_tokens_per_split(
     return -(-longest // (splits * block_n)) * block_n
 
 
-def num_splits_for(
-    block_table: torch.Tensor,
-    block_size: int,
-    tokens_per_split: int,
-    max_seq_len: int | None = None,
-) -> int:
-    """Splits from host-known sizes only: the longest sequence the block table can hold (or
-    vLLM's host-side ``max_seq_len``), never ``seq_lens`` (a device read would sync)."""
-    return max(1, -(-_longest(block_table, block_size, max_seq_len) // tokens_per_split))
-
-
-def _longest(block_table: torch.Tensor, block_size: int, max_seq_len: int | None) -> int:
-    return block_table.shape[1] * block_size if max_seq_len is None else max_seq_len
-
-
-def paged_pruned_decode(
+def paged_pruned_decode_v3(
     query: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -322,7 +258,7 @@ def paged_pruned_decode(
     group = q_heads // layout.num_kv_heads
     block_size = k_cache.shape[1]
     if tokens_per_split is None:
-        tokens_per_split = default_tokens_per_split(
+        tokens_per_split = default_tokens_per_split_v3(
             num_seqs,
             layout.num_kv_heads,
             _longest(block_table, block_size, max_seq_len),
