@@ -282,7 +282,7 @@ def test_triton_kernel_matches_reference_interpreted():
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
 

@@ -459,7 +459,7 @@ def _plan(
         "BLOCK_K": max(16, triton.next_power_of_2(max(tables.max_kept, 1))),
         "BLOCK_N": block_n,
         "BLOCK_G": max(16, triton.next_power_of_2(group)),
-        "BLOCK_S": min(32, triton.next_power_of_2(num_splits)),
+        "BLOCK_S": 32,  # fixed: one compiled variant for every split count
         "PAGE": block_size,
         "KEPT_ALIGN": tables.kept_align,
         "PRECISION": "ieee" if query.dtype == torch.float32 else "tf32",
