@@ -205,6 +205,14 @@ def check_interpreted_workspace() -> None:
         assert got.dtype == torch.float16
         _assert_rows_close(got, expected, rtol=2e-3, atol=2e-3)
         assert not workspace.tickets.any()
+    # A max_seq_len below the longest sequence (a caller's bug) cuts that sequence short
+    # but must not leave a counter behind to break the next call.
+    paged_pruned_decode(*tensors, layout, block_n=16, tokens_per_split=32, max_seq_len=100,
+                        workspace=workspace)  # fmt: skip
+    assert not workspace.tickets.any()
+    got = paged_pruned_decode(*tensors, layout, block_n=16, tokens_per_split=32,
+                              workspace=workspace, out=_nan_out(tensors[0]))  # fmt: skip
+    _assert_rows_close(got, expected, rtol=1e-5, atol=1e-5)
     small = DecodeWorkspace.create(239, 64, torch.device("cpu"))
     try:
         paged_pruned_decode(*tensors, layout, block_n=16, tokens_per_split=32, workspace=small)

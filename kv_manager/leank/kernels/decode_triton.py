@@ -98,8 +98,10 @@ def _pruned_decode_kernel(
     seq = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens + seq)
-    # Splits that hold tokens (at least one, so every row gets written).
-    active = tl.maximum(tl.cdiv(seq_len, tokens_per_split), 1)
+    # Splits that hold tokens: at least one, so every row gets written; at most the grid's,
+    # so a sequence longer than the host's bound (a wrong max_seq_len) is cut short but
+    # still draws every ticket and leaves its counter at zero.
+    active = tl.minimum(tl.maximum(tl.cdiv(seq_len, tokens_per_split), 1), num_splits)
     if split < active:
         count = tl.load(k_counts + kv_head)
         dims = tl.arange(0, HEAD_DIM)
