@@ -107,51 +107,119 @@ def test_paged_reference_matches_zeroed_channel_dense(seq_lens, counts, q_heads,
         _assert_rows_close(got[seq], expected, rtol=1e-5, atol=1e-5)
 
 
-def _triton_kernel(monkeypatch: pytest.MonkeyPatch):
-    pytest.importorskip("triton")
+def _nan_out(query: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    # A row the kernel forgets to write stays NaN and fails the bound.
+    return torch.full(query.shape, float("nan"), dtype=dtype, device=query.device)
+
+
+def _packed_row_views(k_cache, v_cache, layout):
+    """vLLM's page: one row per token, [K kept | V live | padding], read as views."""
+    rows = torch.cat(
+        [
+            k_cache[..., : layout.k_width],
+            v_cache.flatten(2),
+            torch.full_like(k_cache[..., :5], float("nan")),
+        ],
+        dim=-1,
+    )
+    k_view = rows[..., : layout.k_width]
+    v_view = rows[..., layout.k_width : rows.shape[-1] - 5].unflatten(-1, v_cache.shape[2:])
+    return k_view, v_view
+
+
+def _check_v4_case(tensors, layout, expected, block_n, tokens_per_split, bound, **launch):
+    """v4 twice on the same inputs (the second call finds the counters the first left),
+    then through vLLM's packed-row views with ``max_seq_len``, then on the batch without
+    its last sequence (another grid, same cached workspace)."""
     from kv_manager.leank.kernels.decode_triton import paged_pruned_decode
 
-    return paged_pruned_decode
+    query, k_cache, v_cache, value_sum, block_table, seq_lens = tensors
+    tiling = {"block_n": block_n, "tokens_per_split": tokens_per_split, **launch}
+    for _ in range(2):
+        got = paged_pruned_decode(*tensors, layout, out=_nan_out(query), **tiling)
+        _assert_rows_close(got, expected, *bound)
+    k_view, v_view = _packed_row_views(k_cache, v_cache, layout)
+    got = paged_pruned_decode(
+        query, k_view, v_view, value_sum, block_table, seq_lens, layout,
+        max_seq_len=int(seq_lens.max()), out=_nan_out(query), **tiling,
+    )  # fmt: skip
+    _assert_rows_close(got, expected, *bound)
+    if len(seq_lens) > 1:
+        fewer = [t[:-1] for t in (query, value_sum, block_table, seq_lens)]
+        got = paged_pruned_decode(
+            fewer[0], k_cache, v_cache, *fewer[1:], layout, out=_nan_out(fewer[0]), **tiling
+        )
+        _assert_rows_close(got, expected[:-1], *bound)
+
+
+def _assert_counters_zero() -> None:
+    from kv_manager.leank.kernels.decode_triton import _WORKSPACES
+
+    assert _WORKSPACES, "no workspace was used"
+    for workspace in _WORKSPACES.values():
+        assert not workspace.tickets.any(), "a merge counter was left non-zero"
 
 
 def check_interpreted_kernel() -> None:
-    """Kernel vs reference on every case and tiling; run in a fresh interpreter with
-    TRITON_INTERPRET=1 (Triton fixes the mode when it is first imported, and other tests
-    may import it first)."""
-    from kv_manager.leank.kernels.decode_triton import paged_pruned_decode
+    """v4 and v3 vs the reference on every case and tiling; run in a fresh interpreter
+    with TRITON_INTERPRET=1 (Triton fixes the mode when it is first imported, and other
+    tests may import it first)."""
+    from kv_manager.leank.kernels.decode_triton_v3 import paged_pruned_decode_v3
 
     for case_index, (seq_lens, counts, q_heads, block_size) in enumerate(CASES + TILING_CASES):
         for tiling_index, (block_n, tokens_per_split) in enumerate(TILINGS):
             seed = 11 + 10 * case_index + tiling_index
             tensors, layout, _ = _paged_case(seq_lens, counts, q_heads, block_size, seed=seed)
             expected = paged_pruned_decode_ref(*tensors, layout)
-            got = paged_pruned_decode(
+            _check_v4_case(tensors, layout, expected, block_n, tokens_per_split, (1e-5, 1e-5))
+            got = paged_pruned_decode_v3(
                 *tensors, layout, block_n=block_n, tokens_per_split=tokens_per_split
             )
             _assert_rows_close(got, expected, rtol=1e-5, atol=1e-5)
-            # vLLM's page: one row per token, [K kept | V live | padding], read as views.
-            query, k_cache, v_cache, *rest = tensors
-            rows = torch.cat(
-                [
-                    k_cache[..., : layout.k_width],
-                    v_cache.flatten(2),
-                    torch.full_like(k_cache[..., :5], float("nan")),
-                ],
-                dim=-1,
+    # Half precision, as served: fp16 and bf16 caches and queries, float32 reference on
+    # the same rounded values.
+    for dtype in (torch.float16, torch.bfloat16):
+        for case_index, (seq_lens, counts, q_heads, block_size) in enumerate(TILING_CASES):
+            tensors, layout, _ = _paged_case(
+                seq_lens, counts, q_heads, block_size, seed=200 + case_index, dtype=dtype
             )
-            k_view = rows[..., : layout.k_width]
-            v_view = rows[..., layout.k_width : rows.shape[-1] - 5].unflatten(-1, v_cache.shape[2:])
-            got = paged_pruned_decode(
-                query,
-                k_view,
-                v_view,
-                *rest,
-                layout,
-                block_n=block_n,
-                tokens_per_split=tokens_per_split,
-                max_seq_len=max(seq_lens),
-            )
-            _assert_rows_close(got, expected, rtol=1e-5, atol=1e-5)
+            expected = paged_pruned_decode_ref(*[t.float() for t in tensors[:4]],
+                                               *tensors[4:], layout)  # fmt: skip
+            _check_v4_case(tensors, layout, expected, 16, 32, (1e-2, 1e-2))
+    _assert_counters_zero()
+
+
+def check_interpreted_workspace() -> None:
+    """A caller's own workspace and an fp16 output; a workspace too small is refused."""
+    from kv_manager.leank.kernels.decode_triton import DecodeWorkspace, paged_pruned_decode
+
+    tensors, layout, _ = _paged_case([300, 7, 129], [64, 0, 16, 48], 8, 16, seed=5)
+    expected = paged_pruned_decode_ref(*tensors, layout)
+    # 3 sequences x 8 heads x 10 splits of 32 tokens = 240 rows.
+    workspace = DecodeWorkspace.create(240, 64, torch.device("cpu"))
+    for _ in range(2):
+        got = paged_pruned_decode(
+            *tensors, layout, block_n=16, tokens_per_split=32, workspace=workspace,
+            out=_nan_out(tensors[0], torch.float16),
+        )  # fmt: skip
+        assert got.dtype == torch.float16
+        _assert_rows_close(got, expected, rtol=2e-3, atol=2e-3)
+        assert not workspace.tickets.any()
+    # A max_seq_len below the longest sequence (a caller's bug) cuts that sequence short
+    # but must not leave a counter behind to break the next call.
+    paged_pruned_decode(*tensors, layout, block_n=16, tokens_per_split=32, max_seq_len=100,
+                        workspace=workspace)  # fmt: skip
+    assert not workspace.tickets.any()
+    got = paged_pruned_decode(*tensors, layout, block_n=16, tokens_per_split=32,
+                              workspace=workspace, out=_nan_out(tensors[0]))  # fmt: skip
+    _assert_rows_close(got, expected, rtol=1e-5, atol=1e-5)
+    small = DecodeWorkspace.create(239, 64, torch.device("cpu"))
+    try:
+        paged_pruned_decode(*tensors, layout, block_n=16, tokens_per_split=32, workspace=small)
+    except ValueError as error:
+        assert "240" in str(error)
+    else:
+        raise AssertionError("a workspace of 239 rows was accepted for 240")
 
 
 def test_kept_alignment_is_the_largest_dividing_power_of_two():
@@ -164,16 +232,45 @@ def test_kept_alignment_is_the_largest_dividing_power_of_two():
     assert kept_alignment([128, 256], cap=16) == 16
 
 
-def test_default_split_fills_the_device_but_keeps_tiles_per_program():
+def test_default_split_is_one_wave_of_long_programs():
     from kv_manager.leank.kernels.decode_triton import default_tokens_per_split
 
-    cpu = torch.device("cpu")  # counted as 4 SMs: 32 programs wanted
-    # 1 x 8 x 32K tokens: 4 splits would be 128 tiles each; the cap of 64 tiles gives 8.
+    cpu = torch.device("cpu")  # counted as 4 SMs: 16 programs resident
+    # 1 x 8 x 32K tokens: 2 splits fit the wave, but the cap of 64 tiles asks for 8.
     assert default_tokens_per_split(1, 8, 32768, 64, cpu) == 4096
     # A sequence shorter than 4 tiles gets one split.
     assert default_tokens_per_split(1, 8, 100, 64, cpu) == 128
-    # 1 x 2 x 5,000 tokens: 16 splits wanted, each >= 4 tiles: 16 splits of 320 tokens.
+    # 1 x 2 x 5,000 tokens: 8 splits fill the 16 slots; 10 tiles each.
     tokens = default_tokens_per_split(1, 2, 5000, 64, cpu)
+    assert tokens == 640 and -(-5000 // tokens) == 8
+    # The H200 (132 SMs, 528 resident programs) at the benchmark's shapes (8 KV heads):
+    # batch 1 -> 64 splits (512 programs, one wave), batch 8 -> 8 (512), batch 32 -> the
+    # 64-tile cap.
+    h200 = {
+        (batch, context): default_tokens_per_split(
+            batch, 8, context, 64, cpu, multiprocessors=132
+        )  # fmt: skip
+        for batch in (1, 8, 32)
+        for context in (32768, 131072)
+    }
+    assert h200 == {
+        (1, 32768): 512, (1, 131072): 2048, (8, 32768): 4096, (8, 131072): 4096,
+        (32, 32768): 4096, (32, 131072): 4096,
+    }  # fmt: skip
+    for (batch, context), tokens in h200.items():
+        assert batch * 8 * -(-context // tokens) <= 528 or tokens == 64 * 64
+
+
+def test_v3_default_split_fills_the_device_but_keeps_tiles_per_program():
+    from kv_manager.leank.kernels.decode_triton_v3 import default_tokens_per_split_v3
+
+    cpu = torch.device("cpu")  # counted as 4 SMs: 32 programs wanted
+    # 1 x 8 x 32K tokens: 4 splits would be 128 tiles each; the cap of 64 tiles gives 8.
+    assert default_tokens_per_split_v3(1, 8, 32768, 64, cpu) == 4096
+    # A sequence shorter than 4 tiles gets one split.
+    assert default_tokens_per_split_v3(1, 8, 100, 64, cpu) == 128
+    # 1 x 2 x 5,000 tokens: 16 splits wanted, each >= 4 tiles: 16 splits of 320 tokens.
+    tokens = default_tokens_per_split_v3(1, 2, 5000, 64, cpu)
     assert tokens == 320 and -(-5000 // tokens) == 16
 
 
@@ -187,13 +284,13 @@ def test_triton_kernel_matches_reference_interpreted():
             sys.executable,
             "-c",
             "from tests.unit.test_leank_decode_kernel import "
-            "check_interpreted_kernel as check; check()",
+            "check_interpreted_kernel as a, check_interpreted_workspace as b; a(); b()",
         ],
         cwd=root,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
 
@@ -201,8 +298,13 @@ def test_triton_kernel_matches_reference_interpreted():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_kernel_matches_reference_on_gpu(dtype, monkeypatch):
-    kernel = _triton_kernel(monkeypatch)
+def test_triton_kernel_matches_reference_on_gpu(dtype):
+    """v4 (twice per config: the counters reset; then a smaller batch on the same
+    workspace; packed-row views) and v3, natively, for every launch config the timing
+    sweep tries; the split merge's atomics and memory ordering run for real here."""
+    pytest.importorskip("triton")
+    from kv_manager.leank.kernels.decode_triton_v3 import paged_pruned_decode_v3
+
     long_case = ([4096, 777, 9000, 1], [16, 0, 48, 32, 16, 64, 0, 16], 32, 16)
     for seed, (seq_lens, counts, q_heads, block_size) in enumerate(
         CASES + TILING_CASES + [long_case]
@@ -211,19 +313,24 @@ def test_triton_kernel_matches_reference_on_gpu(dtype, monkeypatch):
             seq_lens, counts, q_heads, block_size, seed=seed, device="cuda", dtype=dtype
         )
         expected = paged_pruned_decode_ref(*[t.cpu() for t in tensors], layout)
-        # The launch configs the timing sweep tries, each compiled for real on the device.
         for block_n, tokens_per_split, num_stages in (
             (64, None, 3),
+            (64, 256, 3),
+            (64, 512, 3),
+            (64, 1024, 3),
             (64, 256, 4),
             (128, 4096, 3),
             (32, 256, 4),
             (16, 4096, 3),
         ):
-            got = kernel(
-                *tensors,
-                layout,
-                block_n=block_n,
-                tokens_per_split=tokens_per_split,
+            _check_v4_case(
+                tensors, layout, expected, block_n, tokens_per_split, (2e-2, 2e-2),
                 num_stages=num_stages,
-            )
+            )  # fmt: skip
+            got = paged_pruned_decode_v3(
+                *tensors, layout, block_n=block_n, tokens_per_split=tokens_per_split,
+                num_stages=num_stages,
+            )  # fmt: skip
             _assert_rows_close(got, expected, rtol=2e-2, atol=2e-2)
+    torch.cuda.synchronize()
+    _assert_counters_zero()

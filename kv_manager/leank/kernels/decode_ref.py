@@ -18,9 +18,14 @@ from kv_manager.leank.apply import live_values, prune_keys, pruned_decode_attent
 from kv_manager.leank.layout import LayerLayout
 
 
-def write_pruned_tokens(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor,
-                        k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        layout: LayerLayout) -> None:
+def write_pruned_tokens(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: LayerLayout,
+) -> None:
     """The cache write: keys/values [tokens, kv_heads, head_dim] (post-RoPE keys) go to flat
     slots ``slot_mapping`` [tokens] (block * block_size + offset), pruned on the way in."""
     block_size = k_cache.shape[1]
@@ -36,14 +41,21 @@ def gather_sequence(cache: torch.Tensor, block_row: torch.Tensor, seq_len: int) 
     return cache[block_row[positions // block_size].long(), positions % block_size]
 
 
-def paged_pruned_decode_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            value_sum: torch.Tensor, block_table: torch.Tensor,
-                            seq_lens: torch.Tensor, layout: LayerLayout) -> torch.Tensor:
+def paged_pruned_decode_ref(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    value_sum: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    layout: LayerLayout,
+) -> torch.Tensor:
     """query [num_seqs, q_heads, head_dim] -> float32 [num_seqs, q_heads, head_dim]."""
     outputs = []
     for seq, seq_len in enumerate(seq_lens.tolist()):
         packed_keys = gather_sequence(k_cache, block_table[seq], seq_len)
         values = gather_sequence(v_cache, block_table[seq], seq_len)
-        outputs.append(pruned_decode_attention(query[seq], packed_keys, values,
-                                               value_sum[seq], layout))
+        outputs.append(
+            pruned_decode_attention(query[seq], packed_keys, values, value_sum[seq], layout)
+        )
     return torch.stack(outputs)

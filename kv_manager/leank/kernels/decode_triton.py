@@ -1,33 +1,40 @@
-"""Triton decode attention over the paged, pruned K cache (reference: decode_ref.py).
+"""Triton decode attention over the paged, pruned K cache, v4 (reference: decode_ref.py).
 
-Grid: (KV head, sequence, KV split); the KV head varies fastest, so the programs that read
-the same pages run side by side. A program serves all ``group`` query heads of its KV head,
-so each kept K channel is read once per GQA group: it gathers the group's query channels
-once (``kept_index``), streams its share of the sequence in ``[BLOCK_N, BLOCK_K]`` tiles of
-the packed K row (only kept channels are read: the byte saving) and ``[BLOCK_N, head_dim]``
-V tiles, several pages per tile through the block table, and keeps an online softmax in
-float32 (base 2). Splits (flash-decoding) give a long, small batch enough programs; their
-partials (max, sum, unnormalised output) are merged by ``_merge_splits_kernel``. Fully
-pruned heads read neither K nor V: their output is ``value_sum / seq_len``.
+One launch per call. Grid (KV head, sequence, split); the KV head varies fastest, so the
+programs that read the same pages run side by side. A program serves all ``GROUP`` query
+heads of its KV head: it gathers the group's query channels once (``kept_index``), streams
+its share of the sequence in ``[BLOCK_N, BLOCK_K]`` tiles of the packed K row (only kept
+channels: the byte saving) and ``[BLOCK_N, head_dim]`` V tiles, several pages per tile
+through the block table, with an online softmax in float32 (base 2). The loop is v3's
+(``decode_triton_v3.py``, which says why K loads as 16-byte async copies and why page ids
+are loaded a tile ahead); what v4 changes is around it:
 
-v3 (the v2 kernel, in git history before it, measured 0.51-0.53x dense SDPA on the H200 at
-~1.2 TB/s): v2's K tile was read with 2-byte loads (its column offset and column mask were
-runtime values, so the compiler could not prove 16-byte alignment), and a load that is not
-at least 4 bytes wide cannot become an async copy, so the software pipeline waited on K in
-every iteration. v3 tells the compiler what the layout guarantees: each head's K offset is a
-multiple of ``KEPT_ALIGN`` (the mask's alignment, checked on the host) and the column mask
-is constant over ``KEPT_ALIGN`` columns. K then loads as 16-byte async copies like V, and
-with the next tile's page ids loaded a tile ahead both get ``num_stages - 1`` buffers (v2:
-one V buffer). Also: 64-token tiles (4 pages), the page size a
-compile-time constant (shifts, not divisions), exp2, the split count sized to the device
-(``default_tokens_per_split``), and a merge that is parallel over head_dim chunks and loops
-over splits in bounded chunks (v2 held every split of a row in registers at once).
-
-No host work per call that syncs: the layout's tables are cached on the device per layout,
-the split count comes from host-known sizes (the block table's width or ``max_seq_len``),
-and splits past a sequence's end write an empty partial that the merge skips. K and V are
-read through their strides, so vLLM's packed page views (``[K kept | V live]`` in one row)
-work without a copy.
+- **The split merge is folded in** (v3 ran ``_merge_splits_kernel`` as a second launch).
+  A sequence with one active split writes its output directly. Otherwise each split
+  writes its partial (unnormalised output, max, sum) to the workspace, then takes a ticket
+  from the (sequence, KV head) counter with an acq_rel atomic; the split that draws the
+  last ticket merges every split's partial, writes the output and puts the counter back to
+  zero for the next call. Ordering: ``debug_barrier`` makes every thread's partial stores
+  precede the atomic (Triton issues a scalar atomic from one thread), the atomic's release
+  publishes them at GPU scope, its acquire (plus the barrier Triton puts after a scalar
+  atomic to broadcast the result) orders the merge's loads after every other split's
+  release, and those loads bypass L1 (``.cg``), which is not coherent across SMs. The
+  interpreter runs programs one after another, so there the last split in grid order
+  merges; the logic does not depend on which split is last.
+- **Only active splits work**: a split starting past its sequence's end returns at once
+  (no partial, no ticket); the merge waits for ``cdiv(seq_len, tokens_per_split)``
+  tickets, read from ``seq_lens`` on the device. Fully pruned heads: split 0 writes
+  ``value_sum / seq_len`` and the rest return.
+- **No allocation per call**: partials and counters live in a ``DecodeWorkspace``, cached
+  per (device, head_dim, power-of-two row bucket) and never freed (a CUDA graph captured
+  with one keeps pointing at it), or passed in by the caller. The counters are zero
+  between calls. One workspace must not serve two streams at once.
+- **Host work per call**: the launch arguments that depend only on the layout and the
+  shapes (grid, split size, tables, workspace, strides, constexprs) are cached in a
+  ``_Plan`` per key; a call builds the key, checks dtypes and launches once. The output may
+  be passed in (``out=``, any float dtype); otherwise one float32 tensor is allocated.
+  Nothing syncs: the split count comes from host-known sizes (the block table's width or
+  ``max_seq_len``).
 
 Runs under ``TRITON_INTERPRET=1`` on CPU tensors (how the unit test checks it here).
 """
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -55,17 +63,17 @@ def _pruned_decode_kernel(
     value_sum,
     block_table,
     seq_lens,
+    out,
     k_counts,
     k_offsets,
     kept_index,
     v_slot,
     sum_slot,
     part_out,
-    part_max,
-    part_sum,
+    part_stats,
+    tickets,
     scale_log2,
     q_heads,
-    group,
     pruned_heads,
     max_blocks,
     k_block_stride,
@@ -75,134 +83,172 @@ def _pruned_decode_kernel(
     v_head_stride,
     tokens_per_split,
     num_splits,
+    GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     PAGE: tl.constexpr,
     KEPT_ALIGN: tl.constexpr,
     PRECISION: tl.constexpr,
+    DOT_IN_F32: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     seq = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens + seq)
-    count = tl.load(k_counts + kv_head)
-    dims = tl.arange(0, HEAD_DIM)
-    heads = kv_head * group + tl.arange(0, BLOCK_G)
-    head_ok = tl.arange(0, BLOCK_G) < group
-    # Partials are indexed [seq, q_head, split]; a split with no tokens writes max = -inf,
-    # sum = 0 so the merge ignores it.
-    part_row = (seq * q_heads + heads) * num_splits + split
-    start = split * tokens_per_split
-    stop = tl.minimum(start + tokens_per_split, seq_len)
-    if count == 0:
-        slot = tl.load(sum_slot + kv_head)
-        total = tl.load(value_sum + (seq * pruned_heads + slot) * HEAD_DIM + dims)
-        mean = total / seq_len.to(tl.float32)
-        # Only split 0 reports; with max 0 and sum 1 the merge returns the mean unchanged.
-        first = split == 0
-        out = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32) + mean[None, :]
-        tl.store(
-            part_out + part_row[:, None] * HEAD_DIM + dims[None, :], out, mask=head_ok[:, None]
-        )
-        tl.store(part_max + part_row, tl.where(first, 0.0, float("-inf")), mask=head_ok)
-        tl.store(part_sum + part_row, tl.where(first, 1.0, 0.0), mask=head_ok)
-    else:
-        # The layout guarantees (host-checked): counts and offsets are multiples of
-        # KEPT_ALIGN. Saying so lets the K tile load as 16-byte vectors (async copies).
-        k_start = tl.multiple_of(tl.load(k_offsets + kv_head), KEPT_ALIGN)
-        v_head = tl.load(v_slot + kv_head)
-        kept = tl.arange(0, BLOCK_K)
-        # Same truth value as kept < count, but constant over KEPT_ALIGN columns, so the
-        # mask does not split a vector.
-        kept_ok = (kept // KEPT_ALIGN) < (count // KEPT_ALIGN)
-        channels = tl.load(kept_index + kv_head * HEAD_DIM + kept, mask=kept_ok, other=0)
-        q = tl.load(
-            query + heads[:, None] * HEAD_DIM + seq * q_heads * HEAD_DIM + channels[None, :],
-            mask=head_ok[:, None] & kept_ok[None, :],
-            other=0.0,
-        )
-        running_max = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-        running_sum = tl.zeros((BLOCK_G,), tl.float32)
-        acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
-        table_row = block_table + seq * max_blocks
-        v_base = v_cache + v_head * v_head_stride
-        # The next tile's page ids are loaded one iteration ahead into registers: K and V
-        # addresses then depend on no load of their own iteration, so the pipeliner gives
-        # K and V num_stages - 1 buffers (with the page load inside the iteration, the
-        # chain page -> K/V used up a stage and left one buffer: one tile in flight).
-        positions = start + tl.arange(0, BLOCK_N)
-        next_pages = tl.load(table_row + positions // PAGE, mask=positions < stop, other=0)
-        for tile in range(start, stop, BLOCK_N):
-            positions = tile + tl.arange(0, BLOCK_N)
-            valid = positions < stop
-            pages = next_pages.to(tl.int64)
-            ahead = positions + BLOCK_N
-            next_pages = tl.load(table_row + ahead // PAGE, mask=ahead < stop, other=0)
-            offsets = positions % PAGE
-            k_rows = pages * k_block_stride + offsets * k_token_stride + k_start
-            k = tl.load(
-                k_cache + k_rows[:, None] + kept[None, :],
-                mask=valid[:, None] & kept_ok[None, :],
+    # Splits that hold tokens: at least one, so every row gets written; at most the grid's,
+    # so a sequence longer than the host's bound (a wrong max_seq_len) is cut short but
+    # still draws every ticket and leaves its counter at zero.
+    active = tl.minimum(tl.maximum(tl.cdiv(seq_len, tokens_per_split), 1), num_splits)
+    if split < active:
+        count = tl.load(k_counts + kv_head)
+        dims = tl.arange(0, HEAD_DIM)
+        heads = kv_head * GROUP + tl.arange(0, BLOCK_G)
+        head_ok = tl.arange(0, BLOCK_G) < GROUP
+        rows = seq * q_heads + heads  # output rows [seq, q_head]
+        if count == 0:
+            # Fully pruned: uniform attention, the output is the mean of V. Split 0 writes.
+            if split == 0:
+                slot = tl.load(sum_slot + kv_head)
+                total = tl.load(value_sum + (seq * pruned_heads + slot) * HEAD_DIM + dims)
+                mean = (
+                    tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
+                    + (total / seq_len.to(tl.float32))[None, :]
+                )
+                tl.store(
+                    out + rows[:, None] * HEAD_DIM + dims[None, :], mean, mask=head_ok[:, None]
+                )
+        else:
+            start = split * tokens_per_split
+            stop = tl.minimum(start + tokens_per_split, seq_len)
+            # Host-checked: counts and offsets are multiples of KEPT_ALIGN, so the K tile
+            # loads as 16-byte vectors (see decode_triton_v3.py).
+            k_start = tl.multiple_of(tl.load(k_offsets + kv_head), KEPT_ALIGN)
+            v_head = tl.load(v_slot + kv_head)
+            kept = tl.arange(0, BLOCK_K)
+            kept_ok = (kept // KEPT_ALIGN) < (count // KEPT_ALIGN)
+            channels = tl.load(kept_index + kv_head * HEAD_DIM + kept, mask=kept_ok, other=0)
+            q = tl.load(
+                query + heads[:, None] * HEAD_DIM + seq * q_heads * HEAD_DIM + channels[None, :],
+                mask=head_ok[:, None] & kept_ok[None, :],
                 other=0.0,
             )
-            v_rows = pages * v_block_stride + offsets * v_token_stride
-            v = tl.load(v_base + v_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-            scores = tl.where(valid[None, :], scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-            correction = tl.exp2(running_max - new_max)
-            weights = tl.exp2(scores - new_max[:, None])
-            acc = acc * correction[:, None] + tl.dot(
-                weights.to(v.dtype), v, input_precision=PRECISION
-            )
-            running_sum = running_sum * correction + tl.sum(weights, axis=1)
-            running_max = new_max
-        tl.store(
-            part_out + part_row[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_ok[:, None]
-        )
-        tl.store(part_max + part_row, running_max, mask=head_ok)
-        tl.store(part_sum + part_row, running_sum, mask=head_ok)
+            running_max = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+            running_sum = tl.zeros((BLOCK_G,), tl.float32)
+            acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
+            table_row = block_table + seq * max_blocks
+            v_base = v_cache + v_head * v_head_stride
+            positions = start + tl.arange(0, BLOCK_N)
+            next_pages = tl.load(table_row + positions // PAGE, mask=positions < stop, other=0)
+            for tile in range(start, stop, BLOCK_N):
+                positions = tile + tl.arange(0, BLOCK_N)
+                valid = positions < stop
+                pages = next_pages.to(tl.int64)
+                ahead = positions + BLOCK_N
+                next_pages = tl.load(table_row + ahead // PAGE, mask=ahead < stop, other=0)
+                offsets = positions % PAGE
+                k_rows = pages * k_block_stride + offsets * k_token_stride + k_start
+                k = tl.load(
+                    k_cache + k_rows[:, None] + kept[None, :],
+                    mask=valid[:, None] & kept_ok[None, :],
+                    other=0.0,
+                )
+                v_rows = pages * v_block_stride + offsets * v_token_stride
+                v = tl.load(
+                    v_base + v_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0
+                )
+                scores = _dot(q, tl.trans(k), PRECISION, DOT_IN_F32) * scale_log2
+                scores = tl.where(valid[None, :], scores, float("-inf"))
+                new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+                correction = tl.exp2(running_max - new_max)
+                weights = tl.exp2(scores - new_max[:, None])
+                acc = acc * correction[:, None] + _dot(
+                    weights.to(v.dtype), v, PRECISION, DOT_IN_F32
+                )
+                running_sum = running_sum * correction + tl.sum(weights, axis=1)
+                running_max = new_max
+            if active == 1:
+                tl.store(
+                    out + rows[:, None] * HEAD_DIM + dims[None, :],
+                    acc / running_sum[:, None],
+                    mask=head_ok[:, None],
+                )
+            else:
+                part_rows = rows * num_splits + split
+                tl.store(
+                    part_out + part_rows[:, None] * HEAD_DIM + dims[None, :],
+                    acc,
+                    mask=head_ok[:, None],
+                )
+                tl.store(part_stats + part_rows * 2, running_max, mask=head_ok)
+                tl.store(part_stats + part_rows * 2 + 1, running_sum, mask=head_ok)
+                # Every thread's stores before the one thread's release.
+                tl.debug_barrier()
+                counter = tickets + seq * tl.num_programs(0) + kv_head
+                ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+                if ticket == active - 1:
+                    _merge_partials(
+                        part_out, part_stats, out, seq * q_heads + kv_head * GROUP,
+                        active, num_splits, GROUP, HEAD_DIM, BLOCK_S,
+                    )  # fmt: skip
+                    tl.store(counter, 0)  # zero for the next call (stream-ordered)
 
 
 @triton.jit
-def _merge_splits_kernel(
+def _dot(a, b, PRECISION: tl.constexpr, IN_F32: tl.constexpr):
+    """``tl.dot``; with IN_F32 (only under the interpreter with bf16: Triton's interpreter
+    computes bf16 dots wrongly, 2.6e10 off on a 16 x 16 probe) the bf16 operands are
+    widened first, which is what the tensor cores compute: exact products, float32 sums."""
+    if IN_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _merge_partials(
     part_out,
-    part_max,
-    part_sum,
+    part_stats,
     out,
+    first_row,
+    active,
     num_splits,
+    GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    """Grid (sequence x query head, head_dim / BLOCK_D): the softmax-weighted sum of the
-    row's splits (maxima in base 2), BLOCK_S splits at a time with a running maximum."""
-    row = tl.program_id(0)  # seq * q_heads + q_head
-    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    best = float("-inf")
-    total = 0.0
-    acc = tl.zeros((BLOCK_D,), tl.float32)
-    for first in range(0, num_splits, BLOCK_S):
-        splits = first + tl.arange(0, BLOCK_S)
-        split_ok = splits < num_splits
-        maxes = tl.load(part_max + row * num_splits + splits, mask=split_ok, other=float("-inf"))
-        sums = tl.load(part_sum + row * num_splits + splits, mask=split_ok, other=0.0)
-        partial = tl.load(
-            part_out + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :],
-            mask=split_ok[:, None],
-            other=0.0,
-        )
-        new_best = tl.maximum(best, tl.max(maxes, axis=0))
-        # Every split so far empty: keep the reference finite so no inf - inf appears.
-        anchor = tl.where(new_best > float("-inf"), new_best, 0.0)
-        correction = tl.exp2(best - anchor)
-        weight = tl.where(maxes > float("-inf"), tl.exp2(maxes - anchor), 0.0)
-        acc = acc * correction + tl.sum(partial * weight[:, None], axis=0)
-        total = total * correction + tl.sum(sums * weight, axis=0)
-        best = new_best
-    tl.store(out + row * HEAD_DIM + dims, acc / total)
+    """Softmax-weighted sum of ``active`` splits for the group's ``GROUP`` rows, BLOCK_S
+    splits at a time with a running maximum. Every active split holds tokens, so its max
+    is finite; masked lanes load max -inf and weigh 0. Loads are ``.cg`` (L2, not the
+    SM's L1, which another SM's stores do not update)."""
+    dims = tl.arange(0, HEAD_DIM)
+    for g in range(GROUP):
+        row = first_row + g
+        best = float("-inf")
+        total = 0.0
+        acc = tl.zeros((HEAD_DIM,), tl.float32)
+        for first in range(0, active, BLOCK_S):
+            splits = first + tl.arange(0, BLOCK_S)
+            split_ok = splits < active
+            stats = (row * num_splits + splits) * 2
+            maxes = tl.load(
+                part_stats + stats, mask=split_ok, other=float("-inf"), cache_modifier=".cg"
+            )
+            sums = tl.load(part_stats + stats + 1, mask=split_ok, other=0.0, cache_modifier=".cg")
+            partial = tl.load(
+                part_out + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :],
+                mask=split_ok[:, None],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            new_best = tl.maximum(best, tl.max(maxes, axis=0))
+            correction = tl.exp2(best - new_best)
+            weight = tl.exp2(maxes - new_best)
+            acc = acc * correction + tl.sum(partial * weight[:, None], axis=0)
+            total = total * correction + tl.sum(sums * weight, axis=0)
+            best = new_best
+        tl.store(out + row * HEAD_DIM + dims, acc / total)
 
 
 @dataclass(frozen=True)
@@ -253,6 +299,43 @@ def device_layout(layout: LayerLayout, device: torch.device) -> _DeviceLayout:
     return cached[1]
 
 
+@dataclass(frozen=True)
+class DecodeWorkspace:
+    """Split partials and merge counters for up to ``rows`` (sequence, query head, split)
+    rows. ``tickets`` must be zero when a call starts; every call leaves it zero."""
+
+    partials: torch.Tensor  # float32 [rows, head_dim]: unnormalised split outputs
+    stats: torch.Tensor  # float32 [rows, 2]: (max, sum) per split row
+    tickets: torch.Tensor  # int32 [rows]: one counter per (sequence, KV head) in use
+
+    @classmethod
+    def create(cls, rows: int, head_dim: int, device: torch.device) -> DecodeWorkspace:
+        return cls(
+            torch.empty(rows, head_dim, dtype=torch.float32, device=device),
+            torch.empty(rows, 2, dtype=torch.float32, device=device),
+            torch.zeros(rows, dtype=torch.int32, device=device),
+        )
+
+    @property
+    def rows(self) -> int:
+        return self.partials.shape[0]
+
+
+# (device, head_dim, rows bucket) -> workspace. Never freed: a CUDA graph captured with a
+# workspace keeps its pointers, so replacing it would leave the graph writing freed memory.
+_WORKSPACES: dict[tuple[str, int, int], DecodeWorkspace] = {}
+
+
+def workspace_for(rows: int, head_dim: int, device: torch.device) -> DecodeWorkspace:
+    """The cached workspace of the smallest power-of-two bucket >= ``rows`` (>= 1,024)."""
+    bucket = max(1024, triton.next_power_of_2(rows))
+    key = (str(device), head_dim, bucket)
+    workspace = _WORKSPACES.get(key)
+    if workspace is None:
+        workspace = _WORKSPACES[key] = DecodeWorkspace.create(bucket, head_dim, device)
+    return workspace
+
+
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
@@ -266,17 +349,24 @@ def default_tokens_per_split(
     longest: int,
     block_n: int,
     device: torch.device,
-    programs_per_sm: int = 8,
+    programs_per_sm: int = 4,
     min_tiles: int = 4,
     max_tiles: int = 64,
+    multiprocessors: int | None = None,
 ) -> int:
-    """Tokens per split: about ``programs_per_sm`` programs per SM for a small batch (2-4
-    are resident at a time, so later programs fill the SMs whose first ones finish early),
-    each at least ``min_tiles`` tiles (a pipelined loop needs a few iterations) and at most
-    ``max_tiles`` (long programs leave a long tail when the last ones run alone). The splits
-    of a sequence are equal to within a tile (no short last split)."""
-    wanted = programs_per_sm * _multiprocessors(device)
-    splits = max(-(-wanted // (num_seqs * kv_heads)), -(-longest // (max_tiles * block_n)))
+    """Tokens per split, v4's rule: as many programs as fit on the device at once and no
+    more (``programs_per_sm`` x SMs: 4 at the default 64-token tiles and 3 stages, whose
+    52 KB of shared memory allow 4 per SM on Hopper), so every program starts in the first
+    wave and equal programs finish together; within that, each program as long as possible
+    (fewer partials to write and merge, fewer pipeline prologues). Bounds: at least
+    ``min_tiles`` tiles (a pipelined loop needs a few iterations) and at most ``max_tiles``
+    (a long batch then takes several waves of bounded programs, which the large shapes
+    measured at 3.9-4.1 TB/s with v3). The splits of a sequence are equal to within a tile.
+    v3's rule (``decode_triton_v3.default_tokens_per_split_v3``) asked for 8 programs per SM,
+    i.e. two waves of short programs at batch 1. ``multiprocessors`` overrides the device's
+    SM count (to tabulate the rule for another device)."""
+    resident = programs_per_sm * (multiprocessors or _multiprocessors(device))
+    splits = max(1, resident // (num_seqs * kv_heads), -(-longest // (max_tiles * block_n)))
     splits = max(1, min(splits, longest // (min_tiles * block_n)))
     return -(-longest // (splits * block_n)) * block_n
 
@@ -296,6 +386,97 @@ def _longest(block_table: torch.Tensor, block_size: int, max_seq_len: int | None
     return block_table.shape[1] * block_size if max_seq_len is None else max_seq_len
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a call's launch needs that the key fixes."""
+
+    layout: LayerLayout  # kept so the ids in the key cannot be reused
+    workspace: DecodeWorkspace
+    grid: tuple[int, int, int]
+    tail: tuple  # positional arguments after ``out``
+    constexprs: dict
+    fallback_sum: torch.Tensor  # float32 pointer for layouts with no pruned head
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 1024  # a key per distinct max_seq_len can pile up; past this, start over
+
+
+def _plan(
+    key: tuple,
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    value_sum: torch.Tensor,
+    block_table: torch.Tensor,
+    layout: LayerLayout,
+    block_n: int,
+    tokens_per_split: int | None,
+    max_seq_len: int | None,
+    num_warps: int,
+    num_stages: int,
+    workspace: DecodeWorkspace | None,
+) -> _Plan:
+    num_seqs, q_heads, head_dim = query.shape
+    device = query.device
+    tables = device_layout(layout, device)
+    group = q_heads // layout.num_kv_heads
+    block_size = k_cache.shape[1]
+    longest = _longest(block_table, block_size, max_seq_len)
+    if tokens_per_split is None:
+        tokens_per_split = default_tokens_per_split(
+            num_seqs, layout.num_kv_heads, longest, block_n, device
+        )
+    tokens_per_split = -(-tokens_per_split // block_n) * block_n
+    num_splits = num_splits_for(block_table, block_size, tokens_per_split, max_seq_len)
+    rows = num_seqs * q_heads * num_splits  # >= num_seqs * kv_heads counters
+    if workspace is None:
+        workspace = workspace_for(rows, head_dim, device)
+    if workspace.rows < rows or workspace.partials.shape[1] != head_dim:
+        raise ValueError(f"workspace holds {workspace.rows} rows of {head_dim}; need {rows}")
+    tail = (
+        tables.k_counts,
+        tables.k_offsets,
+        tables.kept_index,
+        tables.v_slot,
+        tables.sum_slot,
+        workspace.partials,
+        workspace.stats,
+        workspace.tickets,
+        LOG2E / math.sqrt(head_dim),
+        q_heads,
+        max(value_sum.shape[1], 1),
+        block_table.shape[1],
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        tokens_per_split,
+        num_splits,
+    )
+    constexprs = {
+        "GROUP": group,
+        "HEAD_DIM": head_dim,
+        "BLOCK_K": max(16, triton.next_power_of_2(max(tables.max_kept, 1))),
+        "BLOCK_N": block_n,
+        "BLOCK_G": max(16, triton.next_power_of_2(group)),
+        "BLOCK_S": 32,  # fixed: one compiled variant for every split count
+        "PAGE": block_size,
+        "KEPT_ALIGN": tables.kept_align,
+        "PRECISION": "ieee" if query.dtype == torch.float32 else "tf32",
+        "DOT_IN_F32": query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+    }
+    plan = _Plan(layout, workspace, (layout.num_kv_heads, num_seqs, num_splits), tail,
+                 constexprs, workspace.stats)  # fmt: skip
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
 def paged_pruned_decode(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -309,83 +490,60 @@ def paged_pruned_decode(
     max_seq_len: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    out: torch.Tensor | None = None,
+    workspace: DecodeWorkspace | None = None,
 ) -> torch.Tensor:
-    """Same contract as ``decode_ref.paged_pruned_decode_ref``; returns float32.
+    """Same contract as ``decode_ref.paged_pruned_decode_ref``; returns ``out`` (float32
+    [num_seqs, q_heads, head_dim] unless passed in, contiguous, any float dtype).
 
     ``k_cache`` [blocks, block_size, >= k_width] and ``v_cache`` [blocks, block_size,
-    live_heads, head_dim] may be strided views (last dim contiguous); ``block_table`` int32
-    and ``seq_lens`` int32 on the device; ``value_sum`` float32. ``tokens_per_split`` (None:
-    ``default_tokens_per_split``) is rounded up to a multiple of ``block_n``."""
-    num_seqs, q_heads, head_dim = query.shape
-    device = query.device
-    tables = device_layout(layout, device)
-    group = q_heads // layout.num_kv_heads
-    block_size = k_cache.shape[1]
-    if tokens_per_split is None:
-        tokens_per_split = default_tokens_per_split(
-            num_seqs,
-            layout.num_kv_heads,
-            _longest(block_table, block_size, max_seq_len),
-            block_n,
-            device,
-        )
-    tokens_per_split = -(-tokens_per_split // block_n) * block_n
-    num_splits = num_splits_for(block_table, block_size, tokens_per_split, max_seq_len)
-    part_out = torch.empty(
-        num_seqs, q_heads, num_splits, head_dim, dtype=torch.float32, device=device
+    live_heads, head_dim] may be strided views (last dim contiguous); ``block_table`` and
+    ``seq_lens`` int32 on the device; ``value_sum`` float32. ``tokens_per_split`` (None:
+    ``default_tokens_per_split``) is rounded up to a multiple of ``block_n``. The first
+    call for a new key (layout, shapes, strides, launch config) plans and may create the
+    cached workspace: make it before capturing a CUDA graph."""
+    key = (
+        id(layout),
+        query.device,
+        query.shape,
+        query.dtype,
+        k_cache.shape[1],
+        k_cache.stride(),
+        v_cache.stride(),
+        value_sum.shape[1],
+        block_table.shape[1],
+        max_seq_len,
+        block_n,
+        tokens_per_split,
+        num_warps,
+        num_stages,
+        None if workspace is None else id(workspace),
     )
-    part_max = torch.empty(num_seqs, q_heads, num_splits, dtype=torch.float32, device=device)
-    part_sum = torch.empty_like(part_max)
-    # No pruned head: the kernel never reads value_sum; any float32 pointer will do.
-    value_sum = value_sum if value_sum.numel() else part_max
-    precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    _pruned_decode_kernel[(layout.num_kv_heads, num_seqs, num_splits)](
-        query.contiguous(),
+    plan = _PLANS.get(key)
+    if (
+        plan is None
+        or plan.layout is not layout
+        or (workspace is not None and plan.workspace is not workspace)
+    ):
+        plan = _plan(key, query, k_cache, v_cache, value_sum, block_table, layout, block_n,
+                     tokens_per_split, max_seq_len, num_warps, num_stages, workspace)  # fmt: skip
+    if out is None:
+        out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    if not query.is_contiguous():
+        query = query.contiguous()
+    if block_table.dtype != torch.int32:
+        block_table = block_table.to(torch.int32)
+    if seq_lens.dtype != torch.int32:
+        seq_lens = seq_lens.to(torch.int32)
+    _pruned_decode_kernel[plan.grid](
+        query,
         k_cache,
         v_cache,
-        value_sum,
-        block_table.to(torch.int32),
-        seq_lens.to(torch.int32),
-        tables.k_counts,
-        tables.k_offsets,
-        tables.kept_index,
-        tables.v_slot,
-        tables.sum_slot,
-        part_out,
-        part_max,
-        part_sum,
-        LOG2E / math.sqrt(head_dim),
-        q_heads,
-        group,
-        max(value_sum.shape[1], 1),
-        block_table.shape[1],
-        k_cache.stride(0),
-        k_cache.stride(1),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        tokens_per_split,
-        num_splits,
-        HEAD_DIM=head_dim,
-        BLOCK_K=max(16, triton.next_power_of_2(max(tables.max_kept, 1))),
-        BLOCK_N=block_n,
-        BLOCK_G=max(16, triton.next_power_of_2(group)),
-        PAGE=block_size,
-        KEPT_ALIGN=tables.kept_align,
-        PRECISION=precision,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
-    out = torch.empty(num_seqs, q_heads, head_dim, dtype=torch.float32, device=device)
-    block_d = min(32, head_dim)
-    _merge_splits_kernel[(num_seqs * q_heads, head_dim // block_d)](
-        part_out,
-        part_max,
-        part_sum,
+        value_sum if value_sum.numel() else plan.fallback_sum,
+        block_table,
+        seq_lens,
         out,
-        num_splits,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        BLOCK_S=min(64, triton.next_power_of_2(num_splits)),
+        *plan.tail,
+        **plan.constexprs,
     )
     return out
