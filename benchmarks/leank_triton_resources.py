@@ -1,8 +1,9 @@
 """Compile the LeanK decode kernel for Hopper (sm_90) on a machine with no GPU.
 
 Like ``triton_resources.py`` (same report: registers, stack/spill bytes, shared memory, SASS
-counts), for ``kv_manager/leank/kernels/decode_triton.py`` at Llama-3.1-8B decode shapes
-(group 4, head_dim 128, fp16, page 16, the benchmark mask's widest head: 64 kept channels).
+counts), for the v3 kernel (``kv_manager/leank/kernels/decode_triton_v3.py``) at
+Llama-3.1-8B decode shapes (group 4, head_dim 128, fp16, page 16, the benchmark mask's
+widest head: 64 kept channels).
 It also counts what decides this kernel's bandwidth: 16-byte async copies
 (``LDGSTS.E.BYPASS.128``) vs 2-byte register loads (``LDG.E.U16``), and how many shared
 memory buffers the pipeliner gave the K and V tiles (tiles in flight per program + 1).
@@ -60,9 +61,12 @@ DIV16 = {
 
 def load_kernel_module(commit: str | None):
     if commit is None:
-        from kv_manager.leank.kernels import decode_triton
+        # v3 (the two-launch kernel) lives on beside v4, whose report comes from
+        # ``leank_decode_kernel.py --compile-sm90``; ``--v2 COMMIT`` reads older commits'
+        # ``decode_triton.py``.
+        from kv_manager.leank.kernels import decode_triton_v3
 
-        return decode_triton
+        return decode_triton_v3
     source = subprocess.run(
         ["git", "-C", str(ROOT), "show", f"{commit}:{KERNEL}"],
         capture_output=True, text=True, check=True,
