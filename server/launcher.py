@@ -24,8 +24,11 @@ from server.config import ServerSettings
 from server.gpu_placement import (
     TENSOR_PARALLEL_FLAG,
     GpuSlot,
+    PlacementError,
+    check_heads_split,
     flag_value,
     plan_workers,
+    tensor_parallel_size,
     visible_gpus,
 )
 from server.model_prep import prepare_model
@@ -248,6 +251,9 @@ def serve(settings: ServerSettings) -> int:
         settings, gpu_slots = place_workers(settings)
         if settings.workers:
             model_path = resolve_model_path(settings)
+            for slot in gpu_slots or [None]:
+                check_heads_split(model_path,
+                                  tensor_parallel_size(slot, settings.worker_extra_args))
             _say(f"starting {settings.workers} vLLM worker(s) for {model_path}; logs in "
                  f"{settings.data_dir / 'logs'}")
             if gpu_slots:
@@ -268,6 +274,9 @@ def serve(settings: ServerSettings) -> int:
         )
         uvicorn.Server(config).run()  # returns after SIGINT/SIGTERM once in-flight work drained
         return 0
+    except PlacementError as exc:
+        _say(f"cannot start the workers: {exc}")
+        return 2
     except KeyboardInterrupt:
         return 130
     finally:
