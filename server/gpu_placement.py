@@ -125,7 +125,7 @@ def check_heads_split(model_path: Path, tensor_parallel: int) -> None:
     if tensor_parallel <= 1 or not config_file.is_file():
         return  # a hub name or a GGUF file: vLLM's own check is all there is
     config = json.loads(config_file.read_text())
-    config = config.get("text_config", config)  # multimodal configs nest the LM's
+    config = config.get("text_config") or config  # multimodal configs nest the LM's
     heads = config.get("num_attention_heads")
     if heads is None:
         return

