@@ -50,6 +50,12 @@ def run_config(
     env = {"TESSERA_ATTENTION_STATS_DIR": str(stats), "TESSERA_ATTENTION_METHOD": method}
     if method == "trianglemix":
         env["TESSERA_ATTENTION_DENSE_FIRST_LAYERS"] = str(SMOLLM2_SPLIT)
+    elif method == "negative":  # control: sinks + window in every layer, no last rows
+        env |= {
+            "TESSERA_ATTENTION_METHOD": "trianglemix",
+            "TESSERA_ATTENTION_DENSE_FIRST_LAYERS": "0",
+            "TESSERA_ATTENTION_LAST_Q_TOKENS": "0",
+        }
     extra = ["--max-num-batched-tokens", str(args.chunk)]
     if tp > 1:
         # (the launcher splits the cores between the ranks: VLLM_CPU_OMP_THREADS_BIND "0-0|1-1")
@@ -89,6 +95,11 @@ def main() -> None:
             "padded_tp2_trianglemix",
         ],
     )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add --configs to the existing result instead of replacing it",
+    )
     args = parser.parse_args()
     original = prepare_model(Path("data"))
     padded = args.work / "smollm2-tp2"
@@ -119,6 +130,10 @@ def main() -> None:
     }
     out = args.out / "tp_cpu_equality.json"
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.append and out.exists():  # more configs into an earlier run's result
+        earlier = json.loads(out.read_text())
+        assert earlier["prompt_tokens"] == result["prompt_tokens"], "other prompts"
+        result["configs"] = earlier["configs"]
     for label in args.configs:
         which, tp, method = label.split("_", 2)
         model = original if which == "orig" else padded
@@ -129,6 +144,7 @@ def main() -> None:
         ("orig_tp1_dense", "padded_tp1_dense"),
         ("padded_tp1_dense", "padded_tp2_dense"),
         ("padded_tp1_trianglemix", "padded_tp2_trianglemix"),
+        ("padded_tp2_dense", "padded_tp2_negative"),  # control: must differ
     ]
     result["comparisons"] = {
         f"{b}_vs_{a}": compare(texts, a, b) for a, b in pairs if a in texts and b in texts
