@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -174,7 +175,8 @@ def compare(texts: dict[str, list[str]], left: str, right: str) -> dict:
     }
 
 
-def run_equality(args: argparse.Namespace) -> dict:
+def run_equality(args: argparse.Namespace, result: dict) -> None:
+    """Fills ``result`` as it goes: a timeout or a failure still saves what was measured."""
     from transformers import AutoTokenizer
 
     padded = Path(args.padded_model)
@@ -194,7 +196,7 @@ def run_equality(args: argparse.Namespace) -> dict:
         for case in smol_bench.build_cases(task, length, 1, count_tokens)
     ]
     prompts = smol_bench.EQUALITY_PROMPTS + long_prompts
-    result: dict = {
+    result |= {
         "phase": "equality",
         "padded_model": json.loads((padded / "config.json").read_text()).get("tessera_tp_padding"),
         "prompts": {
@@ -259,12 +261,12 @@ def run_equality(args: argparse.Namespace) -> dict:
     finally:
         for server, _ in servers:
             server.stop()
-    return result
 
 
-def run_ttft(args: argparse.Namespace) -> dict:
+def run_ttft(args: argparse.Namespace, result: dict) -> None:
+    """Fills ``result``; the servers outlive the call unless ``--stop``."""
     servers = ttft_servers(ROOT)
-    result: dict = {
+    result |= {
         "phase": "ttft",
         "sizes": args.sizes,
         "repeats": args.repeats,
@@ -320,7 +322,6 @@ def run_ttft(args: argparse.Namespace) -> dict:
     if args.stop:
         for server in servers:
             server.stop()
-    return result
 
 
 def ttft_summary(runs: list[dict]) -> dict:
@@ -484,21 +485,37 @@ def main() -> None:
         parser.error("--out is required")
     args.out.mkdir(parents=True, exist_ok=True)
     ROOT.mkdir(parents=True, exist_ok=True)
+    # `timeout` sends SIGTERM: leave through `finally` (equality stops its servers; the
+    # result so far is saved either way).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
-    result = {
+    result: dict = {
         "benchmark": "gpu_tensor_parallel",
         "date": time.strftime("%Y-%m-%d"),
         "gpus": gpus,
-        **(run_equality(args) if args.phase == "equality" else run_ttft(args)),
     }
-    result["wall_s"] = round(time.monotonic() - started, 1)
     name = (
         "gpu_tensor_parallel_equality"
         if args.phase == "equality"
         else f"gpu_tensor_parallel_ttft_{'_'.join(str(s) for s in args.sizes)}"
     )
     target = args.out / f"{name}.json"
-    target.write_text(json.dumps(result, indent=1))
+    try:
+        (run_equality if args.phase == "equality" else run_ttft)(args, result)
+    finally:
+        result["wall_s"] = round(time.monotonic() - started, 1)
+        target.write_text(json.dumps(result, indent=1))
+        subprocess.run(
+            [
+                "tar",
+                "-czf",
+                str(args.out / f"{name}_logs.tar.gz"),
+                "-C",
+                str(ROOT.parent),
+                ROOT.name,
+            ],
+            check=False,
+        )
     summary = {
         k: result.get(k)
         for k in (
@@ -519,10 +536,6 @@ def main() -> None:
                     for rank, value in usage["ranks"].items()
                 },
             )
-    subprocess.run(
-        ["tar", "-czf", str(args.out / f"{name}_logs.tar.gz"), "-C", str(ROOT.parent), ROOT.name],
-        check=False,
-    )
 
 
 if __name__ == "__main__":
