@@ -19,6 +19,7 @@ from attention_backends.config import AttentionSettings
 from attention_backends.layer_support import layer_index_or_none, sparse_fallback_reason
 from attention_backends.patterns import AttentionPattern, DensePattern
 from attention_backends.policy import LayerPatternPolicy, ModelFingerprint
+from attention_backends.tensor_parallel import local_heads_pattern
 from attention_backends.usage import AttentionUsage
 
 logger = init_logger("tessera.layers")
@@ -100,7 +101,10 @@ class PerLayerPattern:
 
     def layer_pattern_of(self, layer) -> AttentionPattern:
         if self.pattern is None:
-            self.layer_index, self.pattern = layer_pattern(self, layer.layer_name, self.policy)
+            index, pattern = layer_pattern(self, layer.layer_name, self.policy)
+            # Under tensor parallelism this impl holds its rank's heads only (num_heads is
+            # local): a per-head pattern is cut to them.
+            self.layer_index, self.pattern = index, local_heads_pattern(pattern, self.num_heads)
         return self.pattern
 
     def record_sparse_prefill(self, usage: AttentionUsage, prefill) -> None:
@@ -112,4 +116,6 @@ class PerLayerPattern:
 
     def end_step_if_last(self, usage: AttentionUsage) -> None:
         if self.layer_index == self.last_layer_index:
+            if usage.num_heads is None:  # the snapshot says which heads this rank ran
+                usage.set_local_heads(self.num_heads, self.num_kv_heads)
             usage.end_step()

@@ -14,8 +14,9 @@ TesseraWorkerMetrics``; the launcher adds it). A scrape of one worker then shows
   sparse prefill, RetroInfer decode...), summed over layers, from ``usage.py``'s snapshots.
 
 Only snapshots of live processes count (a restarted worker leaves its old files behind). The
-engine's tensor-parallel ranks each hold a share of the KV pool, so their bytes are summed;
-each runs every query token, so the path counts are their maximum.
+engine's tensor-parallel ranks (one process each, their rank in the usage snapshot) each hold
+a share of the KV pool, so their bytes are summed; each runs every query token, so the path
+counts are their maximum.
 This module's rendering functions import neither vLLM nor torch.
 """
 

