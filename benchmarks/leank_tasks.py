@@ -56,15 +56,20 @@ def derived_mask(sparsity: float, directory: Path) -> Path:
     return path
 
 
-def run_setting(settings: ServerSettings, model_path: Path, mask: Path, dense_rows: list[dict],
-                tasks: list[str], lengths: list[int], cases_per_cell: int) -> tuple[list, float]:
-    env = {"TESSERA_ATTENTION_LEANK_MASK": str(mask.resolve())}
+def run_setting(settings: ServerSettings, model_path: Path, mask: Path | None,
+                dense_rows: list[dict], tasks: list[str], lengths: list[int],
+                cases_per_cell: int) -> tuple[list, float]:
+    """``mask`` None: a dense worker with the same settings (the dense-vs-dense control)."""
+    env = {"TESSERA_ATTENTION_METHOD": "dense"}
+    if mask is not None:
+        env["TESSERA_ATTENTION_LEANK_MASK"] = str(mask.resolve())
     with one_worker(settings, model_path, env) as url:
         count_tokens = tf.token_counter(url)
         cases = [case for task in tasks for length in lengths
                  for case in build_cases(task, length, cases_per_cell, count_tokens)]
         tf.check_prompts(cases, dense_rows, count_tokens)
-        log(f"{mask.name}: {len(cases)} cases, prompts match the stored dense rows")
+        name = mask.name if mask is not None else "dense (same worker settings)"
+        log(f"{name}: {len(cases)} cases, prompts match the stored dense rows")
         began = time.perf_counter()
         rows = tf.run_tasks(url, cases)
         return rows, time.perf_counter() - began
@@ -104,8 +109,10 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.25])
+    parser.add_argument("--sparsities", type=float, nargs="*", default=[0.25])
     parser.add_argument("--control", type=float, default=0.9)
+    parser.add_argument("--no-negative-control", action="store_true",
+                        help="skip the --control run (e.g. when only --dense-control is wanted)")
     parser.add_argument("--dense", type=Path, default=RESULTS / "minference_tasks.json",
                         help="stored dense rows (and the tasks/lengths/cases they were run with)")
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
@@ -114,6 +121,9 @@ def main() -> None:
                         help="prefill each prompt in one chunk (--max-num-batched-tokens = "
                              "max model length), as the paper does: no chunk reads an earlier "
                              "chunk's keys through the pruned cache")
+    parser.add_argument("--dense-control", action="store_true",
+                        help="first run dense again with these worker settings (no mask): what "
+                             "the settings alone, not LeanK, change against the stored rows")
     parser.add_argument("--out", type=Path, default=RESULTS / "leank_tasks.json")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
@@ -143,12 +153,12 @@ def main() -> None:
                     "accuracy": {"dense": tf.accuracy_table(dense_rows)}, "lost": {},
                     "settings": {}}
     with tempfile.TemporaryDirectory() as directory:
-        for sparsity in args.sparsities:
-            mask = derived_mask(sparsity, Path(directory))
+        for sparsity in ([None] if args.dense_control else []) + args.sparsities:
+            mask = None if sparsity is None else derived_mask(sparsity, Path(directory))
             rows, wall = run_setting(settings, model_path, mask, dense_rows, tasks, lengths,
                                      cases_per_cell)
             lost = tf.lost_cases(dense_rows, rows)
-            name = f"LeanK s={sparsity}"
+            name = "dense again (control)" if sparsity is None else f"LeanK s={sparsity}"
             result["accuracy"][name] = tf.accuracy_table(rows)
             result["lost"][name] = len(lost)
             result["settings"][name] = {
@@ -157,21 +167,23 @@ def main() -> None:
                 "completions_identical": identical_completions(dense_rows, rows)}
             args.out.write_text(json.dumps(result, indent=1) + "\n")
             log(f"{name}: accuracy {result['accuracy'][name]}; lost {len(lost)}")
-        length = max(lengths)
-        control_dense = [r for r in dense_rows if r["task"] == "passkey"
-                         and r["target_tokens"] == length]
-        mask = derived_mask(args.control, Path(directory))
-        rows, wall = run_setting(settings, model_path, mask, control_dense, ["passkey"],
-                                 [length], cases_per_cell)
-        name = f"LeanK s={args.control} (negative control)"
-        result["accuracy"][name] = tf.accuracy_table(rows)
-        result["lost"][name] = len(tf.lost_cases(control_dense, rows))
-        result["settings"][name] = {"wall_seconds": wall, "rows": rows,
-                                    "dense_passed": sum(r["passed"] for r in control_dense)}
+        if not args.no_negative_control:
+            length = max(lengths)
+            control_dense = [r for r in dense_rows if r["task"] == "passkey"
+                             and r["target_tokens"] == length]
+            mask = derived_mask(args.control, Path(directory))
+            rows, wall = run_setting(settings, model_path, mask, control_dense, ["passkey"],
+                                     [length], cases_per_cell)
+            name = f"LeanK s={args.control} (negative control)"
+            result["accuracy"][name] = tf.accuracy_table(rows)
+            result["lost"][name] = len(tf.lost_cases(control_dense, rows))
+            result["settings"][name] = {"wall_seconds": wall, "rows": rows,
+                                        "dense_passed": sum(r["passed"] for r in control_dense)}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out.with_suffix(".png"))
-    log(f"negative control: lost {result['lost'][name]} of "
-        f"{result['settings'][name]['dense_passed']}")
+    if not args.no_negative_control:
+        log(f"negative control: lost {result['lost'][name]} of "
+            f"{result['settings'][name]['dense_passed']}")
 
 
 if __name__ == "__main__":
