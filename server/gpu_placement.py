@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.tp_padding import splits
+
 NVLINK_MULTICAST_OFF = {
     "NCCL_NVLS_ENABLE": "0",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -117,8 +119,7 @@ def tensor_parallel_size(slot: GpuSlot | None, extra_args: list[str]) -> int:
 
 def check_heads_split(model_path: Path, tensor_parallel: int) -> None:
     """Refuse, before any worker starts, a model whose attention heads vLLM cannot shard
-    ``tensor_parallel`` ways. vLLM's rule (LlamaAttention, 0.26 and 0.32): query heads
-    divisible by T, and KV heads divisible by T or T divisible by them. vLLM itself checks
+    ``tensor_parallel`` ways (vLLM's rule: ``tp_padding.splits``). vLLM itself checks
     only the query heads at config time (a pydantic error on the worker's log); the KV heads
     fail later, as a bare AssertionError in every rank while the model loads."""
     config_file = Path(model_path) / "config.json"
@@ -131,8 +132,7 @@ def check_heads_split(model_path: Path, tensor_parallel: int) -> None:
         return
     kv_heads = int(config.get("num_key_value_heads") or heads)
     heads = int(heads)
-    if heads % tensor_parallel == 0 and (kv_heads % tensor_parallel == 0
-                                         or tensor_parallel % kv_heads == 0):
+    if splits(heads, kv_heads, tensor_parallel):
         return
     raise PlacementError(
         f"{model_path} has {heads} query and {kv_heads} KV attention heads, which do not "
