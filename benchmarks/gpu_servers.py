@@ -92,3 +92,21 @@ def grep_log(server: GpuServer, *needles: str, limit: int = 12) -> list[str]:
         return []
     lines = server.log_path.read_text(errors="replace").splitlines()
     return [line[-300:] for line in lines if any(n in line for n in needles)][:limit]
+
+
+def join_calls(parts: list[dict], concat: tuple[str, ...] = (), update: tuple[str, ...] = (),
+               latest: tuple[str, ...] = ()) -> dict:
+    """One result from the JSONs of one run's device calls (servers kept up between them):
+    ``concat`` keys' lists are joined, ``update`` keys' dicts merged, ``latest`` keys taken
+    from the last call that has them (cumulative counters), any other key from the first."""
+    merged: dict = {}
+    for part in parts:
+        for key, value in part.items():
+            if key in concat:
+                merged[key] = merged.get(key, []) + value
+            elif key in update:
+                merged.setdefault(key, {}).update(value)
+            elif key in latest or key not in merged:
+                merged[key] = value
+    merged["calls"] = len(parts)
+    return merged

@@ -41,7 +41,7 @@ from gpu_decode_profile import (  # noqa: E402
     profiler_args,
     summarize_trace,
 )
-from gpu_servers import GpuServer, grep_log, healthy, wait_healthy  # noqa: E402
+from gpu_servers import GpuServer, grep_log, healthy, join_calls, wait_healthy  # noqa: E402
 
 from attention_backends.usage import total_usage  # noqa: E402
 
@@ -250,17 +250,9 @@ def merge_calls(parts: list[dict]) -> dict:
     """One result from the calls of one run (servers kept up between them): sizes, runs and
     the per-size tables are joined; ITL and start-up facts come from the call that had them;
     usage counters are cumulative, so the last call's are the run's."""
-    merged: dict = {}
-    for part in parts:
-        for key, value in part.items():
-            if key in ("sizes", "runs"):
-                merged[key] = merged.get(key, []) + value
-            elif key in ("ttft_median_s", "ttft_change_pct", "dense_vs_fa3_pct"):
-                merged.setdefault(key, {}).update(value)
-            elif key in ("tessera_usage", "dense_usage") or key not in merged:
-                merged[key] = value
-    merged["calls"] = len(parts)
-    return merged
+    return join_calls(parts, concat=("sizes", "runs"),
+                      update=("ttft_median_s", "ttft_change_pct", "dense_vs_fa3_pct"),
+                      latest=("tessera_usage", "dense_usage"))
 
 
 def main() -> None:

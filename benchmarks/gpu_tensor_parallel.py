@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_serving_ttft as ttft_bench  # noqa: E402
 import gpu_smollm2_serving as smol_bench  # noqa: E402
 import trianglemix_fidelity as fid  # noqa: E402
-from gpu_servers import GpuServer, grep_log, healthy, wait_healthy  # noqa: E402
+from gpu_servers import GpuServer, grep_log, healthy, join_calls, wait_healthy  # noqa: E402
 
 from attention_backends.usage import read_usage, total_usage, usage_by_rank  # noqa: E402
 from server.gpu_placement import GpuSlot  # noqa: E402
@@ -360,17 +360,8 @@ def ttft_summary(runs: list[dict]) -> dict:
 def merge(parts: list[dict]) -> dict:
     """One result from a run's calls: runs joined and summarised again; usage counters are
     cumulative, so the last call's are the run's; start-up facts from the call that had them."""
-    merged: dict = {}
-    for part in parts:
-        for key, value in part.items():
-            if key == "runs":
-                merged["runs"] = merged.get("runs", []) + value
-            elif key == "sizes":
-                merged["sizes"] = merged.get("sizes", []) + value
-            elif key == "usage" or key not in merged:
-                merged[key] = value
+    merged = join_calls(parts, concat=("runs", "sizes"), latest=("usage",))
     merged.update(ttft_summary(merged["runs"]))
-    merged["calls"] = len(parts)
     return merged
 
 
