@@ -39,11 +39,22 @@ class WorkerProcess:
     log_path: Path
 
 
+# Ports free_port has handed out in this process. A worker binds its port seconds after it
+# is chosen, so the OS may offer the same port again meanwhile; vLLM binds with SO_REUSEPORT,
+# so two workers would then share one port and answer for each other.
+_handed_out_ports: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (for tests, benchmarks and ad-hoc workers)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on right now and not handed out before by this process (for
+    tests, benchmarks and ad-hoc workers)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port not in _handed_out_ports:
+            _handed_out_ports.add(port)
+            return port
 
 
 def _say(message: str) -> None:
