@@ -40,10 +40,9 @@ from server.launcher import (  # noqa: E402
     free_port,
     place_workers,
     resolve_model_path,
-    start_worker,
+    start_workers,
     stop_workers,
     wait_for_health,
-    wait_until_healthy,
 )
 
 SERVED = "tessera-dp"
@@ -109,12 +108,11 @@ def percentile(values: list[float], q: float) -> float:
 def run_phase(args: argparse.Namespace, workers: int, out: Path) -> dict:
     settings, slots = place_workers(settings_for(args, workers, out / f"phase{workers}"))
     model_path = resolve_model_path(settings)
-    started = [start_worker(settings, model_path, index, port=free_port(),
-                            gpu=slots[index] if slots else None)
-               for index in range(settings.workers)]
+    # Workers sharing the GPU start one after another (launcher.start_waves says why).
+    started = start_workers(settings, model_path, slots, timeout_s=900,
+                            ports=[free_port() for _ in range(settings.workers)])
     gateway = None
     try:
-        wait_until_healthy(started, timeout_s=900)
         urls = [worker.url for worker in started]
         port = free_port()
         command = [sys.executable, "-m", "server.cli", "gateway", "--port", str(port),

@@ -37,10 +37,9 @@ from server.launcher import (  # noqa: E402
     free_port,
     place_workers,
     resolve_model_path,
-    start_worker,
+    start_workers,
     stop_workers,
     wait_for_health,
-    wait_until_healthy,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -231,14 +230,13 @@ def main() -> None:
     model_path = resolve_model_path(settings)
     # Dev mode exposes POST /reset_prefix_cache, so each policy starts from empty caches.
     dev = {"VLLM_SERVER_DEV_MODE": "1"}
-    workers = [start_worker(settings, model_path, index, port=free_port(), extra_env=dev,
-                            gpu=gpu_slots[index] if gpu_slots else None)
-               for index in range(2)]
+    # Workers sharing a GPU start one after another (launcher.start_waves says why).
+    workers = start_workers(settings, model_path, gpu_slots, timeout_s=600,
+                            ports=[free_port() for _ in range(2)], extra_env=dev)
     gateways: dict[str, subprocess.Popen] = {}
     urls: dict[str, str] = {}
     system = system_prompt(args.system_tokens)
     try:
-        wait_until_healthy(workers, timeout_s=600)
         worker_urls = [worker.url for worker in workers]
         system_tokens = httpx.post(f"{worker_urls[0]}/tokenize",
                                    json={"model": MODEL, "prompt": system}).json()["count"]

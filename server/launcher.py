@@ -161,6 +161,46 @@ def start_worker(
     return WorkerProcess(f"http://{settings.worker_host}:{port}", process, log_path)
 
 
+def start_waves(slots: list[GpuSlot | None]) -> list[list[int]]:
+    """Worker indices in start order: each wave holds at most one worker per set of devices.
+
+    vLLM sizes its KV cache from a memory profile taken while it starts, and any memory that
+    another process allocates on the same GPU meanwhile counts as its own (two workers that
+    start together on one GPU at 0.45 each got "Available KV cache memory: -0.04 GiB" on the
+    H200). Workers that share devices therefore start one after another; workers on their
+    own devices, and CPU workers (whose KV size is fixed), start together."""
+    waves: list[list[int]] = []
+    seen: dict[tuple[str, ...] | None, int] = {}
+    for index, slot in enumerate(slots):
+        key = slot.devices if slot is not None else None
+        wave = seen.get(key, -1) + 1 if key is not None else 0
+        seen[key] = wave
+        while len(waves) <= wave:
+            waves.append([])
+        waves[wave].append(index)
+    return waves
+
+
+def start_workers(settings: ServerSettings, model_path: Path, slots: list[GpuSlot] | None,
+                  timeout_s: float, ports: list[int] | None = None,
+                  extra_env: dict[str, str] | None = None) -> list[WorkerProcess]:
+    """Start ``settings.workers`` workers wave by wave (``start_waves``) and return them once
+    all are healthy; on a failure every started worker is stopped before the error rises."""
+    placed: list[GpuSlot | None] = list(slots) if slots else [None] * int(settings.workers)
+    started: dict[int, WorkerProcess] = {}
+    try:
+        for wave in start_waves(placed):
+            batch = [start_worker(settings, model_path, index,
+                                  port=ports[index] if ports else None,
+                                  extra_env=extra_env, gpu=placed[index]) for index in wave]
+            started.update(zip(wave, batch, strict=True))
+            wait_until_healthy(batch, timeout_s)
+    except BaseException:
+        stop_workers(list(started.values()))
+        raise
+    return [started[index] for index in sorted(started)]
+
+
 @contextlib.contextmanager
 def one_worker(settings: ServerSettings, model_path: Path | None = None,
                env: dict[str, str] | None = None) -> Iterator[str]:
@@ -273,10 +313,8 @@ def serve(settings: ServerSettings) -> int:
             if gpu_slots:
                 _say("GPUs per worker: " + "; ".join(
                     f"worker {i}: {','.join(slot.devices)}" for i, slot in enumerate(gpu_slots)))
-            workers = [start_worker(settings, model_path, i,
-                                    gpu=gpu_slots[i] if gpu_slots else None)
-                       for i in range(settings.workers)]
-            wait_until_healthy(workers, settings.worker_start_timeout_s)
+            workers = start_workers(settings, model_path, gpu_slots,
+                                    settings.worker_start_timeout_s)
         base = f"http://{settings.host}:{settings.port}"
         _say(f"gateway on {base}  ->  OpenAI base_url={base}/v1  "
              f"model={settings.served_model_name}")

@@ -4,8 +4,8 @@ on the GPU.
 The torch estimator makes a float32 copy of every key for every query head (2 GiB at 128K
 with 32 heads for 64 rows), a 1 GiB score matrix, its softmax, and a scatter-add of 268M
 elements for the slashes: 12.9 ms at 128K on the H200 (minference_NOTES.md). Here, per
-(query head, block of keys), two passes over the keys in their own dtype with float32
-accumulation (bf16 x bf16 products are exact in float32, as in the torch path's float32
+(query head, block of keys), two passes over the keys, read in their own dtype and upcast to
+float32 in registers (exact products, float32 accumulation, as in the torch path's float32
 copies):
   1. the causal row max and row sum of exp per key block (combined in torch: [H, blocks, L]);
   2. the probabilities again, their column sums stored as the vertical scores of the block's
@@ -33,8 +33,8 @@ def _scores(q_ptr, k_ptr, rows_pos, row_ok, key_start, num_tokens, stride_kt, sc
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < num_tokens
     k = tl.load(k_ptr + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)
-    q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
+                mask=key_ok[:, None], other=0.0).to(tl.float32)
+    q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     causal = (offs_n[None, :] <= rows_pos[:, None]) & key_ok[None, :] & row_ok[:, None]
     return tl.where(causal, scores, float("-inf")), causal, offs_n
@@ -105,7 +105,14 @@ def last_rows_scores_triton(query: torch.Tensor, positions: torch.Tensor, keys: 
     block_sum = torch.empty_like(block_max)
     vertical = torch.empty(num_heads, num_tokens, dtype=torch.float32, device=device)
     slash = torch.zeros(num_heads, num_tokens, dtype=torch.float32, device=device)
-    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    # Rows and keys are upcast to float32 in the kernel, so bf16, fp16 and float32 inputs
+    # take the same arithmetic (the reference's float32 copies). bf16 values are exact in
+    # tf32 (8 of its 10 mantissa bits), so bf16 keeps the tensor cores; fp16 (11 bits) and
+    # float32 need true fp32 products. Dotting bf16 operands directly gave scores far from
+    # the float32 ones under Triton's interpreter, and on the H200 a per-row test of the
+    # kernel against the reference failed in 2 of 8 bf16 seeds (heads whose index came from
+    # this estimate; the same kernel on the float32 estimate passed).
+    precision = "tf32" if query.dtype == torch.bfloat16 else "ieee"
 
     def launch(row_max, row_sum, accumulate):
         _estimate_kernel[(num_heads, num_blocks)](

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from server.config import ServerSettings
 from server.gpu_placement import NVLINK_MULTICAST_OFF, GpuSlot, plan_workers, visible_gpus
-from server.launcher import place_workers, worker_launch
+from server.launcher import place_workers, start_waves, worker_launch
 
 
 def test_visible_gpus_follow_the_launchers_own_restriction():
@@ -98,3 +98,13 @@ def test_flag_value_reads_both_spellings():
     assert flag_value(["--x", "--tensor-parallel-size=2"], "--tensor-parallel-size") == "2"
     assert flag_value(["--tensor-parallel-size"], "--tensor-parallel-size") is None
     assert flag_value([], "--tensor-parallel-size") is None
+
+
+def test_workers_sharing_a_gpu_start_one_after_another():
+    # Two workers on GPU 0 and two on GPU 1: one of each per wave (vLLM's memory profile
+    # counts a neighbour's allocations as its own), GPUs in parallel, CPU workers together.
+    shared = plan_workers(["0", "1"], 4, 1)
+    assert start_waves(shared) == [[0, 1], [2, 3]]
+    assert start_waves(plan_workers(["0", "1"], 2, 1)) == [[0, 1]]
+    assert start_waves(plan_workers(["0"], 3, 1)) == [[0], [1], [2]]
+    assert start_waves([None, None, None]) == [[0, 1, 2]]
