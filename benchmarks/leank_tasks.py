@@ -12,6 +12,9 @@ Writes ``results/leank_tasks.json`` (after each step) and ``.png``.
 
     flock -s /tmp/tessera-cpu-timing.lock .venv/bin/python benchmarks/leank_tasks.py \\
         [--sparsities 0.25 0.5] [--control 0.9]
+    # a length no stored rows with prompt hashes cover: dense first, in the same run
+    .venv/bin/python benchmarks/leank_tasks.py --fresh-dense --lengths 7168 \\
+        --sparsities 0.0833 --no-negative-control --out benchmarks/results/leank_tasks_7k.json
 """
 
 from __future__ import annotations
@@ -75,6 +78,19 @@ def run_setting(settings: ServerSettings, model_path: Path, mask: Path | None,
         return rows, time.perf_counter() - began
 
 
+def run_fresh_dense(settings: ServerSettings, model_path: Path, tasks: list[str],
+                    lengths: list[int], cases_per_cell: int) -> tuple[list, float]:
+    """Dense rows (with prompt hashes) from a dense worker with the LeanK runs' settings."""
+    with one_worker(settings, model_path, {"TESSERA_ATTENTION_METHOD": "dense"}) as url:
+        count_tokens = tf.token_counter(url)
+        cases = [case for task in tasks for length in lengths
+                 for case in build_cases(task, length, cases_per_cell, count_tokens)]
+        log(f"dense: {len(cases)} cases")
+        began = time.perf_counter()
+        rows = tf.run_tasks(url, cases)
+        return rows, time.perf_counter() - began
+
+
 def identical_completions(dense_rows: list[dict], rows: list[dict]) -> int:
     dense = {tf.case_key(row): row["completion"] for row in dense_rows}
     return sum(dense[tf.case_key(row)] == row["completion"] for row in rows)
@@ -124,18 +140,33 @@ def main() -> None:
     parser.add_argument("--dense-control", action="store_true",
                         help="first run dense again with these worker settings (no mask): what "
                              "the settings alone, not LeanK, change against the stored rows")
+    parser.add_argument("--fresh-dense", action="store_true",
+                        help="run dense first, in this run, on a worker with the LeanK runs' "
+                             "settings (for lengths no stored rows with prompt hashes cover); "
+                             "needs --lengths, takes --tasks and --cases")
+    parser.add_argument("--tasks", nargs="+", default=["passkey", "needle_prose",
+                                                       "variable_lookup"],
+                        help="with --fresh-dense: the tasks")
+    parser.add_argument("--cases", type=int, default=10, help="with --fresh-dense: cases a cell")
     parser.add_argument("--out", type=Path, default=RESULTS / "leank_tasks.json")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
     if args.plot_only:
         plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return
-    reference = json.loads(args.dense.read_text())
-    dense_rows = [row for row in reference["dense_rows"]
-                  if args.lengths is None or row["target_tokens"] in args.lengths]
-    tasks = sorted({row["task"] for row in dense_rows}, key=[r["task"] for r in dense_rows].index)
-    lengths = sorted({row["target_tokens"] for row in dense_rows})
-    cases_per_cell = int(reference["args"]["cases"])
+    if args.fresh_dense:
+        if not args.lengths:
+            parser.error("--fresh-dense needs --lengths")
+        reference, dense_rows = {"date": time.strftime("%Y-%m-%d")}, []
+        tasks, lengths, cases_per_cell = args.tasks, sorted(args.lengths), args.cases
+    else:
+        reference = json.loads(args.dense.read_text())
+        dense_rows = [row for row in reference["dense_rows"]
+                      if args.lengths is None or row["target_tokens"] in args.lengths]
+        tasks = sorted({row["task"] for row in dense_rows},
+                       key=[r["task"] for r in dense_rows].index)
+        lengths = sorted({row["target_tokens"] for row in dense_rows})
+        cases_per_cell = int(reference["args"]["cases"])
     max_model_len = 8192
     worker_args = ["--no-enable-prefix-caching"]
     if args.whole_prefill:
@@ -143,9 +174,15 @@ def main() -> None:
     settings = ServerSettings(workers=1, kv_cache_space_gib=2, max_model_len=max_model_len,
                               worker_extra_args=worker_args)
     model_path = resolve_model_path(settings)
+    if args.fresh_dense:
+        dense_rows, wall = run_fresh_dense(settings, model_path, tasks, lengths, cases_per_cell)
+        log(f"dense: {len(dense_rows)} cases in {wall:.0f} s")
+        source = "run here first, same worker settings; prompts checked by sha256"
+    else:
+        source = (f"rows stored in {args.dense.name} ({reference['date']}); prompts checked "
+                  "by sha256")
     result: dict = {"script": "benchmarks/leank_tasks.py", "date": time.strftime("%Y-%m-%d"),
-                    "dense": f"rows stored in {args.dense.name} ({reference['date']}); prompts "
-                             "checked by sha256", "tasks": tasks, "lengths": lengths,
+                    "dense": source, "tasks": tasks, "lengths": lengths,
                     "cases_per_cell": cases_per_cell,
                     "prefill": "whole prompt, one chunk" if args.whole_prefill
                                else "vLLM's default chunking",

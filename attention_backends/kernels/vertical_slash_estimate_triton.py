@@ -106,13 +106,14 @@ def last_rows_scores_triton(query: torch.Tensor, positions: torch.Tensor, keys: 
     vertical = torch.empty(num_heads, num_tokens, dtype=torch.float32, device=device)
     slash = torch.zeros(num_heads, num_tokens, dtype=torch.float32, device=device)
     # Rows and keys are upcast to float32 in the kernel, so bf16, fp16 and float32 inputs
-    # take the same arithmetic (the reference's float32 copies). bf16 values are exact in
-    # tf32 (8 of its 10 mantissa bits), so bf16 keeps the tensor cores; fp16 (11 bits) and
-    # float32 need true fp32 products. Dotting bf16 operands directly gave scores far from
-    # the float32 ones under Triton's interpreter, and on the H200 a per-row test of the
-    # kernel against the reference failed in 2 of 8 bf16 seeds (heads whose index came from
-    # this estimate; the same kernel on the float32 estimate passed).
-    precision = "tf32" if query.dtype == torch.bfloat16 else "ieee"
+    # take the same arithmetic (the reference's float32 copies). bf16 and fp16 values are
+    # exact in tf32 (7 and 10 explicit mantissa bits of its 10, and a wider exponent), so
+    # half inputs keep the tensor cores; float32 inputs need true fp32 products ("ieee").
+    # For sm_90 the bf16 case compiles to the same tf32
+    # HGMMA as the former bf16-operand dot (checked with Triton 3.6), but Triton's
+    # interpreter computed that former dot wrongly (block maxima off by 1e10 on N(0,1) data),
+    # so the CPU tests could not check bf16 inputs.
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
 
     def launch(row_max, row_sum, accumulate):
         _estimate_kernel[(num_heads, num_blocks)](
