@@ -164,11 +164,18 @@ class TesseraCPUAttentionImpl(PerLayerPattern, CPUAttentionBackendImpl):
             self.end_step_if_last(usage)
             return output
         if self.leank is not None:
-            decode_rows = self.leank.forward(layer, query, key, value, kv_cache, attn_metadata,
-                                             output)
+            # TriangleMix prefill over LeanK's pages: the pattern's per-token mask. Per-head
+            # (MInference) patterns estimate from keys LeanK no longer stores: dense prefill.
+            sparse = None if pattern.is_dense or not hasattr(pattern, "token_mask") else pattern
+            prompt_lens = None if sparse is None else prompt_lengths.prompt_lens_for_batch(
+                attn_metadata.query_start_loc.numpy(), attn_metadata.seq_lens.numpy())
+            decode_rows, sparse_rows = self.leank.forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, sparse, prompt_lens)
             usage.record(self.layer_index, "leank_decode", decode_rows)
             usage.record(self.layer_index, "leank_prefill",
                          attn_metadata.num_actual_tokens - decode_rows)
+            if sparse is not None:
+                usage.record(self.layer_index, f"leank_prefill_{sparse.name}", sparse_rows)
         elif pattern.is_dense or split is None or split.prefill is None:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                             output_scale, output_block_scale)

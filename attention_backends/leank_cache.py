@@ -14,9 +14,10 @@ import no vLLM. What this module owns is vLLM's side of the contract:
   function of the tokens in it, so a prefix-cache hit on a full block reuses a correct sum,
   and a block written again from offset 0 (freed and reused, or recomputed) is reset first.
 - **Attention** (``forward``): decode rows score the pruned cache on the kept channels
-  (query channels gathered); prefill rows are dense over the chunk's own full keys and read
-  earlier chunks / cached prefixes through the pruned cache. vLLM's CPU kernel never sees
-  these pages: it cannot read them.
+  (query channels gathered); prefill rows attend the chunk's own full keys and read earlier
+  chunks / cached prefixes through the pruned cache, densely or under the layer's
+  TriangleMix pattern (its per-token mask, whole-prompt last rows included). vLLM's CPU
+  kernel never sees these pages: it cannot read them.
 
 The mask comes from ``TESSERA_ATTENTION_LEANK_MASK`` / ``tessera.yaml`` (``attention.leank_mask``)
 and is checked against the served model's fingerprint when the first layer is built.
@@ -172,14 +173,18 @@ class LeanKLayer:
         return self.value_block_sum[block_row[:num_blocks].long()].sum(dim=0)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata, output: torch.Tensor) -> int:
-        """Fill ``output`` for every sequence of the step; returns the decode rows run."""
+                kv_cache: torch.Tensor, metadata, output: torch.Tensor,
+                pattern=None, prompt_lens=None) -> tuple[int, int]:
+        """Fill ``output`` for every sequence of the step; returns (decode rows, prefill rows
+        that ran under ``pattern``). ``pattern``: the layer's sparse prefill pattern (its
+        ``token_mask``, with each sequence's whole prompt length in ``prompt_lens``), or None
+        for dense prefill."""
         layout = self.bind(layer)
         k_cache, v_cache = self.cache_views(kv_cache)
         block_size = kv_cache.shape[2]
         heads_view = output.view(-1, self.num_heads, layout.head_dim)
         starts = metadata.query_start_loc.tolist()
-        decode_rows = 0
+        decode_rows = sparse_rows = 0
         for seq, seq_len in enumerate(metadata.seq_lens.tolist()):
             begin, end = starts[seq], starts[seq + 1]
             if end == begin:
@@ -201,10 +206,15 @@ class LeanKLayer:
             value_sum = self.prefix_value_sum(block_row, seq_len, block_size)
             if layout.pruned_heads:
                 value_sum = value_sum - value[begin:end, self.pruned_heads].float().sum(0)
+            key_mask = None
+            if pattern is not None:
+                key_mask = pattern.token_mask(torch.arange(prefix, seq_len), torch.arange(seq_len),
+                                              int(prompt_lens[seq]))
+                sparse_rows += end - begin
             heads_view[begin:end] = prefill_over_pruned_prefix(
                 query[begin:end], key[begin:end], value[begin:end], packed, live, value_sum,
-                layout).to(output.dtype)
-        return decode_rows
+                layout, key_mask).to(output.dtype)
+        return decode_rows, sparse_rows
 
 
 def kv_bytes_metrics(served: ServedLeanK, kv_cache: torch.Tensor) -> dict[str, int]:

@@ -85,10 +85,17 @@ def pruned_decode_attention(query: torch.Tensor, packed_keys: torch.Tensor,
 def prefill_over_pruned_prefix(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                                prefix_keys: torch.Tensor, prefix_values_live: torch.Tensor,
                                prefix_value_sum: torch.Tensor,
-                               layout: LayerLayout) -> torch.Tensor:
+                               layout: LayerLayout,
+                               key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """One sequence's prefill chunk: causal attention of this chunk's queries over its own
     full keys (prefill is dense, as in ``simulate``) and over the ``p`` earlier tokens that
     only the pruned cache still holds (an earlier chunk, or a prefix-cache hit).
+
+    ``key_mask`` bool ``[q, p + q]`` (None: every causal key), a sparse prefill pattern's
+    kept keys for these rows (TriangleMix's sinks, window and last rows): masked keys drop
+    out of the softmax. A fully pruned head's prefix stays whole, one pseudo-key: its keys
+    score 0 and only their block V sums are stored, so a partial set of them has no V to
+    average (exact where the pattern keeps the whole prefix, e.g. last rows).
 
     query [q, q_heads, head_dim], keys/values [q, kv_heads, head_dim] (this chunk, post-RoPE),
     prefix_keys [p, k_width], prefix_values_live [p, live_heads, head_dim], prefix_value_sum
@@ -103,6 +110,8 @@ def prefill_over_pruned_prefix(query: torch.Tensor, keys: torch.Tensor, values: 
     counts, offsets = layout.k_counts.tolist(), layout.k_offsets.tolist()
     v_slot, sum_slot = layout.v_slot.tolist(), layout.sum_slot.tolist()
     future = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).triu(1)
+    if key_mask is not None:
+        future = future | ~key_mask[:, prefix:]
     out = torch.empty(chunk, q_heads, head_dim, dtype=torch.float32, device=query.device)
     for kv_head in range(layout.num_kv_heads):
         q = query[:, kv_head * group: (kv_head + 1) * group].float().transpose(0, 1)
@@ -111,7 +120,10 @@ def prefill_over_pruned_prefix(query: torch.Tensor, keys: torch.Tensor, values: 
         if prefix and counts[kv_head]:
             kept = torch.nonzero(layout.keep[kv_head]).flatten().to(query.device)
             k = prefix_keys[:, offsets[kv_head]: offsets[kv_head] + counts[kv_head]].float()
-            scores = torch.cat([q[..., kept] @ k.T * scale, scores], dim=-1)
+            prefix_scores = q[..., kept] @ k.T * scale
+            if key_mask is not None:
+                prefix_scores = prefix_scores.masked_fill(~key_mask[:, :prefix], float("-inf"))
+            scores = torch.cat([prefix_scores, scores], dim=-1)
             prefix_v = prefix_values_live[:, v_slot[kv_head]].float()
             vals = torch.cat([prefix_v.expand(group, prefix, head_dim), vals], dim=1)
         elif prefix:

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from attention_backends.policy import SMOLLM2_135M, default_dense_first_layers
 from attention_backends.usage import total_usage
 from kv_manager.leank.layout import LayerLayout
 from kv_manager.leank.mask import load_mask
@@ -138,3 +139,25 @@ def test_mask_for_another_model_stops_the_worker(tmp_path: Path) -> None:
           gateway_over_worker_with_own_log(tmp_path, env)):
         pass
     assert "LeanK mask was trained for" in (tmp_path / "logs" / "worker-0.log").read_text()
+
+
+def test_trianglemix_prefill_and_leank_decode_in_one_worker(tmp_path: Path) -> None:
+    """Issue 22: "Prefill (dense or TriangleMix) and LeanK decode work together". The LeanK
+    worker with TriangleMix prefill answers through the gateway; its counters show the
+    deep (sparse) layers' prefill rows under the triangle over the pruned pages, the dense
+    layers' prefill without it, and every layer's decode on the kept channels."""
+    stats_dir = tmp_path / "stats"
+    env = {"TESSERA_ATTENTION_LEANK_MASK": str(MASK.resolve()),
+           "TESSERA_ATTENTION_METHOD": "trianglemix",
+           "TESSERA_ATTENTION_STATS_DIR": str(stats_dir)}
+    with gateway_over_worker_with_own_log(tmp_path, env) as (url, _, _):
+        assert_answers_a_short_prompt(url)
+    usage = total_usage(stats_dir)
+    sparse = [int(layer) for layer, paths in usage.items()
+              if paths.get("leank_prefill_triangle", 0) > 0]
+    dense_first = default_dense_first_layers(SMOLLM2_135M)
+    assert sparse == list(range(dense_first, len(usage))), usage
+    assert all(paths.get("leank_decode", 0) > 0 and paths.get("leank_prefill", 0) > 0
+               for paths in usage.values())
+    assert all(paths.get("dense", 0) == 0 and paths.get("triangle", 0) == 0
+               for paths in usage.values())

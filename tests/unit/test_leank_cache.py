@@ -17,6 +17,7 @@ from attention_backends import leank_cache  # noqa: E402
 from attention_backends.leank_cache import LeanKLayer, ServedLeanK  # noqa: E402
 from attention_backends.policy import ModelFingerprint  # noqa: E402
 from kv_manager.leank.apply import masked_dense_attention  # noqa: E402
+from kv_manager.leank.layout import LayerLayout  # noqa: E402
 from kv_manager.leank.mask import LeanKMask  # noqa: E402
 
 KV_HEADS, Q_HEADS, HEAD_DIM, BLOCK = 3, 9, 64, 16
@@ -141,3 +142,57 @@ def test_shared_prefix_block_and_reused_block_keep_correct_value_sums() -> None:
     values = torch.cat([v[:BLOCK], v[tail], v[:1]])
     expected = masked_dense_attention(q[1:], keys, values, keep, causal=True)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def masked_definition(q, keys, values, allowed):
+    """Dense attention over ``keys`` (GQA) with ``allowed`` bool [q, keys] as the only mask."""
+    group = Q_HEADS // KV_HEADS
+    k = keys.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    v = values.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = q.float().transpose(0, 1) @ k.transpose(1, 2) / HEAD_DIM ** 0.5
+    return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v).transpose(0, 1)
+
+
+@pytest.mark.parametrize("layer_index", [0, 1])
+def test_trianglemix_prefill_over_the_pruned_pages_matches_the_masked_definition(layer_index):
+    """TriangleMix + LeanK: a sparse layer's prefill keeps the pattern's keys only (sinks,
+    window, the whole prompt's last rows), earlier chunks read on the kept channels. Layer 1
+    has no fully pruned head: every row must match. Layer 0's fully pruned head keeps its
+    prefix whole (no per-token V), so there only its last rows, which keep every key, and the
+    live heads are compared."""
+    from attention_backends.patterns.triangle import TrianglePattern
+
+    glue = LeanKLayer(SERVED, Q_HEADS)
+    layer = SimpleNamespace(layer_name=f"model.layers.{layer_index}.self_attn.attn")
+    kv_cache = torch.full((12, 1, BLOCK, SERVED.page_row_width), float("nan"))
+    keep = SERVED.mask.keep[layer_index]
+    pattern = TrianglePattern(sink_tokens=2, window_tokens=6, last_q_tokens=4)
+    generator = torch.Generator().manual_seed(3)
+    total, first_chunk = 40, 23
+    q = torch.randn(total, Q_HEADS, HEAD_DIM, generator=generator)
+    k = torch.randn(total, KV_HEADS, HEAD_DIM, generator=generator) * 2
+    v = torch.randn(total, KV_HEADS, HEAD_DIM, generator=generator)
+    row = [7, 2, 9]
+    steps = [(0, first_chunk), (first_chunk, total)]
+    for begin, end in steps:
+        glue.write(layer, k[begin:end], v[begin:end], kv_cache, slots(row, begin, end - begin))
+        out = torch.zeros(end - begin, Q_HEADS * HEAD_DIM)
+        decode_rows, sparse_rows = glue.forward(
+            layer, q[begin:end], k[begin:end], v[begin:end], kv_cache,
+            metadata([end - begin], [end], [row]), out, pattern, [total])
+        assert (decode_rows, sparse_rows) == (0, end - begin)
+        got = out.view(-1, Q_HEADS, HEAD_DIM)
+        keys = torch.cat([k[:begin] * keep, k[begin:end]])
+        allowed = pattern.token_mask(torch.arange(begin, end), torch.arange(end), total)
+        expected = masked_definition(q[begin:end], keys, v[:end], allowed)
+        compared = torch.ones(end - begin, Q_HEADS, dtype=torch.bool)
+        group = Q_HEADS // KV_HEADS
+        for head in LayerLayout(keep).pruned_heads if begin else []:
+            compared[: total - pattern.last_q_tokens - begin, head * group:(head + 1) * group] = 0
+        torch.testing.assert_close(got[compared], expected[compared], rtol=1e-5, atol=1e-5)
+        # the pattern drops keys here: without it the middle rows of the chunk change
+        dense = torch.zeros_like(out)
+        glue.forward(layer, q[begin:end], k[begin:end], v[begin:end], kv_cache,
+                     metadata([end - begin], [end], [row]), dense)
+        middle = slice(8, end - begin - pattern.last_q_tokens)  # past sinks + window
+        assert (dense.view(-1, Q_HEADS, HEAD_DIM)[middle] - got[middle]).abs().max() > 1e-2
