@@ -61,9 +61,10 @@ def derived_mask(sparsity: float, directory: Path) -> Path:
 
 def run_setting(settings: ServerSettings, model_path: Path, mask: Path | None,
                 dense_rows: list[dict], tasks: list[str], lengths: list[int],
-                cases_per_cell: int) -> tuple[list, float]:
-    """``mask`` None: a dense worker with the same settings (the dense-vs-dense control)."""
-    env = {"TESSERA_ATTENTION_METHOD": "dense"}
+                cases_per_cell: int, prefill: str = "dense") -> tuple[list, float]:
+    """``mask`` None: a dense worker with the same settings (the dense-vs-dense control).
+    ``prefill``: the LeanK worker's prefill method (dense, or TriangleMix over the pages)."""
+    env = {"TESSERA_ATTENTION_METHOD": "dense" if mask is None else prefill}
     if mask is not None:
         env["TESSERA_ATTENTION_LEANK_MASK"] = str(mask.resolve())
     with one_worker(settings, model_path, env) as url:
@@ -148,6 +149,9 @@ def main() -> None:
                                                        "variable_lookup"],
                         help="with --fresh-dense: the tasks")
     parser.add_argument("--cases", type=int, default=10, help="with --fresh-dense: cases a cell")
+    parser.add_argument("--prefill", choices=["dense", "trianglemix"], default="dense",
+                        help="the LeanK workers' prefill: dense, or TriangleMix over the "
+                             "pruned pages (its measured split; the dense rows stay dense)")
     parser.add_argument("--out", type=Path, default=RESULTS / "leank_tasks.json")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
@@ -186,16 +190,18 @@ def main() -> None:
                     "cases_per_cell": cases_per_cell,
                     "prefill": "whole prompt, one chunk" if args.whole_prefill
                                else "vLLM's default chunking",
-                    "worker_args": worker_args,
+                    "worker_args": worker_args, "leank_prefill": args.prefill,
                     "accuracy": {"dense": tf.accuracy_table(dense_rows)}, "lost": {},
                     "settings": {}}
     with tempfile.TemporaryDirectory() as directory:
         for sparsity in ([None] if args.dense_control else []) + args.sparsities:
             mask = None if sparsity is None else derived_mask(sparsity, Path(directory))
             rows, wall = run_setting(settings, model_path, mask, dense_rows, tasks, lengths,
-                                     cases_per_cell)
+                                     cases_per_cell, args.prefill)
             lost = tf.lost_cases(dense_rows, rows)
             name = "dense again (control)" if sparsity is None else f"LeanK s={sparsity}"
+            if sparsity is not None and args.prefill != "dense":
+                name += f" + {args.prefill} prefill"
             result["accuracy"][name] = tf.accuracy_table(rows)
             result["lost"][name] = len(lost)
             result["settings"][name] = {
