@@ -60,10 +60,12 @@ def derived_mask(sparsity: float, directory: Path) -> Path:
 
 
 def run_setting(settings: ServerSettings, model_path: Path, mask: Path | None,
-                dense_rows: list[dict], tasks: list[str], lengths: list[int],
+                dense_rows: list[dict] | None, tasks: list[str], lengths: list[int],
                 cases_per_cell: int, prefill: str = "dense") -> tuple[list, float]:
-    """``mask`` None: a dense worker with the same settings (the dense-vs-dense control).
-    ``prefill``: the LeanK worker's prefill method (dense, or TriangleMix over the pages)."""
+    """``mask`` None: a dense worker with the same settings (the dense-vs-dense control, or
+    with ``dense_rows`` None the dense rows themselves, ``--fresh-dense``: nothing to check
+    the prompts against). ``prefill``: the LeanK worker's prefill method (dense, or
+    TriangleMix over the pages)."""
     env = {"TESSERA_ATTENTION_METHOD": "dense" if mask is None else prefill}
     if mask is not None:
         env["TESSERA_ATTENTION_LEANK_MASK"] = str(mask.resolve())
@@ -71,22 +73,12 @@ def run_setting(settings: ServerSettings, model_path: Path, mask: Path | None,
         count_tokens = tf.token_counter(url)
         cases = [case for task in tasks for length in lengths
                  for case in build_cases(task, length, cases_per_cell, count_tokens)]
-        tf.check_prompts(cases, dense_rows, count_tokens)
         name = mask.name if mask is not None else "dense (same worker settings)"
-        log(f"{name}: {len(cases)} cases, prompts match the stored dense rows")
-        began = time.perf_counter()
-        rows = tf.run_tasks(url, cases)
-        return rows, time.perf_counter() - began
-
-
-def run_fresh_dense(settings: ServerSettings, model_path: Path, tasks: list[str],
-                    lengths: list[int], cases_per_cell: int) -> tuple[list, float]:
-    """Dense rows (with prompt hashes) from a dense worker with the LeanK runs' settings."""
-    with one_worker(settings, model_path, {"TESSERA_ATTENTION_METHOD": "dense"}) as url:
-        count_tokens = tf.token_counter(url)
-        cases = [case for task in tasks for length in lengths
-                 for case in build_cases(task, length, cases_per_cell, count_tokens)]
-        log(f"dense: {len(cases)} cases")
+        if dense_rows is None:
+            log(f"{name}: {len(cases)} cases")
+        else:
+            tf.check_prompts(cases, dense_rows, count_tokens)
+            log(f"{name}: {len(cases)} cases, prompts match the stored dense rows")
         began = time.perf_counter()
         rows = tf.run_tasks(url, cases)
         return rows, time.perf_counter() - began
@@ -179,7 +171,8 @@ def main() -> None:
                               worker_extra_args=worker_args)
     model_path = resolve_model_path(settings)
     if args.fresh_dense:
-        dense_rows, wall = run_fresh_dense(settings, model_path, tasks, lengths, cases_per_cell)
+        dense_rows, wall = run_setting(settings, model_path, None, None, tasks, lengths,
+                                       cases_per_cell)
         log(f"dense: {len(dense_rows)} cases in {wall:.0f} s")
         source = "run here first, same worker settings; prompts checked by sha256"
     else:

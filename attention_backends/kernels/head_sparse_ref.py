@@ -64,14 +64,18 @@ def head_sparse_prefill_ref(
     scale: float,
     out: torch.Tensor | None = None,
     query_block_tokens: int = 128,
+    indexes: list | None = None,
 ) -> torch.Tensor:
     """``sparse_prefill``'s contract (see ``kernels/__init__.py``) with a per-head pattern.
 
     Per sequence: gather its K/V from the paged cache, let each head's pattern build its
     index from this step's rows (``SequenceChunk``), attend. Half inputs compute in float32.
+    ``indexes``: one ``HeadsIndex`` per sequence with rows, used instead of building them
+    (the kernel tests attend through the index the Triton path estimated).
     """
     if out is None:
         out = torch.empty_like(query)
+    given = None if indexes is None else iter(indexes)
     compute_dtype = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
     starts = query_start_loc.tolist()
     for seq, (seq_len, prompt_len) in enumerate(zip(seq_lens.tolist(), prompt_lens.tolist(),
@@ -83,8 +87,12 @@ def head_sparse_prefill_ref(
         values = gather_sequence_kv(value_cache, block_table[seq], seq_len).to(compute_dtype)
         rows = query[begin:end].to(compute_dtype)
         positions = torch.arange(seq_len - (end - begin), seq_len)
-        chunk = SequenceChunk(rows, positions, keys, int(prompt_len), scale)
-        index = layer_heads.build_index(chunk)
+        if given is None:
+            index = layer_heads.build_index(
+                SequenceChunk(rows, positions, keys, int(prompt_len), scale))
+        else:
+            index = next(given)
         out[begin:end] = attend_with_index(rows, positions, keys, values, index, scale,
                                            query_block_tokens).to(out.dtype)
+    assert given is None or next(given, None) is None, "more indexes than sequences with rows"
     return out

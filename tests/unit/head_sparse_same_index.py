@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 
 from attention_backends.kernels import head_sparse_triton
-from attention_backends.kernels.head_sparse_ref import attend_with_index
+from attention_backends.kernels.head_sparse_ref import head_sparse_prefill_ref
 from attention_backends.kernels.sparse_prefill_ref import gather_sequence_kv
 from attention_backends.patterns.minference import SequenceChunk
 
@@ -49,22 +49,9 @@ def reference_on_indexes(args: tuple, indexes: list) -> torch.Tensor:
     """``head_sparse_prefill_ref``'s output (float64) for ``sparse_prefill``-style ``args``,
     with sequence ``s`` attending through ``indexes[s]`` (sequences without rows skipped)
     instead of an index of its own."""
-    query, key_cache, value_cache, block_table, query_start_loc, seq_lens, _, _, scale = args
-    compute = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    query = args[0]
     expected = torch.full(query.shape, float("nan"), dtype=torch.float64, device=query.device)
-    starts = query_start_loc.tolist()
-    remaining = iter(indexes)
-    for seq, seq_len in enumerate(seq_lens.tolist()):
-        begin, end = starts[seq], starts[seq + 1]
-        if end == begin:
-            continue
-        keys = gather_sequence_kv(key_cache, block_table[seq], seq_len).to(compute)
-        values = gather_sequence_kv(value_cache, block_table[seq], seq_len).to(compute)
-        positions = torch.arange(seq_len - (end - begin), seq_len)
-        expected[begin:end] = attend_with_index(query[begin:end].to(compute), positions, keys,
-                                                values, next(remaining), scale).double()
-    assert next(remaining, None) is None, "more indexes than sequences with rows"
-    return expected
+    return head_sparse_prefill_ref(*args, out=expected, indexes=indexes)
 
 
 def index_differences(args: tuple, indexes: list) -> int:
