@@ -8,17 +8,18 @@ drawn so some heads are fully pruned, as a trained mask has). Dense baseline: to
 JSON + PNG in benchmarks/results/. ``--smoke`` runs tiny shapes on CPU under
 TRITON_INTERPRET=1 (checks the harness and correctness only; the times mean nothing).
 
-Each row times dense, kernel v4 (``decode_triton.py``, one launch) and kernel v3
-(``decode_triton_v3.py``, decode + merge launches) in the same alternating rounds: eager
-calls (the issue's measure: host launch cost included) and, on the GPU, the same calls
-replayed from CUDA graphs (how vLLM runs decode; no host cost on either side), plus each
-one's host time per eager call (``perf_counter`` around back-to-back calls, no sync).
-``--kernels v4`` (or ``v3``) times one kernel only. ``--sweep`` also times v4's launch
-configs (tile, stages, warps, tokens per split 256-16,384) and v3's default against the
-same dense baseline, graphed, in one alternating set, each checked against the reference
-first. ``--compile-sm90`` needs no GPU: it compiles v4's configs for Hopper with the
-device's Triton and reports registers, shared memory, async copies and tile buffers
-(``results/leank_triton_resources_v4.json``).
+Each row times dense and kernel v4 (``decode_triton.py``, one launch) in the same
+alternating rounds: eager calls (the issue's measure: host launch cost included) and, on
+the GPU, the same calls replayed from CUDA graphs (how vLLM runs decode; no host cost on
+either side), plus each one's host time per eager call (``perf_counter`` around
+back-to-back calls, no sync). ``--sweep`` also times v4's launch configs (tile, stages,
+warps, tokens per split 256-16,384) against the same dense baseline, graphed, in one
+alternating set, each checked against the reference first. ``--compile-sm90`` needs no
+GPU: it compiles v4's configs for Hopper with the device's Triton and reports registers,
+shared memory, async copies and tile buffers (``results/leank_triton_resources_v4.json``).
+Kernel v3 (two launches, retired; git history) was timed beside v4 at 650e0c0:
+``results/leank_decode_kernel.json`` has its rows, and ``plot`` draws whichever kernels a
+result lists, so it still draws that file's v3 bars.
 
     .venv/bin/python benchmarks/leank_decode_kernel.py --sweep    # on the H200
     TRITON_INTERPRET=1 .venv/bin/python benchmarks/leank_decode_kernel.py --smoke
@@ -45,14 +46,10 @@ from kv_manager.leank.kernels.decode_triton import (  # noqa: E402
     default_tokens_per_split,
     paged_pruned_decode,
 )
-from kv_manager.leank.kernels.decode_triton_v3 import (  # noqa: E402
-    default_tokens_per_split_v3,
-    paged_pruned_decode_v3,
-)
 from kv_manager.leank.layout import LayerLayout  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-KERNELS = {"v4": paged_pruned_decode, "v3": paged_pruned_decode_v3}
+KERNELS = {"v4": paged_pruned_decode}
 
 
 def random_keep(kv_heads: int, head_dim: int, sparsity: float, seed: int) -> torch.Tensor:
@@ -150,7 +147,7 @@ def graphed(fn):
 
 # Launch configs --sweep times (each also covered by the GPU unit test's configs): v4's
 # default, its tile/stage/warp variants, every split size from 256 to 16,384 tokens (the
-# small shapes' question: how many splits at batch 1 and 8), and v3's default.
+# small shapes' question: how many splits at batch 1 and 8).
 SWEEP = [
     {"kernel": "v4", "block_n": 64, "num_stages": 3},
     {"kernel": "v4", "block_n": 64, "num_stages": 4},
@@ -162,7 +159,6 @@ SWEEP = [
         for tokens in (256, 512, 1024, 2048, 4096, 16384)
     ),
     {"kernel": "v4", "block_n": 64, "num_stages": 4, "tokens_per_split": 256},
-    {"kernel": "v3", "block_n": 64, "num_stages": 3},
 ]
 
 
@@ -185,7 +181,9 @@ def main() -> None:
     )
     parser.add_argument("--sweep", action="store_true", help="also time SWEEP's configs")
     parser.add_argument("--shapes", help="only these batch x context shapes, e.g. 1x32768,8x131072")
-    parser.add_argument("--kernels", default="v4,v3", help="which kernels to time (v4, v3)")
+    parser.add_argument(
+        "--kernels", default="v4", help=f"which kernels to time ({', '.join(KERNELS)})"
+    )
     parser.add_argument(
         "--compile-sm90", action="store_true", help="compile v4 for sm_90 (no GPU) and exit"
     )
@@ -194,6 +192,8 @@ def main() -> None:
         compile_sm90()
         return
     kernels = args.kernels.split(",")
+    if unknown := [name for name in kernels if name not in KERNELS]:
+        parser.error(f"unknown kernels {unknown}; known: {', '.join(KERNELS)}")
     smoke = args.smoke
     device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.float16)
     q_heads, kv_heads, head_dim, block_size = (8, 2, 64, 16) if smoke else (32, 8, 128, 16)
@@ -239,9 +239,6 @@ def main() -> None:
             "context": context,
             "default_tokens_per_split": {
                 "v4": default_tokens_per_split(batch, kv_heads, longest, 64, torch.device(device)),
-                "v3": default_tokens_per_split_v3(
-                    batch, kv_heads, longest, 64, torch.device(device)
-                ),
             },
             "dense_ms": dense_s * 1e3,
             "dense_tb_s": dense_bytes / dense_s / 1e12,
@@ -348,9 +345,10 @@ SM90_CONFIGS = [
 def compile_sm90() -> None:
     """v4 compiled for Hopper at the benchmark's shapes (group 4, head_dim 128, fp16,
     page 16, 64 kept channels), with the alignment hints the launcher gives at run time;
-    the report of ``leank_triton_resources.py`` (which compiles v3) plus whether the
-    folded merge's ordering is as designed: a CTA barrier before the one-thread acq_rel
-    atomic, and L2-only (``.cg``) loads of the partials."""
+    ``leank_triton_resources.py``'s report (registers, shared memory, async copies, tile
+    buffers; that script's default mode runs this function) plus whether the folded
+    merge's ordering is as designed: a CTA barrier before the one-thread acq_rel atomic,
+    and L2-only (``.cg``) loads of the partials."""
     import re
 
     import triton

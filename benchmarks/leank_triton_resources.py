@@ -1,19 +1,23 @@
 """Compile the LeanK decode kernel for Hopper (sm_90) on a machine with no GPU.
 
 Like ``triton_resources.py`` (same report: registers, stack/spill bytes, shared memory, SASS
-counts), for the v3 kernel (``kv_manager/leank/kernels/decode_triton_v3.py``) at
-Llama-3.1-8B decode shapes (group 4, head_dim 128, fp16, page 16, the benchmark mask's
-widest head: 64 kept channels).
-It also counts what decides this kernel's bandwidth: 16-byte async copies
-(``LDGSTS.E.BYPASS.128``) vs 2-byte register loads (``LDG.E.U16``), and how many shared
-memory buffers the pipeliner gave the K and V tiles (tiles in flight per program + 1).
-Use the device's Triton (3.6):
+counts), at Llama-3.1-8B decode shapes (group 4, head_dim 128, fp16, page 16, the benchmark
+mask's widest head: 64 kept channels). It also counts what decides this kernel's
+bandwidth: 16-byte async copies (``LDGSTS.E.BYPASS.128``) vs 2-byte register loads
+(``LDG.E.U16``), and how many shared memory buffers the pipeliner gave the K and V tiles
+(tiles in flight per program + 1). Use the device's Triton (3.6):
 
     PYTHONPATH=/tmp/t36 .venv/bin/python benchmarks/leank_triton_resources.py
+    PYTHONPATH=/tmp/t36 .venv/bin/python benchmarks/leank_triton_resources.py --v3
     PYTHONPATH=/tmp/t36 .venv/bin/python benchmarks/leank_triton_resources.py --v2 c91202b
 
-``--v2 COMMIT`` compiles the kernel as it was at COMMIT (v2) instead, for comparison.
-Writes ``results/leank_triton_resources[_v2].json``.
+With no option: the current kernel, v4 (``decode_triton.py``), through
+``leank_decode_kernel.py --compile-sm90`` (this report plus the folded merge's ordering;
+``results/leank_triton_resources_v4.json``). The retired two-launch kernels come from git
+history, as ``decode_triton.py`` held them at a commit: ``--v3 [COMMIT]`` (default
+ec6f3f4, v3's last commit there; decode and merge kernels, every config;
+``results/leank_triton_resources.json``) and ``--v2 COMMIT`` (v2's own 32-token tiles;
+``results/leank_triton_resources_v2.json``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from triton_resources import resource_report, sass_of  # noqa: E402
 
 KERNEL = "kv_manager/leank/kernels/decode_triton.py"
-# The benchmark's launch configs (SWEEP in leank_decode_kernel.py) at its shapes.
+V3_COMMIT = "ec6f3f4"  # the last commit where KERNEL was v3 (then moved, later retired)
+# --v3's launch configs, as the benchmark swept them (v4's are leank_decode_kernel.py's
+# SM90_CONFIGS).
 CONFIGS = [
     {"block_n": 64, "num_stages": 3, "num_warps": 4},
     {"block_n": 64, "num_stages": 4, "num_warps": 4},
@@ -59,14 +65,8 @@ DIV16 = {
 }  # fmt: skip
 
 
-def load_kernel_module(commit: str | None):
-    if commit is None:
-        # v3 (the two-launch kernel) lives on beside v4, whose report comes from
-        # ``leank_decode_kernel.py --compile-sm90``; ``--v2 COMMIT`` reads older commits'
-        # ``decode_triton.py``.
-        from kv_manager.leank.kernels import decode_triton_v3
-
-        return decode_triton_v3
+def load_kernel_module(commit: str):
+    """``decode_triton.py`` as it was at ``commit``, imported from a temporary file."""
     source = subprocess.run(
         ["git", "-C", str(ROOT), "show", f"{commit}:{KERNEL}"],
         capture_output=True, text=True, check=True,
@@ -143,10 +143,19 @@ def pipeline_report(compiled) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--v2", metavar="COMMIT", help="compile the kernel at COMMIT instead")
+    old = parser.add_mutually_exclusive_group()
+    old.add_argument("--v2", metavar="COMMIT", help="compile v2 as KERNEL was at COMMIT")
+    old.add_argument("--v3", metavar="COMMIT", nargs="?", const=V3_COMMIT,
+                     help=f"compile v3 as KERNEL was at COMMIT (default {V3_COMMIT})")  # fmt: skip
     args = parser.parse_args()
-    module = load_kernel_module(args.v2)
-    configs = CONFIGS[:1] if args.v2 else CONFIGS
+    if not (args.v2 or args.v3):
+        from leank_decode_kernel import compile_sm90
+
+        compile_sm90()  # v4
+        return
+    commit = args.v2 or args.v3
+    module = load_kernel_module(commit)
+    configs = CONFIGS
     if args.v2:  # v2's own defaults: 32-token tiles, 64 channels padded as the benchmark ran
         configs = [{"block_n": 32, "num_stages": 3, "num_warps": 4}]
     rows = []
@@ -163,7 +172,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "triton": triton.__version__,
         "target": "sm_90 (compiled here, not run)",
-        "kernel": f"{KERNEL} at {args.v2}" if args.v2 else KERNEL,
+        "kernel": f"{KERNEL} at {commit} ({'v2' if args.v2 else 'v3'})",
         "rows": rows,
         "merge": merge,
     }

@@ -83,7 +83,7 @@ CASES = [
     ([33, 5], [0, 16, 64], 9, 16),
     ([130, 64, 1], [0, 0, 32], 6, 32),
 ]
-# v3's tiling: 64-token tiles spanning 4 pages and ending mid-page, a sequence shorter than
+# The 64-token tiling: tiles spanning 4 pages and ending mid-page, a sequence shorter than
 # one tile next to one of several splits (so its later splits lie past its end), a fully
 # pruned head, and kept counts aligned only to 8 and to 1 (KEPT_ALIGN 8 and 1).
 TILING_CASES = [
@@ -161,21 +161,15 @@ def _assert_counters_zero() -> None:
 
 
 def check_interpreted_kernel() -> None:
-    """v4 and v3 vs the reference on every case and tiling; run in a fresh interpreter
-    with TRITON_INTERPRET=1 (Triton fixes the mode when it is first imported, and other
-    tests may import it first)."""
-    from kv_manager.leank.kernels.decode_triton_v3 import paged_pruned_decode_v3
-
+    """v4 vs the reference on every case and tiling; run in a fresh interpreter with
+    TRITON_INTERPRET=1 (Triton fixes the mode when it is first imported, and other tests
+    may import it first)."""
     for case_index, (seq_lens, counts, q_heads, block_size) in enumerate(CASES + TILING_CASES):
         for tiling_index, (block_n, tokens_per_split) in enumerate(TILINGS):
             seed = 11 + 10 * case_index + tiling_index
             tensors, layout, _ = _paged_case(seq_lens, counts, q_heads, block_size, seed=seed)
             expected = paged_pruned_decode_ref(*tensors, layout)
             _check_v4_case(tensors, layout, expected, block_n, tokens_per_split, (1e-5, 1e-5))
-            got = paged_pruned_decode_v3(
-                *tensors, layout, block_n=block_n, tokens_per_split=tokens_per_split
-            )
-            _assert_rows_close(got, expected, rtol=1e-5, atol=1e-5)
     # Half precision, as served: fp16 and bf16 caches and queries, float32 reference on
     # the same rounded values.
     for dtype in (torch.float16, torch.bfloat16):
@@ -261,19 +255,6 @@ def test_default_split_is_one_wave_of_long_programs():
         assert batch * 8 * -(-context // tokens) <= 528 or tokens == 64 * 64
 
 
-def test_v3_default_split_fills_the_device_but_keeps_tiles_per_program():
-    from kv_manager.leank.kernels.decode_triton_v3 import default_tokens_per_split_v3
-
-    cpu = torch.device("cpu")  # counted as 4 SMs: 32 programs wanted
-    # 1 x 8 x 32K tokens: 4 splits would be 128 tiles each; the cap of 64 tiles gives 8.
-    assert default_tokens_per_split_v3(1, 8, 32768, 64, cpu) == 4096
-    # A sequence shorter than 4 tiles gets one split.
-    assert default_tokens_per_split_v3(1, 8, 100, 64, cpu) == 128
-    # 1 x 2 x 5,000 tokens: 16 splits wanted, each >= 4 tiles: 16 splits of 320 tokens.
-    tokens = default_tokens_per_split_v3(1, 2, 5000, 64, cpu)
-    assert tokens == 320 and -(-5000 // tokens) == 16
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="covered natively by the gpu test")
 def test_triton_kernel_matches_reference_interpreted():
     pytest.importorskip("triton")
@@ -300,11 +281,9 @@ def test_triton_kernel_matches_reference_interpreted():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_kernel_matches_reference_on_gpu(dtype):
     """v4 (twice per config: the counters reset; then a smaller batch on the same
-    workspace; packed-row views) and v3, natively, for every launch config the timing
-    sweep tries; the split merge's atomics and memory ordering run for real here."""
+    workspace; packed-row views), natively, for every launch config the timing sweep
+    tries; the split merge's atomics and memory ordering run for real here."""
     pytest.importorskip("triton")
-    from kv_manager.leank.kernels.decode_triton_v3 import paged_pruned_decode_v3
-
     long_case = ([4096, 777, 9000, 1], [16, 0, 48, 32, 16, 64, 0, 16], 32, 16)
     for seed, (seq_lens, counts, q_heads, block_size) in enumerate(
         CASES + TILING_CASES + [long_case]
@@ -327,10 +306,5 @@ def test_triton_kernel_matches_reference_on_gpu(dtype):
                 tensors, layout, expected, block_n, tokens_per_split, (2e-2, 2e-2),
                 num_stages=num_stages,
             )  # fmt: skip
-            got = paged_pruned_decode_v3(
-                *tensors, layout, block_n=block_n, tokens_per_split=tokens_per_split,
-                num_stages=num_stages,
-            )  # fmt: skip
-            _assert_rows_close(got, expected, rtol=2e-2, atol=2e-2)
     torch.cuda.synchronize()
     _assert_counters_zero()

@@ -5,11 +5,31 @@ programs that read the same pages run side by side. A program serves all ``GROUP
 heads of its KV head: it gathers the group's query channels once (``kept_index``), streams
 its share of the sequence in ``[BLOCK_N, BLOCK_K]`` tiles of the packed K row (only kept
 channels: the byte saving) and ``[BLOCK_N, head_dim]`` V tiles, several pages per tile
-through the block table, with an online softmax in float32 (base 2). The loop is v3's
-(``decode_triton_v3.py``, which says why K loads as 16-byte async copies and why page ids
-are loaded a tile ahead); what v4 changes is around it:
+through the block table, with an online softmax in float32 (base 2).
 
-- **The split merge is folded in** (v3 ran ``_merge_splits_kernel`` as a second launch).
+Why the loop is written as it is (v3's loop, kept by v4; v2 ran at ~1.2 TB/s, 0.5x dense):
+
+- **K loads as 16-byte async copies.** v2 took K's column start and its column mask
+  (``kept < count``) as runtime values, so the compiler could not prove 16-byte alignment
+  and read K with 2-byte loads; a load narrower than 4 bytes cannot be an async copy, so
+  the pipeline waited on K in every iteration. The kernel now states what the layout
+  guarantees (host-checked, ``kept_alignment``): every head's K offset is a multiple of
+  ``KEPT_ALIGN`` (``tl.multiple_of``), and the mask is written as
+  ``kept // KEPT_ALIGN < count // KEPT_ALIGN``, the same truth value but constant over
+  ``KEPT_ALIGN`` columns, so it never splits a vector.
+- **Page ids are loaded a tile ahead** into registers: K and V addresses then depend on no
+  load of their own iteration, and the pipeliner gives both ``num_stages - 1`` buffers.
+  With the page load inside the iteration, the page -> K/V address chain used up a stage
+  and left one buffer (one tile in flight).
+- 64-token tiles (4 pages of 16 through the block table; a pipelined loop needs a few
+  iterations per program), the page size a constexpr (shifts, not divisions), and exp2
+  with ``log2(e)`` folded into the scale.
+
+v3 (the same loop, two launches: decode, then a merge kernel) lives in git history; it was
+timed beside v4 (at 650e0c0) in ``benchmarks/results/leank_decode_kernel.json``. What v4
+changes:
+
+- **The split merge is folded in** (v3 merged the partials in a second launch).
   A sequence with one active split writes its output directly. Otherwise each split
   writes its partial (unnormalised output, max, sum) to the workspace, then takes a ticket
   from the (sequence, KV head) counter with an acq_rel atomic; the split that draws the
@@ -123,11 +143,12 @@ def _pruned_decode_kernel(
         else:
             start = split * tokens_per_split
             stop = tl.minimum(start + tokens_per_split, seq_len)
-            # Host-checked: counts and offsets are multiples of KEPT_ALIGN, so the K tile
-            # loads as 16-byte vectors (see decode_triton_v3.py).
+            # Host-checked: counts and offsets are multiples of KEPT_ALIGN; saying so lets
+            # the K tile load as 16-byte async copies (module docstring).
             k_start = tl.multiple_of(tl.load(k_offsets + kv_head), KEPT_ALIGN)
             v_head = tl.load(v_slot + kv_head)
             kept = tl.arange(0, BLOCK_K)
+            # kept < count, written to be constant over KEPT_ALIGN columns (no split vector).
             kept_ok = (kept // KEPT_ALIGN) < (count // KEPT_ALIGN)
             channels = tl.load(kept_index + kv_head * HEAD_DIM + kept, mask=kept_ok, other=0)
             q = tl.load(
@@ -140,6 +161,8 @@ def _pruned_decode_kernel(
             acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
             table_row = block_table + seq * max_blocks
             v_base = v_cache + v_head * v_head_stride
+            # Page ids one tile ahead, so K/V addresses need no load of their own iteration
+            # and the pipeliner gives K and V num_stages - 1 buffers (module docstring).
             positions = start + tl.arange(0, BLOCK_N)
             next_pages = tl.load(table_row + positions // PAGE, mask=positions < stop, other=0)
             for tile in range(start, stop, BLOCK_N):
@@ -362,9 +385,9 @@ def default_tokens_per_split(
     ``min_tiles`` tiles (a pipelined loop needs a few iterations) and at most ``max_tiles``
     (a long batch then takes several waves of bounded programs, which the large shapes
     measured at 3.9-4.1 TB/s with v3). The splits of a sequence are equal to within a tile.
-    v3's rule (``decode_triton_v3.default_tokens_per_split_v3``) asked for 8 programs per SM,
-    i.e. two waves of short programs at batch 1. ``multiprocessors`` overrides the device's
-    SM count (to tabulate the rule for another device)."""
+    v3's rule (retired; git history) asked for 8 programs per SM, i.e. two waves of short
+    programs at batch 1. ``multiprocessors`` overrides the device's SM count (to tabulate
+    the rule for another device)."""
     resident = programs_per_sm * (multiprocessors or _multiprocessors(device))
     splits = max(1, resident // (num_seqs * kv_heads), -(-longest // (max_tiles * block_n)))
     splits = max(1, min(splits, longest // (min_tiles * block_n)))
