@@ -10,6 +10,8 @@ floats, never ``N x N``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from attention_backends.kernels.sparse_prefill_ref import gather_sequence_kv
@@ -52,6 +54,31 @@ def attend_with_index(
     return out
 
 
+def sequence_chunks(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    scale: float,
+) -> Iterator[tuple[int, int, int, SequenceChunk]]:
+    """``(seq, begin, end, chunk)`` for every sequence with rows in this step: its rows
+    ``query[begin:end]`` and its keys gathered from the paged cache, both in the compute
+    dtype (float32 for half inputs), at their positions in the sequence."""
+    compute_dtype = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    starts = query_start_loc.tolist()
+    for seq, (seq_len, prompt_len) in enumerate(zip(seq_lens.tolist(), prompt_lens.tolist(),
+                                                    strict=True)):
+        begin, end = starts[seq], starts[seq + 1]
+        if end == begin:
+            continue
+        keys = gather_sequence_kv(key_cache, block_table[seq], seq_len).to(compute_dtype)
+        positions = torch.arange(seq_len - (end - begin), seq_len)
+        yield seq, begin, end, SequenceChunk(query[begin:end].to(compute_dtype), positions,
+                                             keys, int(prompt_len), scale)
+
+
 def head_sparse_prefill_ref(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -76,23 +103,12 @@ def head_sparse_prefill_ref(
     if out is None:
         out = torch.empty_like(query)
     given = None if indexes is None else iter(indexes)
-    compute_dtype = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
-    starts = query_start_loc.tolist()
-    for seq, (seq_len, prompt_len) in enumerate(zip(seq_lens.tolist(), prompt_lens.tolist(),
-                                                    strict=True)):
-        begin, end = starts[seq], starts[seq + 1]
-        if end == begin:
-            continue
-        keys = gather_sequence_kv(key_cache, block_table[seq], seq_len).to(compute_dtype)
-        values = gather_sequence_kv(value_cache, block_table[seq], seq_len).to(compute_dtype)
-        rows = query[begin:end].to(compute_dtype)
-        positions = torch.arange(seq_len - (end - begin), seq_len)
-        if given is None:
-            index = layer_heads.build_index(
-                SequenceChunk(rows, positions, keys, int(prompt_len), scale))
-        else:
-            index = next(given)
-        out[begin:end] = attend_with_index(rows, positions, keys, values, index, scale,
+    for seq, begin, end, chunk in sequence_chunks(query, key_cache, block_table,
+                                                  query_start_loc, seq_lens, prompt_lens, scale):
+        values = gather_sequence_kv(value_cache, block_table[seq], int(seq_lens[seq]))
+        index = layer_heads.build_index(chunk) if given is None else next(given)
+        out[begin:end] = attend_with_index(chunk.query, chunk.query_positions, chunk.keys,
+                                           values.to(chunk.keys.dtype), index, scale,
                                            query_block_tokens).to(out.dtype)
     assert given is None or next(given, None) is None, "more indexes than sequences with rows"
     return out

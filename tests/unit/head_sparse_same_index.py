@@ -21,9 +21,7 @@ from contextlib import contextmanager
 import torch
 
 from attention_backends.kernels import head_sparse_triton
-from attention_backends.kernels.head_sparse_ref import head_sparse_prefill_ref
-from attention_backends.kernels.sparse_prefill_ref import gather_sequence_kv
-from attention_backends.patterns.minference import SequenceChunk
+from attention_backends.kernels.head_sparse_ref import head_sparse_prefill_ref, sequence_chunks
 
 
 @contextmanager
@@ -58,20 +56,11 @@ def index_differences(args: tuple, indexes: list) -> int:
     """Entries (columns, diagonals, full rows, blocks) in which ``indexes`` differ from the
     indexes the reference builds for the same ``args`` from float32 copies."""
     query, key_cache, _, block_table, query_start_loc, seq_lens, prompt_lens, layer, scale = args
-    compute = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
-    starts = query_start_loc.tolist()
+    chunks = sequence_chunks(query, key_cache, block_table, query_start_loc, seq_lens,
+                             prompt_lens, scale)
     differing = 0
-    remaining = iter(indexes)
-    for seq, (seq_len, prompt_len) in enumerate(zip(seq_lens.tolist(), prompt_lens.tolist(),
-                                                    strict=True)):
-        begin, end = starts[seq], starts[seq + 1]
-        if end == begin:
-            continue
-        keys = gather_sequence_kv(key_cache, block_table[seq], seq_len).to(compute)
-        positions = torch.arange(seq_len - (end - begin), seq_len)
-        own = layer.build_index(SequenceChunk(query[begin:end].to(compute), positions, keys,
-                                              int(prompt_len), scale))
-        used = next(remaining)
+    for (_, _, _, chunk), used in zip(chunks, indexes, strict=True):
+        own = layer.build_index(chunk)
         differing += sum(int((getattr(own, name) != getattr(used, name)).sum())
                          for name in ("columns", "diagonals", "full_rows", "blocks"))
     return differing
