@@ -54,6 +54,18 @@ def attend_with_index(
     return out
 
 
+def sequences_with_rows(
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, prompt_lens: torch.Tensor
+) -> Iterator[tuple[int, int, int, int, int]]:
+    """``(seq, begin, end, seq_len, prompt_len)`` for every sequence with rows in this step
+    (its rows are ``query[begin:end]``, the last ones of its first ``seq_len`` tokens)."""
+    starts = query_start_loc.tolist()
+    for seq, (seq_len, prompt_len) in enumerate(zip(seq_lens.tolist(), prompt_lens.tolist(),
+                                                    strict=True)):
+        if starts[seq + 1] > starts[seq]:
+            yield seq, starts[seq], starts[seq + 1], seq_len, int(prompt_len)
+
+
 def sequence_chunks(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -67,16 +79,12 @@ def sequence_chunks(
     ``query[begin:end]`` and its keys gathered from the paged cache, both in the compute
     dtype (float32 for half inputs), at their positions in the sequence."""
     compute_dtype = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
-    starts = query_start_loc.tolist()
-    for seq, (seq_len, prompt_len) in enumerate(zip(seq_lens.tolist(), prompt_lens.tolist(),
-                                                    strict=True)):
-        begin, end = starts[seq], starts[seq + 1]
-        if end == begin:
-            continue
+    for seq, begin, end, seq_len, prompt_len in sequences_with_rows(query_start_loc, seq_lens,
+                                                                    prompt_lens):
         keys = gather_sequence_kv(key_cache, block_table[seq], seq_len).to(compute_dtype)
         positions = torch.arange(seq_len - (end - begin), seq_len)
         yield seq, begin, end, SequenceChunk(query[begin:end].to(compute_dtype), positions,
-                                             keys, int(prompt_len), scale)
+                                             keys, prompt_len, scale)
 
 
 def head_sparse_prefill_ref(

@@ -38,6 +38,7 @@ import triton.language as tl
 
 from attention_backends.kernels.head_sparse_plan import compact, make_plan, pack_bits
 from attention_backends.kernels.head_sparse_plan_triton import make_plan_device
+from attention_backends.kernels.head_sparse_ref import sequences_with_rows
 from attention_backends.kernels.sparse_prefill_ref import gather_sequence_kv
 from attention_backends.patterns.minference.index import HeadsIndex, SequenceChunk
 
@@ -403,12 +404,8 @@ def head_sparse_prefill_triton(
     Needs a power-of-two head dim >= 16 and the layer's block size >= 16 (the tile)."""
     if out is None:
         out = torch.empty_like(query)
-    starts = query_start_loc.tolist()
-    for seq, (seq_len, prompt_len) in enumerate(zip(seq_lens.tolist(), prompt_lens.tolist(),
-                                                    strict=True)):
-        begin, end = starts[seq], starts[seq + 1]
-        if end == begin:
-            continue
+    for seq, begin, end, seq_len, prompt_len in sequences_with_rows(query_start_loc, seq_lens,
+                                                                    prompt_lens):
         rows_q, rows_out = query[begin:end], out[begin:end]
         index = estimate_index(rows_q, key_cache, block_table[seq], seq_len, prompt_len,
                                layer_heads, scale)
