@@ -61,12 +61,17 @@ def system_prompt(tokens: int) -> str:
     return "You are the support assistant of a small shop. " + " ".join(rules)
 
 
-def vllm_counters(worker_url: str) -> dict[str, float]:
+def metric_families(worker_url: str) -> list:
+    """The worker's ``/metrics``, parsed."""
     text = httpx.get(f"{worker_url}/metrics", timeout=10).text
+    return list(text_string_to_metric_families(text))
+
+
+def vllm_counters(worker_url: str) -> dict[str, float]:
     wanted = {"vllm:prefix_cache_hits": "hits", "vllm:prefix_cache_queries": "queries",
               "vllm:request_success": "requests", "vllm:num_preemptions": "preemptions"}
     counters = dict.fromkeys(wanted.values(), 0.0)
-    for family in text_string_to_metric_families(text):
+    for family in metric_families(worker_url):
         if family.name in wanted:
             counters[wanted[family.name]] += sum(
                 sample.value for sample in family.samples if sample.name.endswith("_total"))
@@ -75,8 +80,7 @@ def vllm_counters(worker_url: str) -> dict[str, float]:
 
 def cache_block_size(worker_url: str) -> int | None:
     """The worker's KV block size in tokens, from vLLM's ``cache_config_info`` labels."""
-    text = httpx.get(f"{worker_url}/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
+    for family in metric_families(worker_url):
         if family.name == "vllm:cache_config_info":
             for sample in family.samples:
                 if sample.labels.get("block_size", "").isdigit():

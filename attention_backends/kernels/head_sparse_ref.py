@@ -113,7 +113,7 @@ def head_sparse_prefill_ref(
     given = None if indexes is None else iter(indexes)
     for seq, begin, end, chunk in sequence_chunks(query, key_cache, block_table,
                                                   query_start_loc, seq_lens, prompt_lens, scale):
-        values = gather_sequence_kv(value_cache, block_table[seq], int(seq_lens[seq]))
+        values = gather_sequence_kv(value_cache, block_table[seq], chunk.num_tokens)
         index = layer_heads.build_index(chunk) if given is None else next(given)
         out[begin:end] = attend_with_index(chunk.query, chunk.query_positions, chunk.keys,
                                            values.to(chunk.keys.dtype), index, scale,
